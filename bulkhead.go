@@ -1,0 +1,239 @@
+package resilience
+
+import (
+	"container/list"
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// BulkheadConfig configures a [Bulkhead]. The zero value of each field means
+// its documented default; the zero BulkheadConfig lets 10 calls in at once
+// and makes others wait, in arrival order, for as long as their context
+// allows.
+type BulkheadConfig struct {
+	// Name identifies the bulkhead in errors and metrics, usually after the
+	// resource it guards ("llm", "redis").
+	Name string
+
+	// Limit is the number of calls allowed inside at once. 0 means 10.
+	Limit int
+
+	// MaxQueue bounds the callers waiting for a slot; a caller that finds
+	// the queue full is rejected with ErrBulkheadFull. 0 means no bound
+	// (each caller still waits at most MaxWait).
+	MaxQueue int
+
+	// MaxWait bounds how long a caller waits for a slot before it is
+	// rejected with ErrBulkheadFull. 0 means until the caller's context is
+	// done.
+	MaxWait time.Duration
+
+	// FailFast rejects a call at once with ErrBulkheadFull when no slot is
+	// free, instead of queueing it (the original design's wait=False).
+	FailFast bool
+}
+
+// BulkheadStats is a snapshot of a bulkhead's counters.
+type BulkheadStats struct {
+	// Active is the number of calls inside now.
+	Active int
+	// Waiting is the number of callers queued for a slot now.
+	Waiting int
+	// Rejected counts calls turned away with ErrBulkheadFull.
+	Rejected uint64
+	// Completed counts calls that held a slot and gave it back.
+	Completed uint64
+}
+
+// Bulkhead caps the number of calls inside at once, so that one slow
+// dependency cannot take every goroutine, connection or token of a service
+// with it. Waiting callers are served in arrival order.
+//
+// A slot is given back on every path, panics included. A Bulkhead is safe for
+// concurrent use by multiple goroutines. Build it with [NewBulkhead]; the
+// zero value is not usable.
+type Bulkhead struct {
+	name     string
+	maxQueue int
+	maxWait  time.Duration
+	failFast bool
+	errFull  *Error // returned on every rejection, so it allocates nothing
+
+	mu        sync.Mutex
+	limit     int
+	active    int
+	waiters   list.List // of *waiter, oldest first
+	rejected  uint64
+	completed atomic.Uint64
+}
+
+type waiter struct {
+	ready chan struct{} // closed when the slot is handed over
+}
+
+// NewBulkhead returns a bulkhead configured by cfg, or an error that names
+// the first invalid field and its value.
+func NewBulkhead(cfg BulkheadConfig) (*Bulkhead, error) {
+	if cfg.Limit < 0 {
+		return nil, invalid("BulkheadConfig.Limit", cfg.Limit, "must not be negative")
+	}
+	if cfg.MaxQueue < 0 {
+		return nil, invalid("BulkheadConfig.MaxQueue", cfg.MaxQueue, "must not be negative")
+	}
+	if cfg.MaxWait < 0 {
+		return nil, invalid("BulkheadConfig.MaxWait", cfg.MaxWait, "must not be negative")
+	}
+	b := &Bulkhead{
+		name:     cfg.Name,
+		limit:    cfg.Limit,
+		maxQueue: cfg.MaxQueue,
+		maxWait:  cfg.MaxWait,
+		failFast: cfg.FailFast,
+		errFull:  &Error{Err: ErrBulkheadFull, Name: cfg.Name},
+	}
+	if b.limit == 0 {
+		b.limit = 10
+	}
+	return b, nil
+}
+
+// Name returns the bulkhead's name. It is safe for concurrent use.
+func (b *Bulkhead) Name() string { return b.name }
+
+// Limit returns the number of calls allowed inside at once. It is safe for
+// concurrent use.
+func (b *Bulkhead) Limit() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.limit
+}
+
+// Stats returns a snapshot of the bulkhead's counters. It is safe for
+// concurrent use.
+func (b *Bulkhead) Stats() BulkheadStats {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return BulkheadStats{
+		Active:    b.active,
+		Waiting:   b.waiters.Len(),
+		Rejected:  b.rejected,
+		Completed: b.completed.Load(),
+	}
+}
+
+// Acquire takes a slot, waiting as the configuration allows, and returns the
+// function that gives it back: the original design's BulkheadContext, for
+// code that is not a single Func. Call release exactly when the work is done;
+// calling it more than once gives the slot back only once. On error, release
+// is a no-op, so `defer release()` is safe either way. The error matches
+// [ErrBulkheadFull] or is the context's error.
+func (b *Bulkhead) Acquire(ctx context.Context) (release func(), err error) {
+	if err := b.acquire(ctx); err != nil {
+		return noop, err
+	}
+	var once atomic.Bool
+	return func() {
+		if once.CompareAndSwap(false, true) {
+			b.release()
+		}
+	}, nil
+}
+
+func noop() {}
+
+func (b *Bulkhead) acquire(ctx context.Context) error {
+	b.mu.Lock()
+	if b.active < b.limit && b.waiters.Len() == 0 {
+		b.active++
+		b.mu.Unlock()
+		return nil
+	}
+	if b.failFast || (b.maxQueue > 0 && b.waiters.Len() >= b.maxQueue) {
+		b.rejected++
+		b.mu.Unlock()
+		return b.errFull
+	}
+	if err := ctx.Err(); err != nil {
+		b.mu.Unlock()
+		return err
+	}
+	w := &waiter{ready: make(chan struct{})}
+	elem := b.waiters.PushBack(w)
+	b.mu.Unlock()
+
+	var expired <-chan time.Time
+	if b.maxWait > 0 {
+		t := time.NewTimer(b.maxWait)
+		defer t.Stop()
+		expired = t.C
+	}
+	var err error
+	select {
+	case <-w.ready:
+		return nil
+	case <-ctx.Done():
+		err = ctx.Err()
+	case <-expired:
+		err = b.errFull
+	}
+
+	b.mu.Lock()
+	select {
+	case <-w.ready:
+		// The slot was handed over as we gave up: pass it on.
+		b.active--
+		b.grantLocked()
+	default:
+		b.waiters.Remove(elem)
+		// Leaving the head of the queue may unblock those behind.
+		b.grantLocked()
+	}
+	if err == b.errFull {
+		b.rejected++
+	}
+	b.mu.Unlock()
+	return err
+}
+
+func (b *Bulkhead) release() {
+	b.completed.Add(1)
+	b.mu.Lock()
+	b.active--
+	b.grantLocked()
+	b.mu.Unlock()
+}
+
+// grantLocked hands free slots to waiters in arrival order.
+func (b *Bulkhead) grantLocked() {
+	for b.active < b.limit {
+		front := b.waiters.Front()
+		if front == nil {
+			return
+		}
+		b.waiters.Remove(front)
+		b.active++
+		close(front.Value.(*waiter).ready)
+	}
+}
+
+// WithBulkhead returns fn guarded by b: it runs only while holding one of b's
+// slots, and the slot is given back when fn returns or panics. A nil b or fn
+// yields a function that reports [ErrInvalidConfig].
+func WithBulkhead[T any](fn Func[T], b *Bulkhead) Func[T] {
+	if fn == nil {
+		return failing[T](invalid("WithBulkhead fn", nil, "must not be nil"))
+	}
+	if b == nil {
+		return failing[T](invalid("WithBulkhead b", nil, "must not be nil"))
+	}
+	return func(ctx context.Context) (T, error) {
+		if err := b.acquire(ctx); err != nil {
+			var zero T
+			return zero, err
+		}
+		defer b.release()
+		return fn(ctx)
+	}
+}

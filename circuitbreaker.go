@@ -1,0 +1,330 @@
+package resilience
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sony/gobreaker/v2"
+)
+
+// State is the state of a [CircuitBreaker].
+type State int
+
+// The states of a circuit breaker.
+const (
+	// StateClosed lets every call through and counts failures.
+	StateClosed State = iota
+	// StateHalfOpen lets a limited number of probe calls through.
+	StateHalfOpen
+	// StateOpen rejects every call with ErrCircuitOpen.
+	StateOpen
+)
+
+// String returns "closed", "half-open" or "open".
+func (s State) String() string {
+	switch s {
+	case StateClosed:
+		return "closed"
+	case StateHalfOpen:
+		return "half-open"
+	case StateOpen:
+		return "open"
+	}
+	return "State(" + formatValue(int(s)) + ")"
+}
+
+// CircuitBreakerConfig configures a [CircuitBreaker]. The zero value of each
+// field means its documented default.
+type CircuitBreakerConfig struct {
+	// Name identifies the breaker in errors, callbacks and metrics, usually
+	// after the downstream service it protects ("llm", "openfga").
+	Name string
+
+	// FailMax is the number of consecutive failures that opens the
+	// breaker. 0 means 5.
+	FailMax int
+
+	// OpenTimeout is how long the breaker stays open before it lets probes
+	// through (half-open). 0 means 60s.
+	OpenTimeout time.Duration
+
+	// HalfOpenMaxCalls is the number of probe calls let through while
+	// half-open. The breaker closes once that many probes in a row have
+	// succeeded, and any failed probe opens it again. 0 means 1: the first
+	// probe's outcome decides.
+	HalfOpenMaxCalls int
+
+	// IsFailure decides whether an error counts against the downstream;
+	// an error for which it returns false counts as a success. It is never
+	// asked about the caller's own cancellation or deadline, which count as
+	// neither. nil means every other error is a failure.
+	IsFailure func(error) bool
+
+	// OnStateChange, if set, is called with every transition, in order,
+	// before the call or method that caused it returns. It is never called
+	// under a lock, so it may call the breaker's own methods. When several
+	// goroutines cause transitions at once, one of them delivers all of
+	// them, in order.
+	OnStateChange func(name string, from, to State)
+}
+
+// CircuitBreaker stops calling a failing downstream for a while, so that it
+// can recover and so that callers fail fast instead of waiting on it.
+//
+// It opens after FailMax consecutive failures, rejects calls with
+// [ErrCircuitOpen] while open, lets HalfOpenMaxCalls probes through after
+// OpenTimeout, and closes again when they succeed. It is built on
+// sony/gobreaker v2 and, unlike gobreaker's own type, is not generic: one
+// breaker serves wrappers of any result type.
+//
+// A CircuitBreaker is safe for concurrent use by multiple goroutines. Build it
+// with [NewCircuitBreaker]; the zero value is not usable.
+type CircuitBreaker struct {
+	name          string
+	failMax       atomic.Int64
+	settings      gobreaker.Settings
+	isFailure     func(error) bool
+	onStateChange func(name string, from, to State)
+
+	// Rejections return these, so an open breaker allocates nothing.
+	errOpen, errTooMany *Error
+
+	// cur is the gobreaker instance in use. Reset swaps in a fresh one;
+	// calls already admitted by the old one finish against it, and the old
+	// one's transitions are no longer reported.
+	cur atomic.Pointer[breakerGen]
+
+	// Transitions are queued by gobreaker's hook, which runs under
+	// gobreaker's mutex, and delivered by flush once that mutex is released.
+	evMu       sync.Mutex
+	pending    []transition
+	npending   atomic.Int32
+	delivering bool
+	last       State // the state as of the last queued transition
+}
+
+type breakerGen struct {
+	gb *gobreaker.TwoStepCircuitBreaker[struct{}]
+}
+
+type transition struct{ from, to State }
+
+// The outcome of a call, as gobreaker's done callback is told it.
+var (
+	errFailure  = errors.New("failure")
+	errExcluded = errors.New("excluded")
+)
+
+// NewCircuitBreaker returns a circuit breaker configured by cfg, or an error
+// that names the first invalid field and its value.
+func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
+	if cfg.FailMax < 0 {
+		return nil, invalid("CircuitBreakerConfig.FailMax", cfg.FailMax, "must not be negative")
+	}
+	if cfg.OpenTimeout < 0 {
+		return nil, invalid("CircuitBreakerConfig.OpenTimeout", cfg.OpenTimeout, "must not be negative")
+	}
+	if cfg.HalfOpenMaxCalls < 0 {
+		return nil, invalid("CircuitBreakerConfig.HalfOpenMaxCalls", cfg.HalfOpenMaxCalls, "must not be negative")
+	}
+	if uint64(cfg.HalfOpenMaxCalls) > 1<<32-1 {
+		return nil, invalid("CircuitBreakerConfig.HalfOpenMaxCalls", cfg.HalfOpenMaxCalls, "must fit in 32 bits")
+	}
+	failMax := cfg.FailMax
+	if failMax == 0 {
+		failMax = 5
+	}
+	openTimeout := cfg.OpenTimeout
+	if openTimeout == 0 {
+		openTimeout = 60 * time.Second
+	}
+	probes := cfg.HalfOpenMaxCalls
+	if probes == 0 {
+		probes = 1
+	}
+	cb := &CircuitBreaker{
+		name:          cfg.Name,
+		isFailure:     cfg.IsFailure,
+		onStateChange: cfg.OnStateChange,
+		errOpen:       &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrOpenState},
+		errTooMany:    &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrTooManyRequests},
+	}
+	cb.failMax.Store(int64(failMax))
+	cb.settings = gobreaker.Settings{
+		Name:        cfg.Name,
+		MaxRequests: uint32(probes),
+		Timeout:     openTimeout,
+		ReadyToTrip: func(c gobreaker.Counts) bool {
+			return int64(c.ConsecutiveFailures) >= cb.failMax.Load()
+		},
+		IsSuccessful: func(err error) bool { return err == nil },
+		IsExcluded:   func(err error) bool { return err == errExcluded },
+	}
+	cb.cur.Store(cb.newGen())
+	return cb, nil
+}
+
+func (cb *CircuitBreaker) newGen() *breakerGen {
+	g := &breakerGen{}
+	st := cb.settings
+	st.OnStateChange = func(_ string, from, to gobreaker.State) { cb.queue(g, fromGobreaker(from), fromGobreaker(to)) }
+	g.gb = gobreaker.NewTwoStepCircuitBreaker[struct{}](st)
+	return g
+}
+
+func fromGobreaker(s gobreaker.State) State {
+	switch s {
+	case gobreaker.StateHalfOpen:
+		return StateHalfOpen
+	case gobreaker.StateOpen:
+		return StateOpen
+	}
+	return StateClosed
+}
+
+// queue runs under gobreaker's mutex, so transitions arrive in order.
+func (cb *CircuitBreaker) queue(g *breakerGen, from, to State) {
+	cb.evMu.Lock()
+	if cb.cur.Load() == g {
+		cb.last = to
+		if cb.onStateChange != nil {
+			cb.pending = append(cb.pending, transition{from, to})
+			cb.npending.Add(1)
+		}
+	}
+	cb.evMu.Unlock()
+}
+
+// flush delivers queued transitions outside every lock. Only one goroutine
+// delivers at a time, so callbacks never run concurrently and stay in order;
+// a callback that causes a transition itself has it delivered right after
+// it returns.
+func (cb *CircuitBreaker) flush() {
+	if cb.npending.Load() == 0 {
+		return
+	}
+	cb.evMu.Lock()
+	for len(cb.pending) > 0 && !cb.delivering {
+		t := cb.pending[0]
+		cb.pending = cb.pending[1:]
+		cb.npending.Add(-1)
+		cb.delivering = true
+		cb.evMu.Unlock()
+		cb.deliver(t)
+		cb.evMu.Lock()
+		cb.delivering = false
+	}
+	if len(cb.pending) == 0 {
+		cb.pending = nil
+	}
+	cb.evMu.Unlock()
+}
+
+func (cb *CircuitBreaker) deliver(t transition) {
+	// A panicking callback must not leave delivering set for ever.
+	defer func() {
+		if r := recover(); r != nil {
+			cb.evMu.Lock()
+			cb.delivering = false
+			cb.evMu.Unlock()
+			panic(r)
+		}
+	}()
+	cb.onStateChange(cb.name, t.from, t.to)
+}
+
+// Name returns the breaker's name. It is safe for concurrent use.
+func (cb *CircuitBreaker) Name() string { return cb.name }
+
+// State returns the breaker's current state; an open breaker whose
+// OpenTimeout has passed reports (and becomes) half-open. It is safe for
+// concurrent use.
+func (cb *CircuitBreaker) State() State {
+	s := cb.cur.Load().gb.State()
+	cb.flush()
+	return fromGobreaker(s)
+}
+
+// Reset returns the breaker to closed with all counts zeroed, and reports
+// that transition to OnStateChange if the breaker was not closed. Calls
+// already let through finish without affecting the new state. It is safe for
+// concurrent use.
+func (cb *CircuitBreaker) Reset() {
+	g := cb.newGen()
+	cb.evMu.Lock()
+	cb.cur.Store(g)
+	if from := cb.last; from != StateClosed {
+		cb.last = StateClosed
+		if cb.onStateChange != nil {
+			cb.pending = append(cb.pending, transition{from, StateClosed})
+			cb.npending.Add(1)
+		}
+	}
+	cb.evMu.Unlock()
+	cb.flush()
+}
+
+// allow asks gobreaker for admission. On success the caller must call done
+// exactly once with the call's outcome.
+func (cb *CircuitBreaker) allow() (done func(error), err error) {
+	done, err = cb.cur.Load().gb.Allow()
+	cb.flush()
+	if err != nil {
+		if err == gobreaker.ErrTooManyRequests {
+			return nil, cb.errTooMany
+		}
+		return nil, cb.errOpen
+	}
+	return done, nil
+}
+
+// outcome maps a call's result to what gobreaker should count.
+func (cb *CircuitBreaker) outcome(ctx context.Context, err error) error {
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil {
+		// The caller gave up: that says nothing about the downstream.
+		return errExcluded
+	}
+	if cb.isFailure != nil && !cb.isFailure(err) {
+		return nil
+	}
+	return errFailure
+}
+
+// WithCircuitBreaker returns fn protected by cb. While cb is open the
+// returned function fails with an error matching [ErrCircuitOpen] without
+// calling fn. A panic in fn counts as a failure and propagates; the probe it
+// held is always given back, whatever fn does, so the breaker is never left
+// stuck half-open by a call that has returned. A nil cb or fn yields a
+// function that reports [ErrInvalidConfig].
+func WithCircuitBreaker[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
+	if fn == nil {
+		return failing[T](invalid("WithCircuitBreaker fn", nil, "must not be nil"))
+	}
+	if cb == nil {
+		return failing[T](invalid("WithCircuitBreaker cb", nil, "must not be nil"))
+	}
+	return func(ctx context.Context) (v T, err error) {
+		done, err := cb.allow()
+		if err != nil {
+			return v, err
+		}
+		returned := false
+		defer func() {
+			if !returned { // fn panicked or called runtime.Goexit
+				done(errFailure)
+				cb.flush()
+			}
+		}()
+		v, err = fn(ctx)
+		returned = true
+		done(cb.outcome(ctx, err))
+		cb.flush()
+		return v, err
+	}
+}

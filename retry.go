@@ -1,0 +1,327 @@
+package resilience
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+)
+
+// RetryStrategy chooses how the wait between attempts grows.
+type RetryStrategy int
+
+// The retry strategies, with the delay before retry n (n = 1, 2, ...) for an
+// InitialDelay d. Every delay is capped at MaxDelay.
+const (
+	// RetryExponential waits d x Multiplier^(n-1): 1s, 2s, 4s, 8s...
+	RetryExponential RetryStrategy = iota
+	// RetryLinear waits d x n: 1s, 2s, 3s, 4s...
+	RetryLinear
+	// RetryFixed waits d every time: 1s, 1s, 1s...
+	RetryFixed
+	// RetryRandom waits a uniformly random time in [0, d x Multiplier^(n-1)]:
+	// 0-1s, 0-2s, 0-4s... It is random by nature; jitter adds nothing.
+	RetryRandom
+)
+
+// String returns "exponential", "linear", "fixed" or "random".
+func (s RetryStrategy) String() string {
+	switch s {
+	case RetryExponential:
+		return "exponential"
+	case RetryLinear:
+		return "linear"
+	case RetryFixed:
+		return "fixed"
+	case RetryRandom:
+		return "random"
+	}
+	return "RetryStrategy(" + formatValue(int(s)) + ")"
+}
+
+// RetryConfig configures a [Retry]. The zero value of each field means its
+// documented default; the zero RetryConfig retries 3 attempts in all,
+// exponentially from 1s with jitter, up to 10s.
+type RetryConfig struct {
+	// MaxAttempts is the number of attempts in all, the first included.
+	// 0 means 3; 1 means no retries.
+	MaxAttempts int
+
+	// Strategy is how the delay grows. The zero value is RetryExponential.
+	Strategy RetryStrategy
+
+	// InitialDelay is the first delay. 0 means 1s, or MaxDelay if that is
+	// smaller.
+	InitialDelay time.Duration
+
+	// MaxDelay caps every delay, jitter and Retry-After included. 0 means 10s.
+	MaxDelay time.Duration
+
+	// Multiplier is the exponential base. 0 means 2; it must not be below 1.
+	Multiplier float64
+
+	// DisableJitter turns off jitter, which is on by default: each delay of
+	// the exponential, linear and fixed strategies is spread uniformly over
+	// [0.5, 1.5] times itself (then capped), so that callers that failed
+	// together do not retry together.
+	DisableJitter bool
+
+	// RetryIf decides whether an error is worth another attempt. nil means
+	// IsRetryable.
+	RetryIf func(error) bool
+
+	// OnRetry, if set, is called before each wait with the number of the
+	// attempt that just failed (from 1), its error and the wait.
+	OnRetry func(attempt int, err error, delay time.Duration)
+}
+
+// Retry calls a function again when it fails with a retryable error, waiting
+// between attempts as its strategy says.
+//
+// An error with a RetryAfter() time.Duration method sets the next wait
+// itself (capped by MaxDelay), as a server's Retry-After would. Waits end as
+// soon as the caller's context is done. When every attempt fails, the error
+// matches both [ErrRetryExhausted] and the last attempt's error, and
+// errors.As to [*Error] gives the attempt count. A non-retryable error comes
+// back as it was.
+//
+// A Retry holds only its configuration; the state of a call's backoff is
+// built per call, and only once a first attempt has failed. A Retry is safe
+// for concurrent use by multiple goroutines. Build it with [NewRetry]; the
+// zero value is not usable.
+type Retry struct {
+	maxAttempts int
+	strategy    RetryStrategy
+	initial     time.Duration
+	max         time.Duration
+	multiplier  float64
+	jitter      bool
+	retryIf     func(error) bool
+	onRetry     func(attempt int, err error, delay time.Duration)
+}
+
+// NewRetry returns a retry policy configured by cfg, or an error that names
+// the first invalid field and its value.
+func NewRetry(cfg RetryConfig) (*Retry, error) {
+	if cfg.MaxAttempts < 0 {
+		return nil, invalid("RetryConfig.MaxAttempts", cfg.MaxAttempts, "must not be negative")
+	}
+	if cfg.Strategy < RetryExponential || cfg.Strategy > RetryRandom {
+		return nil, invalid("RetryConfig.Strategy", int(cfg.Strategy), "unknown strategy")
+	}
+	if cfg.InitialDelay < 0 {
+		return nil, invalid("RetryConfig.InitialDelay", cfg.InitialDelay, "must not be negative")
+	}
+	if cfg.MaxDelay < 0 {
+		return nil, invalid("RetryConfig.MaxDelay", cfg.MaxDelay, "must not be negative")
+	}
+	if math.IsNaN(cfg.Multiplier) || math.IsInf(cfg.Multiplier, 0) {
+		return nil, invalid("RetryConfig.Multiplier", cfg.Multiplier, "must be a finite number")
+	}
+	if cfg.Multiplier != 0 && cfg.Multiplier < 1 {
+		return nil, invalid("RetryConfig.Multiplier", cfg.Multiplier, "must not be below 1")
+	}
+	r := &Retry{
+		maxAttempts: cfg.MaxAttempts,
+		strategy:    cfg.Strategy,
+		initial:     cfg.InitialDelay,
+		max:         cfg.MaxDelay,
+		multiplier:  cfg.Multiplier,
+		jitter:      !cfg.DisableJitter,
+		retryIf:     cfg.RetryIf,
+		onRetry:     cfg.OnRetry,
+	}
+	if r.maxAttempts == 0 {
+		r.maxAttempts = 3
+	}
+	if r.max == 0 {
+		r.max = 10 * time.Second
+	}
+	if r.initial == 0 {
+		r.initial = min(time.Second, r.max)
+	} else if r.initial > r.max {
+		field, value := "RetryConfig.InitialDelay", r.initial
+		if cfg.MaxDelay != 0 {
+			field, value = "RetryConfig.MaxDelay", cfg.MaxDelay
+		}
+		return nil, invalid(field, value, fmt.Sprintf("MaxDelay (%v) must not be below InitialDelay (%v)", r.max, r.initial))
+	}
+	if r.multiplier == 0 {
+		r.multiplier = 2
+	}
+	return r, nil
+}
+
+// MaxAttempts returns the number of attempts in all, the first included.
+func (r *Retry) MaxAttempts() int { return r.maxAttempts }
+
+func (r *Retry) retryable(err error) bool {
+	if r.retryIf != nil {
+		return r.retryIf(err)
+	}
+	return IsRetryable(err)
+}
+
+// WithRetry returns fn protected by r. A first attempt that succeeds costs
+// one call and a nil check: no backoff state is built for it. A nil r or fn
+// yields a function that reports [ErrInvalidConfig].
+func WithRetry[T any](fn Func[T], r *Retry) Func[T] {
+	if fn == nil {
+		return failing[T](invalid("WithRetry fn", nil, "must not be nil"))
+	}
+	if r == nil {
+		return failing[T](invalid("WithRetry r", nil, "must not be nil"))
+	}
+	return func(ctx context.Context) (T, error) {
+		v, err := fn(ctx)
+		if err == nil {
+			return v, nil
+		}
+		return retryAfterFailure(ctx, fn, r, v, err)
+	}
+}
+
+// retryAfterFailure runs the attempts after a failed first one. It is kept
+// out of the wrapper so the success path stays small.
+func retryAfterFailure[T any](ctx context.Context, fn Func[T], r *Retry, v T, err error) (T, error) {
+	bo := r.newBackOff()
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for attempt := 1; ; attempt++ {
+		if !r.retryable(err) {
+			return v, err
+		}
+		if cerr := ctx.Err(); cerr != nil {
+			var zero T
+			return zero, interrupted(cerr, attempt, err)
+		}
+		if attempt >= r.maxAttempts {
+			return v, &Error{Err: ErrRetryExhausted, Attempts: attempt, Cause: err}
+		}
+		delay := bo.next(err)
+		if r.onRetry != nil {
+			r.onRetry(attempt, err, delay)
+		}
+		if delay > 0 {
+			if timer == nil {
+				timer = time.NewTimer(delay)
+			} else {
+				timer.Reset(delay)
+			}
+			select {
+			case <-ctx.Done():
+				var zero T
+				return zero, interrupted(ctx.Err(), attempt, err)
+			case <-timer.C:
+			}
+		}
+		v, err = fn(ctx)
+		if err == nil {
+			return v, nil
+		}
+	}
+}
+
+// interrupted reports a retry cut short by the caller's context: the error
+// matches the context's error and the last attempt's error.
+func interrupted(ctxErr error, attempts int, last error) error {
+	return fmt.Errorf("resilience: retry stopped after %d attempts: %w (last error: %w)", attempts, ctxErr, last)
+}
+
+// delays is one call's backoff state, built on the first failure.
+type delays struct {
+	r   *Retry
+	bo  backoff.BackOff
+	exp *backoff.ExponentialBackOff // for RetryRandom: the upper bound
+	n   int
+}
+
+func (r *Retry) newBackOff() *delays {
+	d := &delays{r: r}
+	switch r.strategy {
+	case RetryExponential, RetryRandom:
+		// RandomizationFactor 0: backoff's own jitter can exceed MaxInterval
+		// and overflow for large intervals, so jitter is applied here,
+		// after the growth, in floating point, and capped.
+		e := &backoff.ExponentialBackOff{
+			InitialInterval: r.initial,
+			Multiplier:      r.multiplier,
+			MaxInterval:     r.max,
+			Stop:            backoff.Stop,
+			Clock:           backoff.SystemClock,
+		}
+		e.Reset()
+		d.exp = e
+		d.bo = e
+	case RetryFixed:
+		d.bo = backoff.NewConstantBackOff(r.initial)
+	case RetryLinear:
+		d.bo = &linearBackOff{initial: r.initial, max: r.max}
+	}
+	return d
+}
+
+// next returns the wait before the next attempt. A RetryAfter on the error
+// replaces the strategy's delay for this one wait, capped at MaxDelay.
+func (d *delays) next(err error) time.Duration {
+	d.n++
+	base := d.bo.NextBackOff()
+	var ra interface{ RetryAfter() time.Duration }
+	if errors.As(err, &ra) {
+		return clampDelay(ra.RetryAfter(), d.r.max)
+	}
+	switch {
+	case d.r.strategy == RetryRandom:
+		return clampDelay(time.Duration(rand.Int64N(int64(clampDelay(base, d.r.max))+1)), d.r.max)
+	case d.r.jitter:
+		return jitter(base, d.r.max, rand.Float64())
+	}
+	return clampDelay(base, d.r.max)
+}
+
+// jitter spreads d uniformly over [0.5d, 1.5d] for r in [0, 1), capped at
+// max. The arithmetic is in float64 so that 1.5d cannot overflow.
+func jitter(d, max time.Duration, r float64) time.Duration {
+	f := float64(d) * (0.5 + r)
+	if !(f < float64(max)) { // also catches NaN
+		return max
+	}
+	if f < 0 {
+		return 0
+	}
+	return time.Duration(f)
+}
+
+func clampDelay(d, max time.Duration) time.Duration {
+	if d < 0 {
+		return 0
+	}
+	if d > max {
+		return max
+	}
+	return d
+}
+
+// linearBackOff waits initial x n for the nth retry, saturating at max.
+type linearBackOff struct {
+	initial, max time.Duration
+	n            int64
+}
+
+func (l *linearBackOff) NextBackOff() time.Duration {
+	l.n++
+	if l.initial > 0 && l.n > int64(l.max/l.initial) {
+		return l.max
+	}
+	return l.initial * time.Duration(l.n)
+}
+
+func (l *linearBackOff) Reset() { l.n = 0 }

@@ -1,0 +1,158 @@
+package resilience
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+)
+
+// WithTimeout returns fn bounded by d, cooperatively: fn runs with a context
+// whose deadline is d from the call and whose cause ([context.Cause]) is
+// [ErrTimeout], and it is up to fn to return when that context is done, as
+// net/http and database/sql do.
+//
+// If the deadline passes and fn fails, the error matches both [ErrTimeout]
+// and [context.DeadlineExceeded] (and fn's own error). If the caller's
+// context was done first, fn's error comes back as it was and does not match
+// ErrTimeout, so neither a retry nor a breaker blames the downstream for the
+// caller's own deadline. A success that arrives late is still a success.
+//
+// A d that is not positive yields a function that reports
+// [ErrInvalidConfig].
+func WithTimeout[T any](fn Func[T], d time.Duration) Func[T] {
+	if err := checkTimeout("WithTimeout", fn == nil, d); err != nil {
+		return failing[T](err)
+	}
+	return func(ctx context.Context) (T, error) {
+		tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
+		v, err := fn(tctx)
+		if err != nil && ownTimeout(ctx, tctx) {
+			err = timedOut(err)
+		}
+		cancel()
+		return v, err
+	}
+}
+
+// ownTimeout reports whether tctx expired through its own deadline rather
+// than through the caller's ctx.
+func ownTimeout(ctx, tctx context.Context) bool {
+	return tctx.Err() != nil && context.Cause(ctx) == nil && context.Cause(tctx) == ErrTimeout
+}
+
+func timedOut(err error) error {
+	var e *Error
+	if errors.As(err, &e) && e.Err == ErrTimeout {
+		return err
+	}
+	return &Error{Err: ErrTimeout, Cause: err}
+}
+
+func checkTimeout(name string, nilFn bool, d time.Duration) error {
+	if nilFn {
+		return invalid(name+" fn", nil, "must not be nil")
+	}
+	if d <= 0 {
+		return invalid(name+" d", d, "must be positive")
+	}
+	return nil
+}
+
+// WithEnforcedTimeout returns fn bounded by d, and returns to the caller at
+// the deadline even if fn ignores its context. fn runs in its own goroutine
+// with the same context WithTimeout would give it; at the deadline the caller
+// gets an error matching [ErrTimeout] and [context.DeadlineExceeded], and
+// fn's eventual result is dropped (safely, without a data race) and counted
+// as abandoned in the metrics. Whatever fn holds, such as a bulkhead slot
+// inside it, stays held until fn really returns.
+//
+// A panic in fn is re-raised in the caller's goroutine if the caller is still
+// waiting; once the call is abandoned there is no caller left to receive it,
+// so it is recovered, dropped and counted.
+//
+// Enforcement costs a goroutine and a channel per call; prefer WithTimeout
+// for functions that honour their context.
+func WithEnforcedTimeout[T any](fn Func[T], d time.Duration) Func[T] {
+	if err := checkTimeout("WithEnforcedTimeout", fn == nil, d); err != nil {
+		return failing[T](err)
+	}
+	type result struct {
+		v        T
+		err      error
+		panicked bool
+		panicVal any
+	}
+	return func(ctx context.Context) (T, error) {
+		tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
+		defer cancel()
+		ch := make(chan result, 1)
+		go func() {
+			returned := false
+			defer func() {
+				if !returned {
+					// A panic or runtime.Goexit: tell the caller either way.
+					ch <- result{panicked: true, panicVal: recover()}
+				}
+			}()
+			v, err := fn(tctx)
+			returned = true
+			ch <- result{v: v, err: err}
+		}()
+		var r result
+		select {
+		case r = <-ch:
+		case <-tctx.Done():
+			select {
+			case r = <-ch: // finished at the same moment: keep the result
+			default:
+				meter().abandoned()
+				var zero T
+				if ownTimeout(ctx, tctx) {
+					return zero, &Error{Err: ErrTimeout, Cause: context.DeadlineExceeded}
+				}
+				return zero, ctx.Err()
+			}
+		}
+		if r.panicked {
+			if r.panicVal == nil {
+				var zero T
+				return zero, errGoexit
+			}
+			panic(r.panicVal)
+		}
+		if r.err != nil && ownTimeout(ctx, tctx) {
+			r.err = timedOut(r.err)
+		}
+		return r.v, r.err
+	}
+}
+
+var errGoexit = errors.New("resilience: protected function called runtime.Goexit")
+
+// The original design's timeouts per operation type.
+var defaultTimeouts = map[string]time.Duration{
+	"llm":  60 * time.Second,
+	"auth": 5 * time.Second,
+	"db":   10 * time.Second,
+	"http": 15 * time.Second,
+}
+
+const defaultTimeout = 30 * time.Second
+
+// TimeoutFor returns the timeout for an operation type, case-insensitively:
+// "llm" 60s, "auth" 5s, "db" 10s, "http" 15s, anything else 30s.
+func TimeoutFor(operation string) time.Duration {
+	if d, ok := defaultTimeouts[strings.ToLower(operation)]; ok {
+		return d
+	}
+	return defaultTimeout
+}
+
+// TimeoutContext returns a context with the operation type's deadline from
+// [TimeoutFor], whose cause is [ErrTimeout]: the original design's
+// TimeoutContext, for code that calls several things under one budget.
+// Call cancel when done, as with [context.WithTimeout].
+func TimeoutContext(ctx context.Context, operation string) (context.Context, context.CancelFunc) {
+	return context.WithTimeoutCause(ctx, TimeoutFor(operation), ErrTimeout)
+}
