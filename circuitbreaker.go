@@ -149,7 +149,7 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 		name:          cfg.Name,
 		isFailure:     cfg.IsFailure,
 		onStateChange: cfg.OnStateChange,
-		errOpen:       &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrOpenState},
+		errOpen:       &Error{Err: ErrCircuitOpen, Name: cfg.Name},
 		errTooMany:    &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrTooManyRequests},
 	}
 	cb.failMax.Store(int64(failMax))

@@ -1,0 +1,294 @@
+package resilience
+
+import (
+	"context"
+	"errors"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+)
+
+// honours waits for its context or for d, whichever comes first.
+func honours(d time.Duration) Func[int] {
+	return func(ctx context.Context) (int, error) {
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(d):
+			return 7, nil
+		}
+	}
+}
+
+func TestWithTimeoutExpires(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var cause error
+		fn := WithTimeout(func(ctx context.Context) (int, error) {
+			<-ctx.Done()
+			cause = context.Cause(ctx)
+			return 0, ctx.Err()
+		}, 2*time.Second)
+		start := time.Now()
+		_, err := fn(context.Background())
+		if got := time.Since(start); got != 2*time.Second {
+			t.Errorf("returned after %v; want 2s", got)
+		}
+		if !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("err = %v; want ErrTimeout and DeadlineExceeded", err)
+		}
+		if cause != ErrTimeout {
+			t.Errorf("context.Cause seen by fn = %v; want ErrTimeout", cause)
+		}
+		if !IsRetryable(err) {
+			t.Errorf("IsRetryable(per-attempt timeout) = false; want true")
+		}
+		if want := "resilience: timeout exceeded: context deadline exceeded"; err.Error() != want {
+			t.Errorf("Error() = %q; want %q", err.Error(), want)
+		}
+	})
+}
+
+func TestWithTimeoutInTime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		v, err := WithTimeout(honours(time.Second), 2*time.Second)(context.Background())
+		if v != 7 || err != nil {
+			t.Fatalf("= %v, %v; want 7, nil", v, err)
+		}
+		// A non-timeout error in time comes back as it was.
+		_, err = WithTimeout(failFunc, time.Second)(context.Background())
+		if err != errBoom {
+			t.Fatalf("err = %v; want errBoom unchanged", err)
+		}
+	})
+}
+
+func TestWithTimeoutCallerDeadlineFirst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_, err := WithTimeout(honours(time.Hour), 5*time.Second)(ctx)
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("err = %v; want DeadlineExceeded", err)
+		}
+		if errors.Is(err, ErrTimeout) {
+			t.Fatalf("err = %v matches ErrTimeout; the caller's own deadline must not", err)
+		}
+		if IsRetryable(err) {
+			t.Errorf("IsRetryable(caller deadline) = true")
+		}
+	})
+}
+
+func TestWithTimeoutNested(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		// The outer timeout fires first: the inner one passes fn's error
+		// up, the outer one marks it, once.
+		fn := WithTimeout(WithTimeout(honours(time.Hour), 5*time.Second), time.Second)
+		_, err := fn(context.Background())
+		var e *Error
+		if !errors.As(err, &e) || e.Err != ErrTimeout || e.Cause != context.DeadlineExceeded {
+			t.Fatalf("err = %#v; want one *Error{ErrTimeout} around DeadlineExceeded", err)
+		}
+		// The inner one fires first.
+		_, err = WithTimeout(WithTimeout(honours(time.Hour), time.Second), 5*time.Second)(context.Background())
+		if !errors.Is(err, ErrTimeout) || strings.Count(err.Error(), "timeout exceeded") != 1 {
+			t.Fatalf("err = %v; want one ErrTimeout", err)
+		}
+	})
+}
+
+func TestWithTimeoutInvalid(t *testing.T) {
+	for name, fn := range map[string]Func[int]{
+		"zero":     WithTimeout(okFunc, 0),
+		"negative": WithTimeout(okFunc, -time.Second),
+		"nil fn":   WithTimeout[int](nil, time.Second),
+		"enforced": WithEnforcedTimeout(okFunc, -1),
+		"enf nil":  WithEnforcedTimeout[int](nil, time.Second),
+	} {
+		_, err := fn(context.Background())
+		if !errors.Is(err, ErrInvalidConfig) {
+			t.Errorf("%s: err = %v; want ErrInvalidConfig", name, err)
+		}
+	}
+	_, err := WithTimeout(okFunc, -time.Second)(context.Background())
+	if !strings.Contains(err.Error(), "WithTimeout d = -1s") {
+		t.Errorf("err = %v; want it to name d and its value", err)
+	}
+}
+
+// withReader installs a ManualReader for the duration of a test.
+func withReader(t *testing.T) *sdkmetric.ManualReader {
+	t.Helper()
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	SetMeterProvider(mp)
+	t.Cleanup(func() {
+		SetMeterProvider(nil)
+		mp.Shutdown(context.Background())
+	})
+	return reader
+}
+
+func counterValue(t *testing.T, reader *sdkmetric.ManualReader, name string) int64 {
+	t.Helper()
+	var rm metricdata.ResourceMetrics
+	if err := reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	for _, sm := range rm.ScopeMetrics {
+		if sm.Scope.Name != ScopeName {
+			continue
+		}
+		for _, m := range sm.Metrics {
+			if m.Name != name {
+				continue
+			}
+			var total int64
+			for _, dp := range m.Data.(metricdata.Sum[int64]).DataPoints {
+				total += dp.Value
+			}
+			return total
+		}
+	}
+	return 0
+}
+
+func TestWithEnforcedTimeoutReturnsAtDeadline(t *testing.T) {
+	reader := withReader(t)
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		var finished atomic.Bool
+		stubborn := func(ctx context.Context) (int, error) {
+			<-release // ignores ctx
+			finished.Store(true)
+			return 1, nil
+		}
+		start := time.Now()
+		_, err := WithEnforcedTimeout(stubborn, time.Second)(context.Background())
+		if got := time.Since(start); got != time.Second {
+			t.Errorf("returned after %v; want 1s", got)
+		}
+		if !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("err = %v; want ErrTimeout and DeadlineExceeded", err)
+		}
+		if n := counterValue(t, reader, "resilience.timeout.abandoned"); n != 1 {
+			t.Errorf("abandoned = %d; want 1", n)
+		}
+		close(release)
+		synctest.Wait() // the abandoned goroutine ends; its result is dropped
+		if !finished.Load() {
+			t.Fatal("abandoned call did not finish")
+		}
+	})
+}
+
+func TestWithEnforcedTimeoutPassesResults(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		v, err := WithEnforcedTimeout(honours(time.Second), 2*time.Second)(context.Background())
+		if v != 7 || err != nil {
+			t.Fatalf("= %v, %v; want 7, nil", v, err)
+		}
+		if _, err := WithEnforcedTimeout(failFunc, time.Second)(context.Background()); err != errBoom {
+			t.Fatalf("err = %v; want errBoom", err)
+		}
+		// A cooperative function that returns at the deadline: its error is
+		// marked as our timeout.
+		_, err = WithEnforcedTimeout(honours(time.Hour), time.Second)(context.Background())
+		if !errors.Is(err, ErrTimeout) {
+			t.Fatalf("err = %v; want ErrTimeout", err)
+		}
+	})
+}
+
+func TestWithEnforcedTimeoutCallerCancel(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() { time.Sleep(100 * time.Millisecond); cancel() }()
+		_, err := WithEnforcedTimeout(func(context.Context) (int, error) { <-release; return 0, nil }, time.Second)(ctx)
+		if !errors.Is(err, context.Canceled) || errors.Is(err, ErrTimeout) {
+			t.Fatalf("err = %v; want context.Canceled, not ErrTimeout", err)
+		}
+		close(release)
+		synctest.Wait()
+	})
+}
+
+func TestWithEnforcedTimeoutPanic(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		fn := WithEnforcedTimeout(func(context.Context) (int, error) { panic("deep") }, time.Second)
+		func() {
+			defer func() {
+				if r := recover(); r != "deep" {
+					t.Errorf("recovered %v; want the panic re-raised in the caller", r)
+				}
+			}()
+			fn(context.Background())
+		}()
+		// Goexit in fn becomes an error, not a hang.
+		_, err := WithEnforcedTimeout(func(context.Context) (int, error) { runtime.Goexit(); return 0, nil }, time.Second)(context.Background())
+		if err != errGoexit {
+			t.Errorf("err = %v; want errGoexit", err)
+		}
+		// A panic after abandonment is dropped, not a crash.
+		release := make(chan struct{})
+		WithEnforcedTimeout(func(context.Context) (int, error) { <-release; panic("late") }, time.Second)(context.Background())
+		close(release)
+		synctest.Wait()
+	})
+}
+
+// The slot of an abandoned call stays held until the call really returns.
+func TestEnforcedTimeoutHoldsBulkheadSlot(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b, _ := NewBulkhead(BulkheadConfig{Limit: 1, FailFast: true})
+		release := make(chan struct{})
+		fn := WithEnforcedTimeout(WithBulkhead(func(context.Context) (int, error) { <-release; return 1, nil }, b), time.Second)
+		if _, err := fn(context.Background()); !errors.Is(err, ErrTimeout) {
+			t.Fatalf("err = %v; want ErrTimeout", err)
+		}
+		if s := b.Stats(); s.Active != 1 {
+			t.Fatalf("after abandonment Active = %d; want 1 (still running)", s.Active)
+		}
+		if _, err := fn(context.Background()); !errors.Is(err, ErrBulkheadFull) {
+			t.Fatalf("err = %v; want ErrBulkheadFull while the abandoned call runs", err)
+		}
+		close(release)
+		synctest.Wait()
+		if s := b.Stats(); s.Active != 0 || s.Completed != 1 {
+			t.Fatalf("after it returned Stats = %+v; want Active 0, Completed 1", s)
+		}
+	})
+}
+
+func TestTimeoutFor(t *testing.T) {
+	for op, want := range map[string]time.Duration{
+		"llm": 60 * time.Second, "LLM": 60 * time.Second, "auth": 5 * time.Second,
+		"db": 10 * time.Second, "http": 15 * time.Second, "other": 30 * time.Second, "": 30 * time.Second,
+	} {
+		if got := TimeoutFor(op); got != want {
+			t.Errorf("TimeoutFor(%q) = %v; want %v", op, got, want)
+		}
+	}
+}
+
+func TestTimeoutContext(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := TimeoutContext(context.Background(), "auth")
+		defer cancel()
+		dl, ok := ctx.Deadline()
+		if !ok || dl.Sub(time.Now()) != 5*time.Second {
+			t.Fatalf("deadline in %v; want 5s", dl.Sub(time.Now()))
+		}
+		<-ctx.Done()
+		if context.Cause(ctx) != ErrTimeout {
+			t.Errorf("cause = %v; want ErrTimeout", context.Cause(ctx))
+		}
+	})
+}
