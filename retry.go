@@ -241,7 +241,6 @@ type delays struct {
 	r   *Retry
 	bo  backoff.BackOff
 	exp *backoff.ExponentialBackOff // for RetryRandom: the upper bound
-	n   int
 }
 
 func (r *Retry) newBackOff() *delays {
@@ -272,7 +271,6 @@ func (r *Retry) newBackOff() *delays {
 // next returns the wait before the next attempt. A RetryAfter on the error
 // replaces the strategy's delay for this one wait, capped at MaxDelay.
 func (d *delays) next(err error) time.Duration {
-	d.n++
 	base := d.bo.NextBackOff()
 	var ra interface{ RetryAfter() time.Duration }
 	if errors.As(err, &ra) {
@@ -280,7 +278,9 @@ func (d *delays) next(err error) time.Duration {
 	}
 	switch {
 	case d.r.strategy == RetryRandom:
-		return clampDelay(time.Duration(rand.Int64N(int64(clampDelay(base, d.r.max))+1)), d.r.max)
+		// Uint64N: the bound + 1 overflows int64 when MaxDelay is the
+		// largest Duration (found by FuzzRetryDelays).
+		return time.Duration(rand.Uint64N(uint64(clampDelay(base, d.r.max)) + 1))
 	case d.r.jitter:
 		return jitter(base, d.r.max, rand.Float64())
 	}
