@@ -59,7 +59,8 @@ type Bulkhead struct {
 	maxQueue int
 	maxWait  time.Duration
 	failFast bool
-	errFull  *Error // returned on every rejection, so it allocates nothing
+	errFull  *Error      // returned on every rejection, so it allocates nothing
+	off      atomic.Bool // set by a disabled Registry: calls pass straight through
 
 	mu        sync.Mutex
 	limit     int
@@ -108,6 +109,21 @@ func (b *Bulkhead) Limit() int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.limit
+}
+
+// SetLimit changes the number of calls allowed inside at once, for calls
+// already waiting too. Growing admits waiters at once; shrinking admits no
+// one until enough calls in flight have finished, and never interrupts them.
+// It is safe for concurrent use.
+func (b *Bulkhead) SetLimit(limit int) error {
+	if limit <= 0 {
+		return invalid("Bulkhead.SetLimit limit", limit, "must be positive")
+	}
+	b.mu.Lock()
+	b.limit = limit
+	b.grantLocked()
+	b.mu.Unlock()
+	return nil
 }
 
 // Stats returns a snapshot of the bulkhead's counters. It is safe for
@@ -229,6 +245,9 @@ func WithBulkhead[T any](fn Func[T], b *Bulkhead) Func[T] {
 		return failing[T](invalid("WithBulkhead b", nil, "must not be nil"))
 	}
 	return func(ctx context.Context) (T, error) {
+		if b.off.Load() {
+			return fn(ctx)
+		}
 		if err := b.acquire(ctx); err != nil {
 			var zero T
 			return zero, err

@@ -85,6 +85,8 @@ type CircuitBreakerConfig struct {
 type CircuitBreaker struct {
 	name          string
 	failMax       atomic.Int64
+	off           atomic.Bool // set by a disabled Registry: calls pass straight through
+	setMu         sync.Mutex  // guards settings
 	settings      gobreaker.Settings
 	isFailure     func(error) bool
 	onStateChange func(name string, from, to State)
@@ -169,7 +171,9 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 
 func (cb *CircuitBreaker) newGen() *breakerGen {
 	g := &breakerGen{}
+	cb.setMu.Lock()
 	st := cb.settings
+	cb.setMu.Unlock()
 	st.OnStateChange = func(_ string, from, to gobreaker.State) { cb.queue(g, fromGobreaker(from), fromGobreaker(to)) }
 	g.gb = gobreaker.NewTwoStepCircuitBreaker[struct{}](st)
 	return g
@@ -267,6 +271,26 @@ func (cb *CircuitBreaker) Reset() {
 	cb.flush()
 }
 
+// reconfigure applies a new configuration to a live breaker. FailMax takes
+// effect at once, for calls in flight too. gobreaker fixes OpenTimeout and
+// HalfOpenMaxCalls at construction, so changing either starts the breaker
+// afresh, closed, as Reset does. IsFailure and OnStateChange are kept.
+func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
+	n, err := NewCircuitBreaker(cfg)
+	if err != nil {
+		return err
+	}
+	cb.failMax.Store(n.failMax.Load())
+	cb.setMu.Lock()
+	changed := cb.settings.Timeout != n.settings.Timeout || cb.settings.MaxRequests != n.settings.MaxRequests
+	cb.settings.Timeout, cb.settings.MaxRequests = n.settings.Timeout, n.settings.MaxRequests
+	cb.setMu.Unlock()
+	if changed {
+		cb.Reset()
+	}
+	return nil
+}
+
 // allow asks gobreaker for admission. On success the caller must call done
 // exactly once with the call's outcome.
 func (cb *CircuitBreaker) allow() (done func(error), err error) {
@@ -310,6 +334,9 @@ func WithCircuitBreaker[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 		return failing[T](invalid("WithCircuitBreaker cb", nil, "must not be nil"))
 	}
 	return func(ctx context.Context) (v T, err error) {
+		if cb.off.Load() {
+			return fn(ctx)
+		}
 		done, err := cb.allow()
 		if err != nil {
 			return v, err

@@ -1,1 +1,706 @@
 package resilience
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"math"
+	"os"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caarlos0/env/v11"
+)
+
+// Config is the whole configuration of a [Registry]: the original design's
+// environment variables, parsed. [LoadConfig] fills it from the environment;
+// [DefaultConfig] gives the design's defaults. Maps are keyed by [EnvKey] of
+// the service, resource or operation name.
+type Config struct {
+	// Enabled is RESILIENCE_ENABLED. When false, the registry's policies and
+	// ForService pass calls straight through.
+	Enabled bool
+
+	// Retry is RETRY_MAX_ATTEMPTS, RETRY_EXPONENTIAL_BASE (Multiplier),
+	// RETRY_EXPONENTIAL_MAX (MaxDelay) and RETRY_JITTER.
+	Retry RetryConfig
+
+	// DefaultTimeout is TIMEOUT_DEFAULT, for operations without their own.
+	DefaultTimeout time.Duration
+	// Timeouts holds TIMEOUT_<OP> per operation type.
+	Timeouts map[string]time.Duration
+
+	// DefaultCircuitBreaker is CIRCUIT_BREAKER_DEFAULT_*, for services
+	// without their own.
+	DefaultCircuitBreaker CircuitBreakerConfig
+	// CircuitBreakers holds CIRCUIT_BREAKER_<SERVICE>_FAIL_MAX, _TIMEOUT
+	// (OpenTimeout) and _HALF_OPEN_MAX_CALLS per service.
+	CircuitBreakers map[string]CircuitBreakerConfig
+
+	// DefaultBulkhead is BULKHEAD_DEFAULT_*, for resources without their own.
+	DefaultBulkhead BulkheadConfig
+	// Bulkheads holds BULKHEAD_<RESOURCE>_LIMIT, _MAX_QUEUE, _MAX_WAIT and
+	// _FAIL_FAST per resource.
+	Bulkheads map[string]BulkheadConfig
+}
+
+// DefaultConfig returns the original design's defaults: resilience enabled;
+// 3 attempts, base 2, at most 10s, with jitter; timeouts of 30s by default,
+// 60s for llm, 5s for auth, 10s for db and 15s for http; breakers opening
+// after 5 failures for 60s, openfga after 10 for 30s; bulkheads of 10 calls,
+// llm 10, openfga 50, redis 100, db 20.
+func DefaultConfig() Config {
+	return Config{
+		Enabled:        true,
+		Retry:          RetryConfig{MaxAttempts: 3, Multiplier: 2, MaxDelay: 10 * time.Second},
+		DefaultTimeout: defaultTimeout,
+		Timeouts: map[string]time.Duration{
+			"LLM": 60 * time.Second, "AUTH": 5 * time.Second, "DB": 10 * time.Second, "HTTP": 15 * time.Second,
+		},
+		DefaultCircuitBreaker: CircuitBreakerConfig{FailMax: 5, OpenTimeout: 60 * time.Second},
+		CircuitBreakers: map[string]CircuitBreakerConfig{
+			"OPENFGA": {FailMax: 10, OpenTimeout: 30 * time.Second},
+		},
+		DefaultBulkhead: BulkheadConfig{Limit: 10},
+		Bulkheads: map[string]BulkheadConfig{
+			"LLM": {Limit: 10}, "OPENFGA": {Limit: 50}, "REDIS": {Limit: 100}, "DB": {Limit: 20},
+		},
+	}
+}
+
+// Clone returns a deep copy of c, so that changing its maps does not change
+// c's.
+func (c Config) Clone() Config {
+	c.Timeouts = maps.Clone(c.Timeouts)
+	c.CircuitBreakers = maps.Clone(c.CircuitBreakers)
+	c.Bulkheads = maps.Clone(c.Bulkheads)
+	return c
+}
+
+// EnvKey returns the key a name has in variable names and in Config's maps:
+// upper-cased, with '-' and '.' as '_'. EnvKey("payments-eu") is
+// "PAYMENTS_EU", read from CIRCUIT_BREAKER_PAYMENTS_EU_FAIL_MAX and so on.
+func EnvKey(name string) string {
+	return strings.Map(func(r rune) rune {
+		switch r {
+		case '-', '.':
+			return '_'
+		}
+		return r
+	}, strings.ToUpper(name))
+}
+
+// CircuitBreakerConfig returns the configuration of the named service's
+// breaker: its own if set, else the default, with Name set to name.
+func (c Config) CircuitBreakerConfig(name string) CircuitBreakerConfig {
+	cfg, ok := c.CircuitBreakers[EnvKey(name)]
+	if !ok {
+		cfg = c.DefaultCircuitBreaker
+	}
+	cfg.Name = name
+	return cfg
+}
+
+// BulkheadConfig returns the configuration of the named resource's
+// bulkhead: its own if set, else the default, with Name set to name.
+func (c Config) BulkheadConfig(name string) BulkheadConfig {
+	cfg, ok := c.Bulkheads[EnvKey(name)]
+	if !ok {
+		cfg = c.DefaultBulkhead
+	}
+	cfg.Name = name
+	return cfg
+}
+
+// Timeout returns the timeout of an operation type: its own if set, else
+// DefaultTimeout, else 30s.
+func (c Config) Timeout(operation string) time.Duration {
+	if d, ok := c.Timeouts[EnvKey(operation)]; ok && d > 0 {
+		return d
+	}
+	if c.DefaultTimeout > 0 {
+		return c.DefaultTimeout
+	}
+	return defaultTimeout
+}
+
+// Validate reports every setting of c that a policy would reject, all at
+// once.
+func (c Config) Validate() error {
+	var errs []error
+	if _, err := NewRetry(c.Retry); err != nil {
+		errs = append(errs, err)
+	}
+	if c.DefaultTimeout < 0 {
+		errs = append(errs, invalid("Config.DefaultTimeout", c.DefaultTimeout, "must not be negative"))
+	}
+	for _, k := range slices.Sorted(maps.Keys(c.Timeouts)) {
+		if d := c.Timeouts[k]; d <= 0 {
+			errs = append(errs, invalid("Config.Timeouts["+k+"]", d, "must be positive"))
+		}
+	}
+	if _, err := NewCircuitBreaker(c.DefaultCircuitBreaker); err != nil {
+		errs = append(errs, err)
+	}
+	for _, k := range slices.Sorted(maps.Keys(c.CircuitBreakers)) {
+		if _, err := NewCircuitBreaker(c.CircuitBreakers[k]); err != nil {
+			errs = append(errs, fmt.Errorf("circuit breaker %s: %w", k, err))
+		}
+	}
+	if _, err := NewBulkhead(c.DefaultBulkhead); err != nil {
+		errs = append(errs, err)
+	}
+	for _, k := range slices.Sorted(maps.Keys(c.Bulkheads)) {
+		if _, err := NewBulkhead(c.Bulkheads[k]); err != nil {
+			errs = append(errs, fmt.Errorf("bulkhead %s: %w", k, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// LoadOptions changes where [LoadConfigWith] reads variables.
+type LoadOptions struct {
+	// Prefix is put before every variable name: with "MYAPP_", the loader
+	// reads MYAPP_RETRY_MAX_ATTEMPTS instead of RETRY_MAX_ATTEMPTS. Empty
+	// means the original design's names.
+	Prefix string
+
+	// Environment, if not nil, is read instead of the process environment:
+	// for tests, or for configuration that comes from elsewhere.
+	Environment map[string]string
+}
+
+// LoadConfig reads the configuration from the process environment, over
+// [DefaultConfig]. It is LoadConfigWith(LoadOptions{}).
+func LoadConfig() (Config, error) { return LoadConfigWith(LoadOptions{}) }
+
+// VarError reports a variable that could not be used: its name, its value
+// and why. LoadConfigWith returns one per bad variable, joined; each matches
+// [ErrInvalidConfig].
+type VarError struct {
+	Var, Value, Reason string
+}
+
+func (e *VarError) Error() string {
+	name := e.Var
+	if !validKey(name) {
+		name = strconv.Quote(name)
+	}
+	return name + "=" + strconv.Quote(e.Value) + ": " + e.Reason
+}
+
+// validKey reports whether s is made of upper-case letters, digits and '_'
+// only, as every key EnvKey makes of a name in variables is.
+func validKey(s string) bool {
+	for _, r := range s {
+		if (r < 'A' || r > 'Z') && (r < '0' || r > '9') && r != '_' {
+			return false
+		}
+	}
+	return true
+}
+
+// Is makes every VarError match ErrInvalidConfig.
+func (e *VarError) Is(target error) bool { return target == ErrInvalidConfig }
+
+// The variables read once per configuration, with the Config fields they set.
+type globalVars struct {
+	Enabled        bool          `env:"RESILIENCE_ENABLED"`
+	MaxAttempts    int           `env:"RETRY_MAX_ATTEMPTS"`
+	Base           float64       `env:"RETRY_EXPONENTIAL_BASE"`
+	Max            time.Duration `env:"RETRY_EXPONENTIAL_MAX"`
+	Jitter         bool          `env:"RETRY_JITTER"`
+	DefaultTimeout time.Duration `env:"TIMEOUT_DEFAULT"`
+}
+
+// The variables read per service, under CIRCUIT_BREAKER_<SERVICE>_.
+type breakerVars struct {
+	FailMax          int           `env:"FAIL_MAX"`
+	Timeout          time.Duration `env:"TIMEOUT"`
+	HalfOpenMaxCalls int           `env:"HALF_OPEN_MAX_CALLS"`
+}
+
+// The variables read per resource, under BULKHEAD_<RESOURCE>_.
+type bulkheadVars struct {
+	Limit    int           `env:"LIMIT"`
+	MaxQueue int           `env:"MAX_QUEUE"`
+	MaxWait  time.Duration `env:"MAX_WAIT"`
+	FailFast bool          `env:"FAIL_FAST"`
+}
+
+const (
+	breakerPrefix  = "CIRCUIT_BREAKER_"
+	bulkheadPrefix = "BULKHEAD_"
+	timeoutPrefix  = "TIMEOUT_"
+	reservedKey    = "DEFAULT" // names the defaults, never a service
+)
+
+// LoadConfigWith reads the configuration from opts.Environment (or the
+// process environment), over [DefaultConfig]. Service, resource and
+// operation names are discovered from the variable names. Durations accept
+// plain seconds ("60", "0.25") as well as Go durations ("1m", "1500ms").
+//
+// Every bad variable is reported at once, each as a [*VarError] naming the
+// variable, its value and why; the returned Config is then the defaults, not
+// half a configuration. LoadConfigWith never panics.
+func LoadConfigWith(opts LoadOptions) (Config, error) {
+	environ := opts.Environment
+	if environ == nil {
+		environ = processEnv()
+	}
+	l := loader{prefix: opts.Prefix, environ: environ}
+	cfg := DefaultConfig()
+
+	g := globalVars{
+		Enabled: cfg.Enabled, MaxAttempts: cfg.Retry.MaxAttempts, Base: cfg.Retry.Multiplier,
+		Max: cfg.Retry.MaxDelay, Jitter: true, DefaultTimeout: cfg.DefaultTimeout,
+	}
+	l.parse(&g, "")
+	l.check("RETRY_MAX_ATTEMPTS", g.MaxAttempts >= 1, "must be at least 1")
+	l.check("RETRY_EXPONENTIAL_BASE", g.Base >= 1, "the exponential base must be at least 1")
+	l.check("RETRY_EXPONENTIAL_MAX", g.Max > 0, "must be positive")
+	l.check("TIMEOUT_DEFAULT", g.DefaultTimeout > 0, "must be positive")
+	cfg.Enabled = g.Enabled
+	cfg.Retry = RetryConfig{MaxAttempts: g.MaxAttempts, Multiplier: g.Base, MaxDelay: g.Max, DisableJitter: !g.Jitter}
+	cfg.DefaultTimeout = g.DefaultTimeout
+
+	for _, key := range l.names(timeoutPrefix, "") {
+		if key == reservedKey {
+			continue // TIMEOUT_DEFAULT, read above
+		}
+		v := struct {
+			D time.Duration `env:"TIMEOUT"`
+		}{cfg.Timeout(key)}
+		name := timeoutPrefix + key
+		l.parseOne(name, &v.D)
+		l.check(name, v.D > 0, "must be positive")
+		cfg.Timeouts[key] = v.D
+	}
+
+	// DEFAULT first, so that it applies to every service without its own.
+	for _, key := range defaultFirst(l.names(breakerPrefix, "_FAIL_MAX", "_TIMEOUT", "_HALF_OPEN_MAX_CALLS")) {
+		base, ok := cfg.CircuitBreakers[key]
+		if !ok || key == reservedKey {
+			base = cfg.DefaultCircuitBreaker
+		}
+		v := breakerVars{FailMax: base.FailMax, Timeout: base.OpenTimeout, HalfOpenMaxCalls: base.HalfOpenMaxCalls}
+		p := breakerPrefix + key + "_"
+		l.parse(&v, p)
+		l.check(p+"FAIL_MAX", v.FailMax >= 1, "must be at least 1")
+		l.check(p+"TIMEOUT", v.Timeout > 0, "must be positive")
+		l.check(p+"HALF_OPEN_MAX_CALLS", v.HalfOpenMaxCalls >= 0 && v.HalfOpenMaxCalls <= math.MaxUint32, "must not be negative")
+		bc := CircuitBreakerConfig{FailMax: v.FailMax, OpenTimeout: v.Timeout, HalfOpenMaxCalls: v.HalfOpenMaxCalls}
+		if key == reservedKey {
+			cfg.DefaultCircuitBreaker = bc
+		} else {
+			cfg.CircuitBreakers[key] = bc
+		}
+	}
+
+	for _, key := range defaultFirst(l.names(bulkheadPrefix, "_LIMIT", "_MAX_QUEUE", "_MAX_WAIT", "_FAIL_FAST")) {
+		base, ok := cfg.Bulkheads[key]
+		if !ok || key == reservedKey {
+			base = cfg.DefaultBulkhead
+		}
+		v := bulkheadVars{Limit: base.Limit, MaxQueue: base.MaxQueue, MaxWait: base.MaxWait, FailFast: base.FailFast}
+		p := bulkheadPrefix + key + "_"
+		l.parse(&v, p)
+		l.check(p+"LIMIT", v.Limit >= 1, "must be at least 1")
+		l.check(p+"MAX_QUEUE", v.MaxQueue >= 0, "must not be negative")
+		l.check(p+"MAX_WAIT", v.MaxWait >= 0, "must not be negative")
+		bc := BulkheadConfig{Limit: v.Limit, MaxQueue: v.MaxQueue, MaxWait: v.MaxWait, FailFast: v.FailFast}
+		if key == reservedKey {
+			cfg.DefaultBulkhead = bc
+		} else {
+			cfg.Bulkheads[key] = bc
+		}
+	}
+
+	if len(l.errs) > 0 {
+		return DefaultConfig(), errors.Join(l.errs...)
+	}
+	// A last check of the combination, such as a MaxDelay the policies
+	// reject; reported against the variables.
+	if err := cfg.Validate(); err != nil {
+		return DefaultConfig(), err
+	}
+	return cfg, nil
+}
+
+func processEnv() map[string]string {
+	m := make(map[string]string)
+	for _, kv := range os.Environ() {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			m[k] = v
+		}
+	}
+	return m
+}
+
+// loader parses variables with caarlos0/env and collects a VarError for each
+// one that is bad, so that all are reported at once.
+type loader struct {
+	prefix  string
+	environ map[string]string
+	errs    []error
+	bad     map[string]bool // variables already reported
+}
+
+var durationType = reflect.TypeOf(time.Duration(0))
+
+func (l *loader) options(prefix string) env.Options {
+	return env.Options{
+		Environment: l.environ,
+		Prefix:      l.prefix + prefix,
+		FuncMap: map[reflect.Type]env.ParserFunc{
+			durationType: func(s string) (any, error) { return ParseDuration(s) },
+		},
+	}
+}
+
+// parse fills the struct v from the variables named prefix + each field's
+// env tag. A variable that does not parse leaves its field as it was and
+// adds a VarError.
+func (l *loader) parse(v any, prefix string) {
+	err := env.ParseWithOptions(v, l.options(prefix))
+	if err == nil {
+		return
+	}
+	var agg env.AggregateError
+	if !errors.As(err, &agg) {
+		l.errs = append(l.errs, fmt.Errorf("resilience: reading %s*: %w", l.prefix+prefix, err))
+		return
+	}
+	rt := reflect.TypeOf(v).Elem()
+	for _, e := range agg.Errors {
+		var pe env.ParseError
+		if !errors.As(e, &pe) {
+			l.errs = append(l.errs, fmt.Errorf("resilience: reading %s*: %w", l.prefix+prefix, e))
+			continue
+		}
+		f, _ := rt.FieldByName(pe.Name)
+		name := l.prefix + prefix + f.Tag.Get("env")
+		l.report(name, reasonFor(pe.Type))
+	}
+}
+
+// parseOne parses the single variable name into *d.
+func (l *loader) parseOne(name string, d *time.Duration) {
+	v := struct {
+		D time.Duration `env:"X"`
+	}{*d}
+	full := l.prefix + name
+	err := env.ParseWithOptions(&v, env.Options{
+		Environment: map[string]string{"X": l.environ[full]},
+		FuncMap:     l.options("").FuncMap,
+	})
+	if err != nil {
+		l.report(full, reasonFor(durationType))
+		return
+	}
+	*d = v.D
+}
+
+// check reports the variable name (without the loader's prefix) if it is
+// set and ok is false. A default cannot be bad.
+func (l *loader) check(name string, ok bool, why string) {
+	full := l.prefix + name
+	if _, set := l.environ[full]; ok || !set {
+		return
+	}
+	l.report(full, why)
+}
+
+func (l *loader) report(name, why string) {
+	if l.bad[name] {
+		return
+	}
+	if l.bad == nil {
+		l.bad = map[string]bool{}
+	}
+	l.bad[name] = true
+	l.errs = append(l.errs, &VarError{Var: name, Value: l.environ[name], Reason: why})
+}
+
+// defaultFirst moves the reserved DEFAULT key to the front.
+func defaultFirst(keys []string) []string {
+	if i := slices.Index(keys, reservedKey); i > 0 {
+		keys = slices.Insert(slices.Delete(keys, i, i+1), 0, reservedKey)
+	}
+	return keys
+}
+
+func reasonFor(t reflect.Type) string {
+	switch {
+	case t == durationType:
+		return "not a duration: use seconds (60, 0.25) or a Go duration (1m, 1500ms)"
+	case t.Kind() == reflect.Bool:
+		return "not a boolean: use true or false"
+	case t.Kind() == reflect.Float64:
+		return "not a number"
+	}
+	return "not a whole number"
+}
+
+// names returns the keys K of the variables named prefix + K + one of the
+// suffixes, sorted.
+func (l *loader) names(prefix string, suffixes ...string) []string {
+	full := l.prefix + prefix
+	seen := map[string]bool{}
+	for k := range l.environ {
+		rest, ok := strings.CutPrefix(k, full)
+		if !ok {
+			continue
+		}
+		if len(suffixes) == 0 {
+			if rest != "" && validKey(rest) {
+				seen[rest] = true
+			} else if rest != "" {
+				l.report(k, "the name after "+full+" must be upper-case letters, digits and _, as EnvKey makes them")
+			}
+			continue
+		}
+		for _, s := range suffixes {
+			if key, ok := strings.CutSuffix(rest, s); ok && key != "" {
+				if validKey(key) {
+					seen[key] = true
+				} else {
+					// It could never match a name's EnvKey: say so rather
+					// than ignore it.
+					l.report(k, "the name between "+full+" and "+s+" must be upper-case letters, digits and _, as EnvKey makes them")
+				}
+				break
+			}
+		}
+	}
+	return slices.Sorted(maps.Keys(seen))
+}
+
+// ParseDuration parses a duration as the original design wrote them, plain
+// seconds ("60", "0.25"), or as a Go duration ("1m", "1500ms"). Plain
+// seconds are rounded to the nanosecond; values beyond time.Duration's range
+// are an error, not a wrap-around.
+func ParseDuration(s string) (time.Duration, error) {
+	s = strings.TrimSpace(s)
+	if f, err := strconv.ParseFloat(s, 64); err == nil {
+		ns := f * float64(time.Second)
+		if math.IsNaN(ns) || ns >= math.MaxInt64 || ns <= math.MinInt64 {
+			return 0, fmt.Errorf("duration %q out of range", s)
+		}
+		return time.Duration(math.Round(ns)), nil
+	}
+	return time.ParseDuration(s)
+}
+
+// Registry holds the named, shared policies of a service: one breaker per
+// downstream service, one bulkhead per resource, one retry policy and the
+// timeouts per operation type, all from one [Config]. It is the original
+// design's get_circuit_breaker, get_bulkhead and get_resilience_config.
+//
+// A Registry is safe for concurrent use by multiple goroutines. Build it with
+// [NewRegistry]; [Default] is the one built from the environment.
+type Registry struct {
+	enabled atomic.Bool
+
+	mu        sync.Mutex
+	cfg       Config
+	breakers  map[string]*CircuitBreaker
+	bulkheads map[string]*Bulkhead
+	timeouts  map[string]*atomic.Int64 // per operation key, for ForService
+	retry     *Retry
+}
+
+// NewRegistry returns a registry configured by cfg, or every error
+// [Config.Validate] finds in it.
+func NewRegistry(cfg Config) (*Registry, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	r := &Registry{
+		cfg:       cfg.Clone(),
+		breakers:  map[string]*CircuitBreaker{},
+		bulkheads: map[string]*Bulkhead{},
+		timeouts:  map[string]*atomic.Int64{},
+	}
+	r.retry, _ = NewRetry(cfg.Retry)
+	r.retry.off.Store(!cfg.Enabled)
+	r.enabled.Store(cfg.Enabled)
+	return r, nil
+}
+
+// Config returns a copy of the registry's current configuration.
+func (r *Registry) Config() Config {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cfg.Clone()
+}
+
+// Enabled reports whether the registry's policies act (RESILIENCE_ENABLED).
+func (r *Registry) Enabled() bool { return r.enabled.Load() }
+
+// CircuitBreaker returns the breaker for a service, built on first use from
+// the service's configuration and shared from then on: names with the same
+// [EnvKey] ("payments-eu", "PAYMENTS_EU") share one breaker.
+func (r *Registry) CircuitBreaker(name string) *CircuitBreaker {
+	key := EnvKey(name)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cb, ok := r.breakers[key]; ok {
+		return cb
+	}
+	cb, err := NewCircuitBreaker(r.cfg.CircuitBreakerConfig(name))
+	if err != nil {
+		// Validated in NewRegistry and Reload: unreachable.
+		panic("resilience: registry holds an invalid breaker configuration: " + err.Error())
+	}
+	cb.off.Store(!r.cfg.Enabled)
+	r.breakers[key] = cb
+	return cb
+}
+
+// Bulkhead returns the bulkhead for a resource, built on first use from the
+// resource's configuration and shared from then on.
+func (r *Registry) Bulkhead(name string) *Bulkhead {
+	key := EnvKey(name)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if b, ok := r.bulkheads[key]; ok {
+		return b
+	}
+	b, err := NewBulkhead(r.cfg.BulkheadConfig(name))
+	if err != nil {
+		panic("resilience: registry holds an invalid bulkhead configuration: " + err.Error())
+	}
+	b.off.Store(!r.cfg.Enabled)
+	r.bulkheads[key] = b
+	return b
+}
+
+// Retry returns the registry's retry policy.
+func (r *Registry) Retry() *Retry { return r.retry }
+
+// Timeout returns the timeout for an operation type: TIMEOUT_<OP> if set,
+// else the design's default for llm, auth, db and http, else
+// TIMEOUT_DEFAULT.
+func (r *Registry) Timeout(operation string) time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cfg.Timeout(operation)
+}
+
+func (r *Registry) timeoutCell(operation string) *atomic.Int64 {
+	key := EnvKey(operation)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	c, ok := r.timeouts[key]
+	if !ok {
+		c = new(atomic.Int64)
+		c.Store(int64(r.cfg.Timeout(operation)))
+		r.timeouts[key] = c
+	}
+	return c
+}
+
+// Reload applies cfg to the live registry without dropping calls in flight:
+// breakers take their new FailMax at once (a new OpenTimeout or
+// HalfOpenMaxCalls starts them afresh, closed), bulkheads grow or shrink
+// (shrinking admits no one until enough calls have finished), the retry
+// policy and timeouts apply from the next call, and Enabled switches every
+// policy on or off. An invalid cfg changes nothing and returns every error.
+func (r *Registry) Reload(cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	cfg = cfg.Clone()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.cfg = cfg
+	r.retry.reconfigure(cfg.Retry)
+	r.retry.off.Store(!cfg.Enabled)
+	for _, cb := range r.breakers {
+		cb.reconfigure(cfg.CircuitBreakerConfig(cb.Name()))
+		cb.off.Store(!cfg.Enabled)
+	}
+	for _, b := range r.bulkheads {
+		b.SetLimit(cfg.BulkheadConfig(b.Name()).Limit)
+		b.off.Store(!cfg.Enabled)
+	}
+	for key, c := range r.timeouts {
+		c.Store(int64(cfg.Timeout(key)))
+	}
+	r.enabled.Store(cfg.Enabled)
+	return nil
+}
+
+// ForService returns fn protected by the registry's policies for service:
+// its breaker, the retry policy, its timeout (per attempt) and its bulkhead,
+// stacked as [Compose] does. A nil r means [Default]. Reloads apply to it
+// from the next call; while the registry is disabled, calls go straight to
+// fn.
+func ForService[T any](r *Registry, service string, fn Func[T]) Func[T] {
+	if fn == nil {
+		return failing[T](invalid("ForService fn", nil, "must not be nil"))
+	}
+	if r == nil {
+		r = Default()
+	}
+	cell := r.timeoutCell(service)
+	attempt := WithBulkhead(fn, r.Bulkhead(service))
+	timed := func(ctx context.Context) (T, error) {
+		return callWithTimeout(ctx, attempt, time.Duration(cell.Load()))
+	}
+	protected := WithCircuitBreaker(WithRetry(timed, r.Retry()), r.CircuitBreaker(service))
+	return func(ctx context.Context) (T, error) {
+		if !r.enabled.Load() {
+			return fn(ctx)
+		}
+		return protected(ctx)
+	}
+}
+
+var defaultRegistry struct {
+	once sync.Once
+	r    *Registry
+}
+
+// Default returns the default registry, the package's one piece of global
+// state, built on first use from the process environment by [LoadConfig].
+//
+// If the environment is invalid, the default registry does not run with half
+// a configuration: it uses [DefaultConfig] whole, and says so once through
+// log/slog at Warn, with every bad variable in the message. Services that
+// would rather stop should call LoadConfig themselves at start-up and fail
+// on its error.
+func Default() *Registry {
+	defaultRegistry.once.Do(func() { defaultRegistry.r = newDefaultRegistry(LoadConfig) })
+	return defaultRegistry.r
+}
+
+func newDefaultRegistry(load func() (Config, error)) *Registry {
+	cfg, err := load()
+	if err != nil {
+		slog.Warn("resilience: invalid environment; using the built-in defaults for every policy", "error", err.Error())
+		cfg = DefaultConfig()
+	}
+	r, err := NewRegistry(cfg)
+	if err != nil {
+		r, _ = NewRegistry(DefaultConfig())
+	}
+	return r
+}
+
+// GetCircuitBreaker returns the default registry's breaker for a service.
+func GetCircuitBreaker(name string) *CircuitBreaker { return Default().CircuitBreaker(name) }
+
+// GetBulkhead returns the default registry's bulkhead for a resource.
+func GetBulkhead(name string) *Bulkhead { return Default().Bulkhead(name) }
+
+// GetResilienceConfig returns the default registry's configuration.
+func GetResilienceConfig() Config { return Default().Config() }

@@ -2,6 +2,8 @@ package resilience
 
 import (
 	"errors"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -33,7 +35,7 @@ func FuzzRetryDelays(f *testing.F) {
 			}
 			return
 		}
-		d := r.newBackOff()
+		d := r.params().newBackOff()
 		var prev time.Duration
 		for i := range 70 {
 			var cause error = errBoom
@@ -41,14 +43,67 @@ func FuzzRetryDelays(f *testing.F) {
 				cause = retryAfterErr{time.Duration(retryAfter)}
 			}
 			got := d.next(cause)
-			if got < 0 || got > r.max {
-				t.Fatalf("retry %d: delay %v outside [0, %v] (config %+v)", i+1, got, r.max, *r)
+			if got < 0 || got > r.params().max {
+				t.Fatalf("retry %d: delay %v outside [0, %v] (config %+v)", i+1, got, r.params().max, *r.params())
 			}
-			if cause == errBoom && noJitter && (r.strategy == RetryExponential || r.strategy == RetryLinear) {
+			if cause == errBoom && noJitter && (r.params().strategy == RetryExponential || r.params().strategy == RetryLinear) {
 				if got < prev {
-					t.Fatalf("retry %d: delay %v shrank from %v without jitter (config %+v)", i+1, got, prev, *r)
+					t.Fatalf("retry %d: delay %v shrank from %v without jitter (config %+v)", i+1, got, prev, *r.params())
 				}
 				prev = got
+			}
+		}
+	})
+}
+
+// FuzzLoadConfig feeds the loader random variables and checks that it
+// either returns a Config that NewRegistry accepts or an error in which
+// every line names a variable it was given, and never panics.
+func FuzzLoadConfig(f *testing.F) {
+	f.Add("RETRY_MAX_ATTEMPTS", "3", "TIMEOUT_LLM", "60", "CIRCUIT_BREAKER_X_FAIL_MAX", "0")
+	f.Add("RETRY_EXPONENTIAL_MAX", "0.25", "RETRY_EXPONENTIAL_BASE", "NaN", "BULKHEAD_DB_LIMIT", "-1")
+	f.Add("CIRCUIT_BREAKER__TIMEOUT", "1e400", "TIMEOUT_", "x", "BULKHEAD_DEFAULT_MAX_WAIT", "1h")
+	f.Add("RESILIENCE_ENABLED", "maybe", "RETRY_JITTER", "1", "CIRCUIT_BREAKER_DEFAULT_HALF_OPEN_MAX_CALLS", "99999999999")
+	f.Fuzz(func(t *testing.T, k1, v1, k2, v2, k3, v3 string) {
+		env := map[string]string{k1: v1, k2: v2, k3: v3}
+		cfg, err := LoadConfigWith(LoadOptions{Environment: env})
+		if err == nil {
+			if _, err := NewRegistry(cfg); err != nil {
+				t.Fatalf("LoadConfigWith(%q) accepted a config NewRegistry rejects: %v", env, err)
+			}
+			return
+		}
+		if !errors.Is(err, ErrInvalidConfig) {
+			t.Fatalf("error %v does not match ErrInvalidConfig", err)
+		}
+		for _, line := range strings.Split(err.Error(), "\n") {
+			named := false
+			for k := range env {
+				if k != "" && (strings.HasPrefix(line, k+"=") || strings.HasPrefix(line, strconv.Quote(k)+"=")) {
+					named = true
+				}
+			}
+			if !named {
+				t.Fatalf("error line %q names none of the variables %q", line, env)
+			}
+		}
+	})
+}
+
+// FuzzParseDuration checks that plain seconds and Go durations parse
+// without panics or wrap-around: a plain number's sign is kept.
+func FuzzParseDuration(f *testing.F) {
+	for _, s := range []string{"60", "0.25", "1m", "1500ms", "-1", "9223372036.854775807", "1e19", "NaN", "-0"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		d, err := ParseDuration(s)
+		if err != nil {
+			return
+		}
+		if x, perr := strconv.ParseFloat(strings.TrimSpace(s), 64); perr == nil {
+			if (x > 0 && d < 0) || (x < 0 && d > 0) {
+				t.Fatalf("ParseDuration(%q) = %v: sign flipped", s, d)
 			}
 		}
 	})

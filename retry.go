@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -94,6 +95,13 @@ type RetryConfig struct {
 // for concurrent use by multiple goroutines. Build it with [NewRetry]; the
 // zero value is not usable.
 type Retry struct {
+	p   atomic.Pointer[retryParams]
+	off atomic.Bool // set by a disabled Registry: no retries
+}
+
+// retryParams is a Retry's configuration with defaults applied. It is
+// replaced whole, never modified, so a call reads one consistent set.
+type retryParams struct {
 	maxAttempts int
 	strategy    RetryStrategy
 	initial     time.Duration
@@ -125,7 +133,7 @@ func NewRetry(cfg RetryConfig) (*Retry, error) {
 	if cfg.Multiplier != 0 && cfg.Multiplier < 1 {
 		return nil, invalid("RetryConfig.Multiplier", cfg.Multiplier, "must not be below 1")
 	}
-	r := &Retry{
+	r := &retryParams{
 		maxAttempts: cfg.MaxAttempts,
 		strategy:    cfg.Strategy,
 		initial:     cfg.InitialDelay,
@@ -153,13 +161,29 @@ func NewRetry(cfg RetryConfig) (*Retry, error) {
 	if r.multiplier == 0 {
 		r.multiplier = 2
 	}
-	return r, nil
+	rt := &Retry{}
+	rt.p.Store(r)
+	return rt, nil
 }
 
-// MaxAttempts returns the number of attempts in all, the first included.
-func (r *Retry) MaxAttempts() int { return r.maxAttempts }
+func (r *Retry) params() *retryParams { return r.p.Load() }
 
-func (r *Retry) retryable(err error) bool {
+// reconfigure applies a new configuration; calls in flight keep the one they
+// started with.
+func (r *Retry) reconfigure(cfg RetryConfig) error {
+	n, err := NewRetry(cfg)
+	if err != nil {
+		return err
+	}
+	r.p.Store(n.params())
+	return nil
+}
+
+// MaxAttempts returns the number of attempts in all, the first included. It
+// is safe for concurrent use.
+func (r *Retry) MaxAttempts() int { return r.params().maxAttempts }
+
+func (r *retryParams) retryable(err error) bool {
 	if r.retryIf != nil {
 		return r.retryIf(err)
 	}
@@ -187,7 +211,11 @@ func WithRetry[T any](fn Func[T], r *Retry) Func[T] {
 
 // retryAfterFailure runs the attempts after a failed first one. It is kept
 // out of the wrapper so the success path stays small.
-func retryAfterFailure[T any](ctx context.Context, fn Func[T], r *Retry, v T, err error) (T, error) {
+func retryAfterFailure[T any](ctx context.Context, fn Func[T], rt *Retry, v T, err error) (T, error) {
+	if rt.off.Load() {
+		return v, err
+	}
+	r := rt.params()
 	bo := r.newBackOff()
 	var timer *time.Timer
 	defer func() {
@@ -238,12 +266,12 @@ func interrupted(ctxErr error, attempts int, last error) error {
 
 // delays is one call's backoff state, built on the first failure.
 type delays struct {
-	r   *Retry
+	r   *retryParams
 	bo  backoff.BackOff
 	exp *backoff.ExponentialBackOff // for RetryRandom: the upper bound
 }
 
-func (r *Retry) newBackOff() *delays {
+func (r *retryParams) newBackOff() *delays {
 	d := &delays{r: r}
 	switch r.strategy {
 	case RetryExponential, RetryRandom:

@@ -261,11 +261,11 @@ func TestRetrySingleAttempt(t *testing.T) {
 
 func TestNewRetryDefaultsAndInvalid(t *testing.T) {
 	r := mustRetry(t, RetryConfig{})
-	if r.MaxAttempts() != 3 || r.initial != time.Second || r.max != 10*time.Second || r.multiplier != 2 || !r.jitter {
-		t.Errorf("defaults = %+v", *r)
+	if r.MaxAttempts() != 3 || r.params().initial != time.Second || r.params().max != 10*time.Second || r.params().multiplier != 2 || !r.params().jitter {
+		t.Errorf("defaults = %+v", *r.params())
 	}
-	if r := mustRetry(t, RetryConfig{MaxDelay: 250 * time.Millisecond}); r.initial != 250*time.Millisecond {
-		t.Errorf("InitialDelay unset, MaxDelay 250ms: initial = %v; want 250ms", r.initial)
+	if r := mustRetry(t, RetryConfig{MaxDelay: 250 * time.Millisecond}); r.params().initial != 250*time.Millisecond {
+		t.Errorf("InitialDelay unset, MaxDelay 250ms: initial = %v; want 250ms", r.params().initial)
 	}
 }
 

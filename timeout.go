@@ -3,7 +3,6 @@ package resilience
 import (
 	"context"
 	"errors"
-	"strings"
 	"time"
 )
 
@@ -24,15 +23,17 @@ func WithTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 	if err := checkTimeout("WithTimeout", fn == nil, d); err != nil {
 		return failing[T](err)
 	}
-	return func(ctx context.Context) (T, error) {
-		tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
-		v, err := fn(tctx)
-		if err != nil && ownTimeout(ctx, tctx) {
-			err = timedOut(err)
-		}
-		cancel()
-		return v, err
+	return func(ctx context.Context) (T, error) { return callWithTimeout(ctx, fn, d) }
+}
+
+func callWithTimeout[T any](ctx context.Context, fn Func[T], d time.Duration) (T, error) {
+	tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
+	v, err := fn(tctx)
+	if err != nil && ownTimeout(ctx, tctx) {
+		err = timedOut(err)
 	}
+	cancel()
+	return v, err
 }
 
 // ownTimeout reports whether tctx expired through its own deadline rather
@@ -130,23 +131,14 @@ func WithEnforcedTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 
 var errGoexit = errors.New("resilience: protected function called runtime.Goexit")
 
-// The original design's timeouts per operation type.
-var defaultTimeouts = map[string]time.Duration{
-	"llm":  60 * time.Second,
-	"auth": 5 * time.Second,
-	"db":   10 * time.Second,
-	"http": 15 * time.Second,
-}
-
 const defaultTimeout = 30 * time.Second
 
-// TimeoutFor returns the timeout for an operation type, case-insensitively:
-// "llm" 60s, "auth" 5s, "db" 10s, "http" 15s, anything else 30s.
+// TimeoutFor returns the timeout for an operation type from the default
+// registry ([Default]), case-insensitively: TIMEOUT_<OP> if set, else the
+// original design's defaults, "llm" 60s, "auth" 5s, "db" 10s, "http" 15s,
+// and TIMEOUT_DEFAULT (30s) for anything else.
 func TimeoutFor(operation string) time.Duration {
-	if d, ok := defaultTimeouts[strings.ToLower(operation)]; ok {
-		return d
-	}
-	return defaultTimeout
+	return Default().Timeout(operation)
 }
 
 // TimeoutContext returns a context with the operation type's deadline from
