@@ -233,3 +233,51 @@ func ExampleIsRetryable() {
 	// Output:
 	// true false false true
 }
+
+func ExampleForService() {
+	// In production the registry comes from the process environment
+	// (resilience.LoadConfig, or resilience.Default); here from a map.
+	cfg, err := resilience.LoadConfigWith(resilience.LoadOptions{Environment: map[string]string{
+		"CIRCUIT_BREAKER_OPENFGA_FAIL_MAX": "2",
+		"RETRY_MAX_ATTEMPTS":               "2",
+		"RETRY_EXPONENTIAL_MAX":            "0.001", // 1ms between attempts
+		"TIMEOUT_OPENFGA":                  "0.5",
+	}})
+	if err != nil {
+		panic(err)
+	}
+	reg, err := resilience.NewRegistry(cfg)
+	if err != nil {
+		panic(err)
+	}
+
+	attempts := 0
+	check := resilience.ForService(reg, "openfga", func(ctx context.Context) (bool, error) {
+		attempts++
+		return false, errUnavailable
+	})
+	for range 3 {
+		_, err := check(context.Background())
+		fmt.Println(err)
+	}
+	fmt.Println("attempts:", attempts, "breaker:", reg.CircuitBreaker("openfga").State())
+	// Output:
+	// resilience: retries exhausted after 2 attempts: 503 service unavailable
+	// resilience: retries exhausted after 2 attempts: 503 service unavailable
+	// resilience: "openfga": circuit breaker is open
+	// attempts: 4 breaker: open
+}
+
+func ExampleLoadConfigWith() {
+	_, err := resilience.LoadConfigWith(resilience.LoadOptions{Environment: map[string]string{
+		"RETRY_MAX_ATTEMPTS":          "three",
+		"TIMEOUT_LLM":                 "soon",
+		"BULKHEAD_OPENFGA_LIMIT":      "0",
+		"CIRCUIT_BREAKER_LLM_TIMEOUT": "90", // plain seconds are fine
+	}})
+	fmt.Println(err)
+	// Output:
+	// RETRY_MAX_ATTEMPTS="three": not a whole number
+	// TIMEOUT_LLM="soon": not a duration: use seconds (60, 0.25) or a Go duration (1m, 1500ms)
+	// BULKHEAD_OPENFGA_LIMIT="0": must be at least 1
+}
