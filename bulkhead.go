@@ -97,6 +97,7 @@ func NewBulkhead(cfg BulkheadConfig) (*Bulkhead, error) {
 	if b.limit == 0 {
 		b.limit = 10
 	}
+	observeBulkhead(b)
 	return b, nil
 }
 
@@ -244,11 +245,20 @@ func WithBulkhead[T any](fn Func[T], b *Bulkhead) Func[T] {
 	if b == nil {
 		return failing[T](invalid("WithBulkhead b", nil, "must not be nil"))
 	}
+	s := newSite(funcName(fn), "")
+	return top(bulkheadLayer(fn, b, s), s, nil, "")
+}
+
+func bulkheadLayer[T any](fn Func[T], b *Bulkhead, s *site) Func[T] {
+	rejected := addSet(attrResourceType.String(b.name), attrFunction.String(s.name))
 	return func(ctx context.Context) (T, error) {
 		if b.off.Load() {
 			return fn(ctx)
 		}
 		if err := b.acquire(ctx); err != nil {
+			if err == b.errFull {
+				meter().bhRejections.Add(ctx, 1, rejected...)
+			}
 			var zero T
 			return zero, err
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -40,6 +41,12 @@ func bhClosed(ch <-chan struct{}) bool {
 		return true
 	default:
 		return false
+	}
+}
+
+// bhRaiseMax raises most to n if n is larger.
+func bhRaiseMax(most *atomic.Int64, n int64) {
+	for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
 	}
 }
 
@@ -115,9 +122,7 @@ func TestBulkheadLimitsConcurrency(t *testing.T) {
 				var inside, most atomic.Int64
 				gate := make(chan struct{})
 				fn := WithBulkhead(func(context.Context) (int, error) {
-					n := inside.Add(1)
-					for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
-					}
+					bhRaiseMax(&most, inside.Add(1))
 					<-gate
 					inside.Add(-1)
 					return 1, nil
@@ -329,6 +334,7 @@ func TestBulkheadMaxWait(t *testing.T) {
 			b := bhMust(t, BulkheadConfig{Limit: 1, MaxWait: maxWait})
 			release, _ := b.Acquire(context.Background())
 			c := bhStart(context.Background(), b)
+			defer close(c.leave) // lets it return if it was wrongly admitted
 			time.Sleep(maxWait - time.Nanosecond)
 			synctest.Wait()
 			if bhClosed(c.done) {
@@ -370,6 +376,7 @@ func TestBulkheadContextWhileWaiting(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
 		name    string
+		maxWait time.Duration
 		ctx     func() (context.Context, context.CancelFunc)
 		want    error
 		waitFor time.Duration
@@ -393,7 +400,8 @@ func TestBulkheadContextWhileWaiting(t *testing.T) {
 			waitFor: 4 * time.Second,
 		},
 		{
-			name: "deadline before MaxWait",
+			name:    "deadline before MaxWait",
+			maxWait: time.Minute,
 			ctx: func() (context.Context, context.CancelFunc) {
 				return context.WithTimeout(context.Background(), time.Second)
 			},
@@ -414,11 +422,7 @@ func TestBulkheadContextWhileWaiting(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				cfg := BulkheadConfig{Limit: 1}
-				if tt.name == "deadline before MaxWait" {
-					cfg.MaxWait = time.Minute
-				}
-				b := bhMust(t, cfg)
+				b := bhMust(t, BulkheadConfig{Limit: 1, MaxWait: tt.maxWait})
 				release, _ := b.Acquire(context.Background())
 				ctx, cancel := tt.ctx()
 				defer cancel()
@@ -568,6 +572,73 @@ func TestBulkheadGrantWhileGivingUp(t *testing.T) {
 		bhWantStats(t, b, BulkheadStats{Active: 1, Completed: 1})
 		next.finish(t)
 		bhWantStats(t, b, BulkheadStats{Completed: 2})
+	})
+}
+
+func TestBulkheadSetLimit(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		b := bhMust(t, BulkheadConfig{Limit: 1})
+		for _, bad := range []int{0, -2} {
+			err := b.SetLimit(bad)
+			if !errors.Is(err, ErrInvalidConfig) {
+				t.Errorf("SetLimit(%d) error = %v; want ErrInvalidConfig", bad, err)
+			} else if want := fmt.Sprintf("Bulkhead.SetLimit limit = %d", bad); !strings.Contains(err.Error(), want) {
+				t.Errorf("SetLimit(%d) error = %q; want it to contain %q", bad, err, want)
+			}
+			if got := b.Limit(); got != 1 {
+				t.Errorf("Limit() after SetLimit(%d) = %d; want 1 (unchanged)", bad, got)
+			}
+		}
+
+		calls := make([]*bhCall, 6)
+		for i := range calls {
+			calls[i] = bhStart(context.Background(), b)
+			synctest.Wait() // arrive in this order
+		}
+		entered := func() []bool {
+			got := make([]bool, len(calls))
+			for i, c := range calls {
+				got[i] = bhClosed(c.entered)
+			}
+			return got
+		}
+		check := func(step string, want []bool, stats BulkheadStats) {
+			t.Helper()
+			synctest.Wait()
+			if got := entered(); !slices.Equal(got, want) {
+				t.Errorf("%s: entered = %v; want %v", step, got, want)
+			}
+			bhWantStats(t, b, stats)
+		}
+		check("Limit 1", []bool{true, false, false, false, false, false}, BulkheadStats{Active: 1, Waiting: 5})
+
+		// Growing admits the waiters at the head of the queue at once.
+		if err := b.SetLimit(4); err != nil {
+			t.Fatalf("SetLimit(4) error = %v", err)
+		}
+		if got := b.Limit(); got != 4 {
+			t.Errorf("Limit() = %d; want 4", got)
+		}
+		check("grown to 4", []bool{true, true, true, true, false, false}, BulkheadStats{Active: 4, Waiting: 2})
+
+		// Shrinking interrupts no one and admits no one until the calls
+		// inside are fewer than the new limit.
+		if err := b.SetLimit(2); err != nil {
+			t.Fatalf("SetLimit(2) error = %v", err)
+		}
+		check("shrunk to 2", []bool{true, true, true, true, false, false}, BulkheadStats{Active: 4, Waiting: 2})
+		calls[0].finish(t)
+		check("3 inside", []bool{true, true, true, true, false, false}, BulkheadStats{Active: 3, Waiting: 2, Completed: 1})
+		calls[1].finish(t)
+		check("2 inside", []bool{true, true, true, true, false, false}, BulkheadStats{Active: 2, Waiting: 2, Completed: 2})
+		calls[2].finish(t)
+		check("1 inside", []bool{true, true, true, true, true, false}, BulkheadStats{Active: 2, Waiting: 1, Completed: 3})
+		for _, c := range calls[3:] {
+			synctest.Wait()
+			c.finish(t)
+		}
+		bhWantStats(t, b, BulkheadStats{Completed: 6})
 	})
 }
 
@@ -823,6 +894,34 @@ func TestBulkheadSharedAcrossTypes(t *testing.T) {
 	bhWantStats(t, b, BulkheadStats{Rejected: 1, Completed: 2})
 }
 
+// A rejection returns the bulkhead's one preallocated *Error, so turning
+// callers away under overload costs no garbage.
+func TestBulkheadRejectionAllocatesNothing(t *testing.T) {
+	b := bhMust(t, BulkheadConfig{Name: "hot", Limit: 1, FailFast: true})
+	release, err := b.Acquire(context.Background())
+	if err != nil {
+		t.Fatalf("Acquire() error = %v", err)
+	}
+	defer release()
+	fn := WithBulkhead(func(context.Context) (int, error) { return 1, nil }, b)
+	ctx := context.Background()
+	var first error
+	allocs := testing.AllocsPerRun(100, func() {
+		_, err := fn(ctx)
+		if first == nil {
+			first = err
+		} else if err != first {
+			t.Errorf("rejection error = %p; want the same *Error every time (%p)", err, first)
+		}
+	})
+	if !errors.Is(first, ErrBulkheadFull) {
+		t.Fatalf("call on a full FailFast bulkhead error = %v; want ErrBulkheadFull", first)
+	}
+	if allocs != 0 {
+		t.Errorf("allocations per rejection = %v; want 0", allocs)
+	}
+}
+
 func TestBulkheadStress(t *testing.T) {
 	t.Parallel()
 	const (
@@ -833,9 +932,7 @@ func TestBulkheadStress(t *testing.T) {
 	b := bhMust(t, BulkheadConfig{Limit: limit, MaxQueue: 0})
 	var inside, most atomic.Int64
 	fn := WithBulkhead(func(context.Context) (int, error) {
-		n := inside.Add(1)
-		for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
-		}
+		bhRaiseMax(&most, inside.Add(1))
 		runtime.Gosched()
 		inside.Add(-1)
 		return 1, nil

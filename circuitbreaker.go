@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/sony/gobreaker/v2"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
 )
 
 // State is the state of a [CircuitBreaker].
@@ -93,6 +95,8 @@ type CircuitBreaker struct {
 
 	// Rejections return these, so an open breaker allocates nothing.
 	errOpen, errTooMany *Error
+	mService            []metric.AddOption // the service attribute, built once
+	mFailures           optCache           // by error.type
 
 	// cur is the gobreaker instance in use. Reset swaps in a fresh one;
 	// calls already admitted by the old one finish against it, and the old
@@ -154,6 +158,7 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 		errOpen:       &Error{Err: ErrCircuitOpen, Name: cfg.Name},
 		errTooMany:    &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrTooManyRequests},
 	}
+	cb.mService = addSet(attrService.String(cfg.Name))
 	cb.failMax.Store(int64(failMax))
 	cb.settings = gobreaker.Settings{
 		Name:        cfg.Name,
@@ -166,6 +171,7 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 		IsExcluded:   func(err error) bool { return err == errExcluded },
 	}
 	cb.cur.Store(cb.newGen())
+	observeBreaker(cb)
 	return cb, nil
 }
 
@@ -193,6 +199,7 @@ func fromGobreaker(s gobreaker.State) State {
 func (cb *CircuitBreaker) queue(g *breakerGen, from, to State) {
 	cb.evMu.Lock()
 	if cb.cur.Load() == g {
+		cb.recordTransition(from, to)
 		cb.last = to
 		if cb.onStateChange != nil {
 			cb.pending = append(cb.pending, transition{from, to})
@@ -200,6 +207,26 @@ func (cb *CircuitBreaker) queue(g *breakerGen, from, to State) {
 		}
 	}
 	cb.evMu.Unlock()
+}
+
+func (cb *CircuitBreaker) recordFailure(ctx context.Context, et string) {
+	meter().cbFailures.Add(ctx, 1, cb.mFailures.get(et, func() []attribute.KeyValue {
+		return []attribute.KeyValue{attrService.String(cb.name), attrErrorType.String(et)}
+	})...)
+}
+
+func (cb *CircuitBreaker) recordTransition(from, to State) {
+	meter().cbTransitions.Add(context.Background(), 1,
+		addSet(attrService.String(cb.name), attrFrom.String(from.String()), attrTo.String(to.String()))...)
+}
+
+// lastState is the state as of the last transition, without the lazy move
+// from open to half-open that State makes: for the state gauge, which must
+// not change what it observes.
+func (cb *CircuitBreaker) lastState() State {
+	cb.evMu.Lock()
+	defer cb.evMu.Unlock()
+	return cb.last
 }
 
 // flush delivers queued transitions outside every lock. Only one goroutine
@@ -261,6 +288,7 @@ func (cb *CircuitBreaker) Reset() {
 	cb.evMu.Lock()
 	cb.cur.Store(g)
 	if from := cb.last; from != StateClosed {
+		cb.recordTransition(from, StateClosed)
 		cb.last = StateClosed
 		if cb.onStateChange != nil {
 			cb.pending = append(cb.pending, transition{from, StateClosed})
@@ -333,12 +361,17 @@ func WithCircuitBreaker[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 	if cb == nil {
 		return failing[T](invalid("WithCircuitBreaker cb", nil, "must not be nil"))
 	}
+	return top(breakerLayer(fn, cb), newSite(funcName(fn), ""), nil, "")
+}
+
+func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 	return func(ctx context.Context) (v T, err error) {
 		if cb.off.Load() {
 			return fn(ctx)
 		}
 		done, err := cb.allow()
 		if err != nil {
+			meter().cbRejections.Add(ctx, 1, cb.mService...)
 			return v, err
 		}
 		returned := false
@@ -346,12 +379,20 @@ func WithCircuitBreaker[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 			if !returned { // fn panicked or called runtime.Goexit
 				done(errFailure)
 				cb.flush()
+				cb.recordFailure(ctx, "panic")
 			}
 		}()
 		v, err = fn(ctx)
 		returned = true
-		done(cb.outcome(ctx, err))
+		o := cb.outcome(ctx, err)
+		done(o)
 		cb.flush()
+		switch o {
+		case nil:
+			meter().cbSuccesses.Add(ctx, 1, cb.mService...)
+		case errFailure:
+			cb.recordFailure(ctx, errorType(err))
+		}
 		return v, err
 	}
 }

@@ -1,12 +1,21 @@
 package resilience
 
 import (
+	"context"
 	"time"
 )
 
 // Stack is the set of policies [Compose] stacks around a function. A zero
 // field is skipped: a Stack with only a Retry is just WithRetry.
 type Stack[T any] struct {
+	// Name identifies the protected function in metrics: the name and
+	// function attributes. Empty means the name of fn's code, such as
+	// "main.(*Client).Generate-fm", computed once by Compose. Keep it to a
+	// fixed set of values: it is a metric attribute.
+	Name string
+	// Operation is the operation type of the timeout metrics ("llm",
+	// "auth"). Empty means "default".
+	Operation string
 	// CircuitBreaker, if set, rejects calls while its downstream is down.
 	CircuitBreaker *CircuitBreaker
 	// Retry, if set, retries failed attempts.
@@ -37,28 +46,38 @@ type Stack[T any] struct {
 // The stack is built once, here; a call allocates nothing beyond what
 // context.WithTimeout needs for the timeout, and gobreaker's admission.
 func Compose[T any](fn Func[T], s Stack[T]) Func[T] {
+	if fn == nil {
+		return failing[T](invalid("Compose fn", nil, "must not be nil"))
+	}
+	name := s.Name
+	if name == "" {
+		name = funcName(fn)
+	}
+	st := newSite(name, s.Operation)
 	f := fn
 	if s.Bulkhead != nil {
-		f = WithBulkhead(f, s.Bulkhead)
+		f = bulkheadLayer(f, s.Bulkhead, st)
 	}
 	if s.Timeout != 0 {
+		if err := checkTimeout("Stack.Timeout", false, s.Timeout); err != nil {
+			return failing[T](err)
+		}
 		if s.EnforceTimeout {
-			f = WithEnforcedTimeout(f, s.Timeout)
+			f = enforcedLayer(f, s.Timeout, st)
 		} else {
-			f = WithTimeout(f, s.Timeout)
+			inner, d := f, s.Timeout
+			f = func(ctx context.Context) (T, error) { return callWithTimeout(ctx, inner, d, st) }
 		}
 	}
 	if s.Retry != nil {
-		f = WithRetry(f, s.Retry)
+		f = retryLayer(f, s.Retry, st)
 	}
 	if s.CircuitBreaker != nil {
-		f = WithCircuitBreaker(f, s.CircuitBreaker)
+		f = breakerLayer(f, s.CircuitBreaker)
 	}
+	kind := ""
 	if s.Fallback != nil {
-		f = WithFallback(f, s.Fallback)
+		kind = fallbackKind(s.Fallback)
 	}
-	if f == nil {
-		return failing[T](invalid("Compose fn", nil, "must not be nil"))
-	}
-	return f
+	return top(f, st, s.Fallback, kind)
 }

@@ -652,11 +652,12 @@ func ForService[T any](r *Registry, service string, fn Func[T]) Func[T] {
 		r = Default()
 	}
 	cell := r.timeoutCell(service)
-	attempt := WithBulkhead(fn, r.Bulkhead(service))
+	s := newSite(service, service)
+	attempt := bulkheadLayer(fn, r.Bulkhead(service), s)
 	timed := func(ctx context.Context) (T, error) {
-		return callWithTimeout(ctx, attempt, time.Duration(cell.Load()))
+		return callWithTimeout(ctx, attempt, time.Duration(cell.Load()), s)
 	}
-	protected := WithCircuitBreaker(WithRetry(timed, r.Retry()), r.CircuitBreaker(service))
+	protected := top(breakerLayer(retryLayer(timed, r.Retry(), s), r.CircuitBreaker(service)), s, nil, "")
 	return func(ctx context.Context) (T, error) {
 		if !r.enabled.Load() {
 			return fn(ctx)

@@ -30,28 +30,31 @@ func WithFallback[T any](fn Func[T], fb Fallback[T]) Func[T] {
 	if fb == nil {
 		return failing[T](invalid("WithFallback fb", nil, "must not be nil"))
 	}
-	return func(ctx context.Context) (T, error) {
-		v, err := fn(ctx)
-		if err == nil || ctx.Err() != nil {
-			return v, err
-		}
-		return fb(ctx, err)
+	return withFallback(fn, fb, fallbackKind(fb))
+}
+
+func withFallback[T any](fn Func[T], fb Fallback[T], kind string) Func[T] {
+	if fn == nil {
+		return failing[T](invalid("WithFallback fn", nil, "must not be nil"))
 	}
+	return top(fn, newSite(funcName(fn), ""), fb, kind)
 }
 
 // FailOpen returns fn answering true when it fails: for checks where letting
 // a request through during an outage is the lesser harm (a low-risk read).
-func FailOpen(fn Func[bool]) Func[bool] { return WithFallback(fn, FallbackValue(true)) }
+func FailOpen(fn Func[bool]) Func[bool] { return withFallback(fn, FallbackValue(true), fallbackValue) }
 
 // FailClosed returns fn answering false when it fails: for checks that must
 // deny when in doubt (an admin permission).
-func FailClosed(fn Func[bool]) Func[bool] { return WithFallback(fn, FallbackValue(false)) }
+func FailClosed(fn Func[bool]) Func[bool] {
+	return withFallback(fn, FallbackValue(false), fallbackValue)
+}
 
 // EmptyOnError returns fn answering T's zero value (a nil slice or map, an
 // empty string, 0) when it fails.
 func EmptyOnError[T any](fn Func[T]) Func[T] {
 	var zero T
-	return WithFallback(fn, FallbackValue(zero))
+	return withFallback(fn, FallbackValue(zero), fallbackEmpty)
 }
 
 // FallbackCacheConfig configures a [FallbackCache]. The zero value of each
@@ -165,6 +168,9 @@ func (c *FallbackCache[T]) Stats() FallbackCacheStats {
 
 // Record returns fn storing each successful result under key.
 func (c *FallbackCache[T]) Record(key string, fn Func[T]) Func[T] {
+	if fn == nil {
+		return failing[T](invalid("FallbackCache.Record fn", nil, "must not be nil"))
+	}
 	return func(ctx context.Context) (T, error) {
 		v, err := fn(ctx)
 		if err == nil {
@@ -216,5 +222,5 @@ func (c *FallbackCache[T]) StaleFallback(key string) Fallback[T] {
 // Wrap returns fn recording its successes under key and answering its
 // failures with the last good value: Record and Fallback in one.
 func (c *FallbackCache[T]) Wrap(key string, fn Func[T]) Func[T] {
-	return WithFallback(c.Record(key, fn), c.Fallback(key))
+	return withFallback(c.Record(key, fn), c.Fallback(key), fallbackCached)
 }

@@ -204,6 +204,23 @@ func TestWithFallbackCallerCancellation(t *testing.T) {
 				if v != "" {
 					t.Errorf("fn() value = %q; want %q", v, "")
 				}
+
+				// A function that wraps the context's error, as most do,
+				// gets its error passed back as it was too.
+				var returned error
+				fn = WithFallback(func(ctx context.Context) (string, error) {
+					<-ctx.Done()
+					returned = fmt.Errorf("query users: %w", ctx.Err())
+					return "partial", returned
+				}, rec.fallback)
+				v, err, _ = tt.run(fn)
+				if err != returned || !errors.Is(err, tt.want) {
+					t.Errorf("fn() wrapping the context's error: error = %v; want %v passed back", err, returned)
+				}
+				if v != "partial" {
+					t.Errorf("fn() wrapping the context's error: value = %q; want %q", v, "partial")
+				}
+
 				if calls := rec.calls(); len(calls) != 0 {
 					t.Errorf("fallback called with %v; want it not called", calls)
 				}
@@ -675,7 +692,7 @@ func TestFallbackCacheStats(t *testing.T) {
 		c.StaleFallback("a")(ctx, errFbDown) // hit, stale
 		fbWantStats(t, c, FallbackCacheStats{Entries: 1, Hits: 2, Stale: 1, Misses: 1})
 		c.Store("b", 2)
-		c.Store("c", 3) // evicts a
+		c.Store("c", 3)                      // evicts a
 		c.Fallback("a")(ctx, errFbDown)      // miss
 		c.StaleFallback("a")(ctx, errFbDown) // miss
 		fbWantStats(t, c, FallbackCacheStats{Entries: 2, Hits: 2, Stale: 1, Misses: 3})

@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"strconv"
 	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"go.opentelemetry.io/otel/attribute"
 )
 
 // RetryStrategy chooses how the wait between attempts grows.
@@ -200,22 +202,28 @@ func WithRetry[T any](fn Func[T], r *Retry) Func[T] {
 	if r == nil {
 		return failing[T](invalid("WithRetry r", nil, "must not be nil"))
 	}
+	s := newSite(funcName(fn), "")
+	return top(retryLayer(fn, r, s), s, nil, "")
+}
+
+func retryLayer[T any](fn Func[T], r *Retry, s *site) Func[T] {
 	return func(ctx context.Context) (T, error) {
 		v, err := fn(ctx)
 		if err == nil {
 			return v, nil
 		}
-		return retryAfterFailure(ctx, fn, r, v, err)
+		return retryAfterFailure(ctx, fn, r, s, v, err)
 	}
 }
 
 // retryAfterFailure runs the attempts after a failed first one. It is kept
 // out of the wrapper so the success path stays small.
-func retryAfterFailure[T any](ctx context.Context, fn Func[T], rt *Retry, v T, err error) (T, error) {
+func retryAfterFailure[T any](ctx context.Context, fn Func[T], rt *Retry, s *site, v T, err error) (T, error) {
 	if rt.off.Load() {
 		return v, err
 	}
 	r := rt.params()
+	in := meter()
 	bo := r.newBackOff()
 	var timer *time.Timer
 	defer func() {
@@ -232,8 +240,13 @@ func retryAfterFailure[T any](ctx context.Context, fn Func[T], rt *Retry, v T, e
 			return zero, interrupted(cerr, attempt, err)
 		}
 		if attempt >= r.maxAttempts {
+			in.retryExhausted.Add(ctx, 1, s.function...)
 			return v, &Error{Err: ErrRetryExhausted, Attempts: attempt, Cause: err}
 		}
+		et := errorType(err)
+		in.retryAttempts.Add(ctx, 1, s.retryAttempts.get(strconv.Itoa(attempt)+" "+et, func() []attribute.KeyValue {
+			return []attribute.KeyValue{attrFunction.String(s.name), attrAttempt.Int(attempt), attrErrorType.String(et)}
+		})...)
 		delay := bo.next(err)
 		if r.onRetry != nil {
 			r.onRetry(attempt, err, delay)
@@ -253,6 +266,7 @@ func retryAfterFailure[T any](ctx context.Context, fn Func[T], rt *Retry, v T, e
 		}
 		v, err = fn(ctx)
 		if err == nil {
+			in.retrySuccessAfter.Add(ctx, 1, s.function...)
 			return v, nil
 		}
 	}

@@ -23,16 +23,27 @@ func WithTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 	if err := checkTimeout("WithTimeout", fn == nil, d); err != nil {
 		return failing[T](err)
 	}
-	return func(ctx context.Context) (T, error) { return callWithTimeout(ctx, fn, d) }
+	s := newSite(funcName(fn), "")
+	return top(func(ctx context.Context) (T, error) { return callWithTimeout(ctx, fn, d, s) }, s, nil, "")
 }
 
-func callWithTimeout[T any](ctx context.Context, fn Func[T], d time.Duration) (T, error) {
+func callWithTimeout[T any](ctx context.Context, fn Func[T], d time.Duration, s *site) (T, error) {
+	in := meter()
+	timed := in.timeoutDuration.Enabled(ctx)
+	var start time.Time
+	if timed {
+		start = time.Now()
+	}
 	tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
 	v, err := fn(tctx)
 	if err != nil && ownTimeout(ctx, tctx) {
 		err = timedOut(err)
+		s.timeoutExceeded(ctx, d)
 	}
 	cancel()
+	if timed {
+		in.timeoutDuration.Record(ctx, time.Since(start).Seconds(), s.timeoutDuration...)
+	}
 	return v, err
 }
 
@@ -78,6 +89,11 @@ func WithEnforcedTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 	if err := checkTimeout("WithEnforcedTimeout", fn == nil, d); err != nil {
 		return failing[T](err)
 	}
+	s := newSite(funcName(fn), "")
+	return top(enforcedLayer(fn, d, s), s, nil, "")
+}
+
+func enforcedLayer[T any](fn Func[T], d time.Duration, s *site) Func[T] {
 	type result struct {
 		v        T
 		err      error
@@ -107,9 +123,11 @@ func WithEnforcedTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 			select {
 			case r = <-ch: // finished at the same moment: keep the result
 			default:
-				meter().abandoned()
+				in := meter()
+				in.timeoutAbandoned.Add(ctx, 1, s.function...)
 				var zero T
 				if ownTimeout(ctx, tctx) {
+					s.timeoutExceeded(ctx, d)
 					return zero, &Error{Err: ErrTimeout, Cause: context.DeadlineExceeded}
 				}
 				return zero, ctx.Err()
@@ -124,6 +142,7 @@ func WithEnforcedTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 		}
 		if r.err != nil && ownTimeout(ctx, tctx) {
 			r.err = timedOut(r.err)
+			s.timeoutExceeded(ctx, d)
 		}
 		return r.v, r.err
 	}
