@@ -30,31 +30,31 @@ func WithFallback[T any](fn Func[T], fb Fallback[T]) Func[T] {
 	if fb == nil {
 		return failing[T](invalid("WithFallback fb", nil, "must not be nil"))
 	}
-	return withFallback(fn, fb, fallbackKind(fb))
+	return withFallback(fn, fb, fallbackKind(fb), funcName(fn))
 }
 
-func withFallback[T any](fn Func[T], fb Fallback[T], kind string) Func[T] {
+func withFallback[T any](fn Func[T], fb Fallback[T], kind, name string) Func[T] {
 	if fn == nil {
 		return failing[T](invalid("WithFallback fn", nil, "must not be nil"))
 	}
-	return top(fn, newSite(funcName(fn), ""), fb, kind)
+	return top(fn, newSite(name, ""), fb, kind)
 }
 
 // FailOpen returns fn answering true when it fails: for checks where letting
 // a request through during an outage is the lesser harm (a low-risk read).
-func FailOpen(fn Func[bool]) Func[bool] { return withFallback(fn, FallbackValue(true), fallbackValue) }
+func FailOpen(fn Func[bool]) Func[bool] { return withFallback(fn, FallbackValue(true), fallbackValue, funcName(fn)) }
 
 // FailClosed returns fn answering false when it fails: for checks that must
 // deny when in doubt (an admin permission).
 func FailClosed(fn Func[bool]) Func[bool] {
-	return withFallback(fn, FallbackValue(false), fallbackValue)
+	return withFallback(fn, FallbackValue(false), fallbackValue, funcName(fn))
 }
 
 // EmptyOnError returns fn answering T's zero value (a nil slice or map, an
 // empty string, 0) when it fails.
 func EmptyOnError[T any](fn Func[T]) Func[T] {
 	var zero T
-	return withFallback(fn, FallbackValue(zero), fallbackEmpty)
+	return withFallback(fn, FallbackValue(zero), fallbackEmpty, funcName(fn))
 }
 
 // FallbackCacheConfig configures a [FallbackCache]. The zero value of each
@@ -222,5 +222,8 @@ func (c *FallbackCache[T]) StaleFallback(key string) Fallback[T] {
 // Wrap returns fn recording its successes under key and answering its
 // failures with the last good value: Record and Fallback in one.
 func (c *FallbackCache[T]) Wrap(key string, fn Func[T]) Func[T] {
-	return withFallback(c.Record(key, fn), c.Fallback(key), fallbackCached)
+	if fn == nil {
+		return failing[T](invalid("FallbackCache.Wrap fn", nil, "must not be nil"))
+	}
+	return withFallback(c.Record(key, fn), c.Fallback(key), fallbackCached, funcName(fn))
 }

@@ -380,9 +380,9 @@ func fallbackKind(fb any) string {
 		return fallbackFunction
 	case strings.Contains(name, ".FallbackValue["):
 		return fallbackValue
-	case strings.Contains(name, ".StaleFallback"):
+	case strings.Contains(name, ").StaleFallback."):
 		return fallbackStale
-	case strings.Contains(name, ".Fallback-fm"), strings.Contains(name, "].Fallback."):
+	case strings.Contains(name, ").Fallback."):
 		return fallbackCached
 	}
 	return fallbackFunction

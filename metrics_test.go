@@ -1,0 +1,342 @@
+package resilience
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+)
+
+// collected is one collection from a ManualReader, by instrument name.
+type collected map[string]metricdata.Metrics
+
+func collect(t *testing.T, reader *sdkmetric.ManualReader) collected {
+	t.Helper()
+	var rm metricdata.ResourceMetrics
+	if err := reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	out := collected{}
+	for _, sm := range rm.ScopeMetrics {
+		if sm.Scope.Name != ScopeName {
+			continue
+		}
+		if sm.Scope.Version != Version {
+			t.Errorf("scope version %q; want %q", sm.Scope.Version, Version)
+		}
+		for _, m := range sm.Metrics {
+			out[m.Name] = m
+		}
+	}
+	return out
+}
+
+func attrString(set attribute.Set) string {
+	var parts []string
+	for _, kv := range set.ToSlice() {
+		parts = append(parts, string(kv.Key)+"="+kv.Value.Emit())
+	}
+	return strings.Join(parts, ",")
+}
+
+// points returns "attrs=value" for every data point of a counter or gauge,
+// sorted, and checks the instrument's kind and unit.
+func (c collected) points(t *testing.T, name, kind, unit string) []string {
+	t.Helper()
+	m, ok := c[name]
+	if !ok {
+		t.Errorf("instrument %s not recorded", name)
+		return nil
+	}
+	if m.Unit != unit {
+		t.Errorf("%s unit %q; want %q", name, m.Unit, unit)
+	}
+	var out []string
+	switch d := m.Data.(type) {
+	case metricdata.Sum[int64]:
+		if kind != "counter" || !d.IsMonotonic {
+			t.Errorf("%s is a monotonic sum; want %s", name, kind)
+		}
+		for _, dp := range d.DataPoints {
+			out = append(out, fmt.Sprintf("%s=%d", attrString(dp.Attributes), dp.Value))
+		}
+	case metricdata.Gauge[int64]:
+		if kind != "gauge" {
+			t.Errorf("%s is a gauge; want %s", name, kind)
+		}
+		for _, dp := range d.DataPoints {
+			out = append(out, fmt.Sprintf("%s=%d", attrString(dp.Attributes), dp.Value))
+		}
+	case metricdata.Histogram[float64]:
+		if kind != "histogram" {
+			t.Errorf("%s is a histogram; want %s", name, kind)
+		}
+		for _, dp := range d.DataPoints {
+			if !slices.Equal(dp.Bounds, durationBuckets) {
+				t.Errorf("%s bounds %v; want the explicit buckets", name, dp.Bounds)
+			}
+			out = append(out, fmt.Sprintf("%s=count:%d", attrString(dp.Attributes), dp.Count))
+		}
+	default:
+		t.Errorf("%s has data %T", name, m.Data)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func wantPoints(t *testing.T, c collected, name, kind, unit string, want ...string) {
+	t.Helper()
+	got := c.points(t, name, kind, unit)
+	sort.Strings(want)
+	if !slices.Equal(got, want) {
+		t.Errorf("%s:\n got  %q\n want %q", name, got, want)
+	}
+}
+
+func TestMetricsCircuitBreaker(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reader := withReader(t)
+		cb := mustBreaker(t, CircuitBreakerConfig{Name: "llm", FailMax: 2, OpenTimeout: time.Second})
+		fail := true
+		fn := Compose(func(context.Context) (int, error) {
+			if fail {
+				return 0, errBoom
+			}
+			return 1, nil
+		}, Stack[int]{Name: "generate", CircuitBreaker: cb})
+		c := collect(t, reader)
+		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=llm=0")
+
+		fn(context.Background())
+		fn(context.Background()) // opens
+		c = collect(t, reader)
+		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=llm=2")
+		fn(context.Background()) // rejected
+		time.Sleep(time.Second + 1)
+		fail = false
+		fn(context.Background()) // probe closes it
+		fn(context.Background())
+
+		c = collect(t, reader)
+		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=llm=0")
+		wantPoints(t, c, "resilience.circuit_breaker.transitions", "counter", "{transition}",
+			"from=closed,service=llm,to=open=1", "from=open,service=llm,to=half-open=1", "from=half-open,service=llm,to=closed=1")
+		wantPoints(t, c, "resilience.circuit_breaker.failures", "counter", "{call}", "error.type=*errors.errorString,service=llm=2")
+		wantPoints(t, c, "resilience.circuit_breaker.successes", "counter", "{call}", "service=llm=2")
+		wantPoints(t, c, "resilience.circuit_breaker.rejections", "counter", "{call}", "service=llm=1")
+		wantPoints(t, c, "resilience.calls", "counter", "{call}",
+			"name=generate,outcome=failure=2", "name=generate,outcome=rejected=1", "name=generate,outcome=success=2")
+		wantPoints(t, c, "resilience.call.duration", "histogram", "s",
+			"name=generate,outcome=failure=count:2", "name=generate,outcome=rejected=count:1", "name=generate,outcome=success=count:2")
+	})
+}
+
+func TestMetricsRetry(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reader := withReader(t)
+		r := mustRetry(t, RetryConfig{MaxAttempts: 3})
+		ok, _ := script(errBoom, &Error{Err: ErrBulkheadFull}, nil)
+		WithRetry(ok, r)(context.Background())
+		bad, _ := script(errBoom, errBoom, errBoom)
+		Compose(bad, Stack[int]{Name: "bad", Retry: r})(context.Background())
+
+		c := collect(t, reader)
+		okName := funcName(ok)
+		wantPoints(t, c, "resilience.retry.attempts", "counter", "{attempt}",
+			"attempt_number=1,error.type=*errors.errorString,function="+okName+"=1",
+			"attempt_number=2,error.type=bulkhead_full,function="+okName+"=1",
+			"attempt_number=1,error.type=*errors.errorString,function=bad=1",
+			"attempt_number=2,error.type=*errors.errorString,function=bad=1")
+		wantPoints(t, c, "resilience.retry.exhausted", "counter", "{call}", "function=bad=1")
+		wantPoints(t, c, "resilience.retry.success_after_retry", "counter", "{call}", "function="+okName+"=1")
+		wantPoints(t, c, "resilience.calls", "counter", "{call}", "name="+okName+",outcome=success=1", "name=bad,outcome=failure=1")
+	})
+}
+
+func TestMetricsTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reader := withReader(t)
+		fn := Compose(honours(time.Hour), Stack[int]{Name: "slow", Operation: "llm", Timeout: 1500 * time.Millisecond})
+		fn(context.Background())
+		Compose(honours(time.Millisecond), Stack[int]{Name: "fast", Operation: "llm", Timeout: time.Second})(context.Background())
+		release := make(chan struct{})
+		Compose(func(context.Context) (int, error) { <-release; return 0, nil }, Stack[int]{Name: "stuck", Timeout: time.Second, EnforceTimeout: true})(context.Background())
+		close(release)
+		synctest.Wait()
+
+		c := collect(t, reader)
+		wantPoints(t, c, "resilience.timeout.exceeded", "counter", "{attempt}",
+			"function=slow,operation_type=llm,timeout_seconds=1.5=1", "function=stuck,operation_type=default,timeout_seconds=1=1")
+		wantPoints(t, c, "resilience.timeout.abandoned", "counter", "{attempt}", "function=stuck=1")
+		wantPoints(t, c, "resilience.timeout.duration", "histogram", "s",
+			"function=slow,operation_type=llm=count:1", "function=fast,operation_type=llm=count:1")
+		wantPoints(t, c, "resilience.calls", "counter", "{call}",
+			"name=slow,outcome=timeout=1", "name=fast,outcome=success=1", "name=stuck,outcome=timeout=1")
+	})
+}
+
+func TestMetricsBulkhead(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reader := withReader(t)
+		b := mustBulkhead(t, BulkheadConfig{Name: "redis", Limit: 1, MaxQueue: 1})
+		release := make(chan struct{})
+		fn := Compose(func(context.Context) (int, error) { <-release; return 1, nil }, Stack[int]{Name: "get", Bulkhead: b})
+		go fn(context.Background())
+		go fn(context.Background())
+		synctest.Wait()
+		c := collect(t, reader)
+		wantPoints(t, c, "resilience.bulkhead.active_operations", "gauge", "{call}", "resource_type=redis=1")
+		wantPoints(t, c, "resilience.bulkhead.queue_depth", "gauge", "{call}", "resource_type=redis=1")
+		if _, err := fn(context.Background()); !errors.Is(err, ErrBulkheadFull) {
+			t.Fatalf("err = %v", err)
+		}
+		close(release)
+		synctest.Wait()
+		c = collect(t, reader)
+		wantPoints(t, c, "resilience.bulkhead.rejections", "counter", "{call}", "function=get,resource_type=redis=1")
+		wantPoints(t, c, "resilience.bulkhead.active_operations", "gauge", "{call}", "resource_type=redis=0")
+		wantPoints(t, c, "resilience.bulkhead.queue_depth", "gauge", "{call}", "resource_type=redis=0")
+		wantPoints(t, c, "resilience.calls", "counter", "{call}", "name=get,outcome=rejected=1", "name=get,outcome=success=2")
+	})
+}
+
+func TestMetricsFallbacks(t *testing.T) {
+	reader := withReader(t)
+	ctx := context.Background()
+	cache, _ := NewFallbackCache[int](FallbackCacheConfig{})
+	cache.Store("k", 7)
+	Compose(failFunc, Stack[int]{Name: "value", Fallback: FallbackValue(1)})(ctx)
+	Compose(failFunc, Stack[int]{Name: "func", Fallback: func(context.Context, error) (int, error) { return 2, nil }})(ctx)
+	Compose(failFunc, Stack[int]{Name: "cached", Fallback: cache.Fallback("k")})(ctx)
+	Compose(failFunc, Stack[int]{Name: "stale", Fallback: cache.StaleFallback("k")})(ctx)
+	Compose(failFunc, Stack[int]{Name: "miss", Fallback: cache.Fallback("none")})(ctx)
+	open := FailOpen(func(context.Context) (bool, error) { return false, errBoom })
+	open(ctx)
+	empty := EmptyOnError(failFunc)
+	empty(ctx)
+	wrapped := cache.Wrap("k", func(context.Context) (int, error) { return 0, errBoom })
+	wrapped(ctx)
+
+	c := collect(t, reader)
+	et := "error.type=*errors.errorString"
+	wantPoints(t, c, "resilience.fallback.used", "counter", "{call}",
+		et+",fallback_type=value,function=value=1",
+		et+",fallback_type=function,function=func=1",
+		et+",fallback_type=cached,function=cached=1",
+		et+",fallback_type=stale,function=stale=1",
+		et+",fallback_type=value,function="+funcNameOfOpen(t, c)+"=1",
+		et+",fallback_type=empty,function="+funcName(failFunc)+"=1",
+		et+",fallback_type=cached,function="+funcNameOfWrapped(t, c)+"=1",
+	)
+	wantPoints(t, c, "resilience.fallback.cache_hits", "counter", "{call}",
+		et+",function=cached=1", et+",function=stale=1", et+",function="+funcNameOfWrapped(t, c)+"=1")
+	calls := c.points(t, "resilience.calls", "counter", "{call}")
+	for _, want := range []string{"name=value,outcome=fallback=1", "name=stale,outcome=fallback=1", "name=miss,outcome=failure=1"} {
+		if !slices.Contains(calls, want) {
+			t.Errorf("resilience.calls lacks %q: %q", want, calls)
+		}
+	}
+}
+
+// funcNameOfOpen and funcNameOfWrapped find the default function names of
+// closures the test cannot name directly, from the recorded data.
+func funcNameOfOpen(t *testing.T, c collected) string {
+	return findFunction(t, c, "fallback_type=value", "TestMetricsFallbacks.func")
+}
+
+func funcNameOfWrapped(t *testing.T, c collected) string {
+	return findFunction(t, c, "fallback_type=cached", "TestMetricsFallbacks.func")
+}
+
+func findFunction(t *testing.T, c collected, kind, contains string) string {
+	t.Helper()
+	for _, p := range c.points(t, "resilience.fallback.used", "counter", "{call}") {
+		if strings.Contains(p, kind) && strings.Contains(p, contains) {
+			i := strings.Index(p, "function=")
+			return strings.TrimSuffix(p[i+len("function="):], "=1")
+		}
+	}
+	t.Errorf("no %s fallback with a function containing %q", kind, contains)
+	return ""
+}
+
+func TestErrorType(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{nil, ""},
+		{&Error{Err: ErrTimeout}, "timeout"},
+		{&Error{Err: ErrCircuitOpen}, "circuit_open"},
+		{&Error{Err: ErrBulkheadFull}, "bulkhead_full"},
+		{context.Canceled, "canceled"},
+		{fmt.Errorf("x: %w", context.DeadlineExceeded), "deadline_exceeded"},
+		{&Error{Err: ErrRetryExhausted, Cause: &VarError{}}, "*resilience.VarError"},
+		{fmt.Errorf("wrapped: %w", Permanent(&VarError{})), "*resilience.VarError"},
+		{fmt.Errorf("no wrap %v", 1), "*errors.errorString"},
+		{errors.Join(errBoom), "*errors.joinError"},
+	} {
+		if got := errorType(tc.err); got != tc.want {
+			t.Errorf("errorType(%v) = %q; want %q", tc.err, got, tc.want)
+		}
+	}
+}
+
+// Switching providers while calls are in flight is race-free and each call
+// records into one provider or the other.
+func TestSetMeterProviderWhileCalling(t *testing.T) {
+	readers := []*sdkmetric.ManualReader{sdkmetric.NewManualReader(), sdkmetric.NewManualReader()}
+	var mps []*sdkmetric.MeterProvider
+	for _, r := range readers {
+		mps = append(mps, sdkmetric.NewMeterProvider(sdkmetric.WithReader(r)))
+	}
+	t.Cleanup(func() {
+		SetMeterProvider(nil)
+		for _, mp := range mps {
+			mp.Shutdown(context.Background())
+		}
+	})
+	cb := mustBreaker(t, CircuitBreakerConfig{Name: "switch", FailMax: 1 << 30})
+	fn := Compose(okFunc, Stack[int]{Name: "switch", CircuitBreaker: cb, Bulkhead: mustBulkhead(t, BulkheadConfig{Name: "switch"})})
+	var wg sync.WaitGroup
+	const callers, calls = 4, 500
+	for range callers {
+		wg.Go(func() {
+			for range calls {
+				fn(context.Background())
+			}
+		})
+	}
+	for i := range 50 {
+		SetMeterProvider(mps[i%2])
+	}
+	wg.Wait()
+	var total int64
+	for _, r := range readers {
+		var rm metricdata.ResourceMetrics
+		r.Collect(context.Background(), &rm)
+		for _, sm := range rm.ScopeMetrics {
+			for _, m := range sm.Metrics {
+				if m.Name == "resilience.calls" {
+					for _, dp := range m.Data.(metricdata.Sum[int64]).DataPoints {
+						total += dp.Value
+					}
+				}
+			}
+		}
+	}
+	// Calls before the first switch went to the global provider.
+	if total > callers*calls || total == 0 {
+		t.Fatalf("recorded %d calls across the two providers; want between 1 and %d", total, callers*calls)
+	}
+}
