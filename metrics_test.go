@@ -97,6 +97,13 @@ func (c collected) points(t *testing.T, name, kind, unit string) []string {
 func wantPoints(t *testing.T, c collected, name, kind, unit string, want ...string) {
 	t.Helper()
 	got := c.points(t, name, kind, unit)
+	if kind == "gauge" {
+		// Gauges observe every live policy, other tests' included: keep
+		// the ones named in want.
+		got = slices.DeleteFunc(got, func(p string) bool {
+			return !slices.ContainsFunc(want, func(w string) bool { return strings.HasPrefix(p, w[:strings.LastIndex(w, "=")+1]) })
+		})
+	}
 	sort.Strings(want)
 	if !slices.Equal(got, want) {
 		t.Errorf("%s:\n got  %q\n want %q", name, got, want)
@@ -106,7 +113,7 @@ func wantPoints(t *testing.T, c collected, name, kind, unit string, want ...stri
 func TestMetricsCircuitBreaker(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		reader := withReader(t)
-		cb := mustBreaker(t, CircuitBreakerConfig{Name: "llm", FailMax: 2, OpenTimeout: time.Second})
+		cb := mustBreaker(t, CircuitBreakerConfig{Name: "metrics-llm", FailMax: 2, OpenTimeout: time.Second})
 		fail := true
 		fn := Compose(func(context.Context) (int, error) {
 			if fail {
@@ -115,12 +122,12 @@ func TestMetricsCircuitBreaker(t *testing.T) {
 			return 1, nil
 		}, Stack[int]{Name: "generate", CircuitBreaker: cb})
 		c := collect(t, reader)
-		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=llm=0")
+		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=metrics-llm=0")
 
 		fn(context.Background())
 		fn(context.Background()) // opens
 		c = collect(t, reader)
-		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=llm=2")
+		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=metrics-llm=2")
 		fn(context.Background()) // rejected
 		time.Sleep(time.Second + 1)
 		fail = false
@@ -128,12 +135,12 @@ func TestMetricsCircuitBreaker(t *testing.T) {
 		fn(context.Background())
 
 		c = collect(t, reader)
-		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=llm=0")
+		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=metrics-llm=0")
 		wantPoints(t, c, "resilience.circuit_breaker.transitions", "counter", "{transition}",
-			"from=closed,service=llm,to=open=1", "from=open,service=llm,to=half-open=1", "from=half-open,service=llm,to=closed=1")
-		wantPoints(t, c, "resilience.circuit_breaker.failures", "counter", "{call}", "error.type=*errors.errorString,service=llm=2")
-		wantPoints(t, c, "resilience.circuit_breaker.successes", "counter", "{call}", "service=llm=2")
-		wantPoints(t, c, "resilience.circuit_breaker.rejections", "counter", "{call}", "service=llm=1")
+			"from=closed,service=metrics-llm,to=open=1", "from=open,service=metrics-llm,to=half-open=1", "from=half-open,service=metrics-llm,to=closed=1")
+		wantPoints(t, c, "resilience.circuit_breaker.failures", "counter", "{call}", "error.type=*errors.errorString,service=metrics-llm=2")
+		wantPoints(t, c, "resilience.circuit_breaker.successes", "counter", "{call}", "service=metrics-llm=2")
+		wantPoints(t, c, "resilience.circuit_breaker.rejections", "counter", "{call}", "service=metrics-llm=1")
 		wantPoints(t, c, "resilience.calls", "counter", "{call}",
 			"name=generate,outcome=failure=2", "name=generate,outcome=rejected=1", "name=generate,outcome=success=2")
 		wantPoints(t, c, "resilience.call.duration", "histogram", "s",
@@ -188,24 +195,24 @@ func TestMetricsTimeout(t *testing.T) {
 func TestMetricsBulkhead(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		reader := withReader(t)
-		b := mustBulkhead(t, BulkheadConfig{Name: "redis", Limit: 1, MaxQueue: 1})
+		b := mustBulkhead(t, BulkheadConfig{Name: "metrics-redis", Limit: 1, MaxQueue: 1})
 		release := make(chan struct{})
 		fn := Compose(func(context.Context) (int, error) { <-release; return 1, nil }, Stack[int]{Name: "get", Bulkhead: b})
 		go fn(context.Background())
 		go fn(context.Background())
 		synctest.Wait()
 		c := collect(t, reader)
-		wantPoints(t, c, "resilience.bulkhead.active_operations", "gauge", "{call}", "resource_type=redis=1")
-		wantPoints(t, c, "resilience.bulkhead.queue_depth", "gauge", "{call}", "resource_type=redis=1")
+		wantPoints(t, c, "resilience.bulkhead.active_operations", "gauge", "{call}", "resource_type=metrics-redis=1")
+		wantPoints(t, c, "resilience.bulkhead.queue_depth", "gauge", "{call}", "resource_type=metrics-redis=1")
 		if _, err := fn(context.Background()); !errors.Is(err, ErrBulkheadFull) {
 			t.Fatalf("err = %v", err)
 		}
 		close(release)
 		synctest.Wait()
 		c = collect(t, reader)
-		wantPoints(t, c, "resilience.bulkhead.rejections", "counter", "{call}", "function=get,resource_type=redis=1")
-		wantPoints(t, c, "resilience.bulkhead.active_operations", "gauge", "{call}", "resource_type=redis=0")
-		wantPoints(t, c, "resilience.bulkhead.queue_depth", "gauge", "{call}", "resource_type=redis=0")
+		wantPoints(t, c, "resilience.bulkhead.rejections", "counter", "{call}", "function=get,resource_type=metrics-redis=1")
+		wantPoints(t, c, "resilience.bulkhead.active_operations", "gauge", "{call}", "resource_type=metrics-redis=0")
+		wantPoints(t, c, "resilience.bulkhead.queue_depth", "gauge", "{call}", "resource_type=metrics-redis=0")
 		wantPoints(t, c, "resilience.calls", "counter", "{call}", "name=get,outcome=rejected=1", "name=get,outcome=success=2")
 	})
 }
