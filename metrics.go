@@ -119,7 +119,7 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 		errs = append(errs, err)
 		return g
 	}
-	in.cbState = gauge("resilience.circuit_breaker.state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", "1")
+	in.cbState = gauge("resilience.circuit_breaker.state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", "{state}")
 	in.cbTransitions = counter("resilience.circuit_breaker.transitions", "Circuit breaker state transitions.", "{transition}")
 	in.cbFailures = counter("resilience.circuit_breaker.failures", "Calls a circuit breaker counted as failures.", "{call}")
 	in.cbSuccesses = counter("resilience.circuit_breaker.successes", "Calls a circuit breaker counted as successes.", "{call}")

@@ -122,12 +122,12 @@ func TestMetricsCircuitBreaker(t *testing.T) {
 			return 1, nil
 		}, Stack[int]{Name: "generate", CircuitBreaker: cb})
 		c := collect(t, reader)
-		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=metrics-llm=0")
+		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "{state}", "service=metrics-llm=0")
 
 		fn(context.Background())
 		fn(context.Background()) // opens
 		c = collect(t, reader)
-		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=metrics-llm=2")
+		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "{state}", "service=metrics-llm=2")
 		fn(context.Background()) // rejected
 		time.Sleep(time.Second + 1)
 		fail = false
@@ -135,7 +135,7 @@ func TestMetricsCircuitBreaker(t *testing.T) {
 		fn(context.Background())
 
 		c = collect(t, reader)
-		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "1", "service=metrics-llm=0")
+		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "{state}", "service=metrics-llm=0")
 		wantPoints(t, c, "resilience.circuit_breaker.transitions", "counter", "{transition}",
 			"from=closed,service=metrics-llm,to=open=1", "from=open,service=metrics-llm,to=half-open=1", "from=half-open,service=metrics-llm,to=closed=1")
 		wantPoints(t, c, "resilience.circuit_breaker.failures", "counter", "{call}", "error.type=*errors.errorString,service=metrics-llm=2")
