@@ -215,8 +215,8 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 }
 
 func (b *Bulkhead) release() {
-	b.completed.Add(1)
 	b.mu.Lock()
+	b.completed.Add(1) // under the lock, so Stats never counts a call twice
 	b.active--
 	b.grantLocked()
 	b.mu.Unlock()

@@ -299,6 +299,34 @@ func TestWithFallbackNilArgs(t *testing.T) {
 	}
 }
 
+// The helpers built on WithFallback report a nil function as bad
+// configuration, never with their fallback answer: FailOpen(nil) must not
+// answer true.
+func TestFallbackHelpersNilFn(t *testing.T) {
+	t.Parallel()
+	c := fbMustCache[string](t, FallbackCacheConfig{})
+	tests := []struct {
+		name string
+		call func() (any, error)
+		zero any
+	}{
+		{"FailOpen", func() (any, error) { return FailOpen(nil)(context.Background()) }, false},
+		{"FailClosed", func() (any, error) { return FailClosed(nil)(context.Background()) }, false},
+		{"EmptyOnError", func() (any, error) { return EmptyOnError[int](nil)(context.Background()) }, 0},
+		{"Record", func() (any, error) { return c.Record("k", nil)(context.Background()) }, ""},
+		{"Wrap", func() (any, error) { return c.Wrap("k", nil)(context.Background()) }, ""},
+	}
+	for _, tt := range tests {
+		v, err := tt.call()
+		if v != tt.zero || !errors.Is(err, ErrInvalidConfig) {
+			t.Errorf("%s(nil)() = (%v, %v); want (%v, ErrInvalidConfig)", tt.name, v, err, tt.zero)
+		}
+	}
+	if _, _, ok := c.Load("k"); ok {
+		t.Error("Load(k) ok = true after Record/Wrap of a nil fn; want nothing stored")
+	}
+}
+
 func TestFallbackValue(t *testing.T) {
 	t.Parallel()
 	fb := FallbackValue("default")

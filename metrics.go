@@ -206,6 +206,17 @@ func observe(_ context.Context, o metric.Observer) error {
 // first error in the chain that is not a plain wrapper. It is never the
 // message, so its cardinality is bounded by the program's error types.
 func errorType(err error) string {
+	if e, ok := err.(*Error); ok {
+		// The common case, a policy's own error: no chain to walk.
+		switch e.Err {
+		case ErrTimeout:
+			return "timeout"
+		case ErrCircuitOpen:
+			return "circuit_open"
+		case ErrBulkheadFull:
+			return "bulkhead_full"
+		}
+	}
 	switch {
 	case err == nil:
 		return ""
@@ -220,9 +231,13 @@ func errorType(err error) string {
 	case errors.Is(err, context.DeadlineExceeded):
 		return "deadline_exceeded"
 	}
-	var e *Error
-	if errors.As(err, &e) && e.Cause != nil {
-		err = e.Cause // retries exhausted, stale: the type of what failed
+	// Retries exhausted, stale: the type of what failed. A loop rather
+	// than errors.As, whose target escapes and costs an allocation.
+	for x := err; x != nil; x = errors.Unwrap(x) {
+		if e, ok := x.(*Error); ok && e.Cause != nil {
+			err = e.Cause
+			break
+		}
 	}
 	for {
 		switch err.(type) {
@@ -257,14 +272,23 @@ func funcName(fn any) string {
 // but take few values, such as an error.type, so that recording them
 // allocates only the first time. Reads take no lock.
 type optCache struct {
-	mu sync.Mutex
-	m  atomic.Pointer[map[string][]metric.AddOption]
+	mu   sync.Mutex
+	m    atomic.Pointer[map[string][]metric.AddOption]
+	last atomic.Pointer[cachedOpts] // the last key asked for: no hashing when it repeats
+}
+
+type cachedOpts struct {
+	key  string
+	opts []metric.AddOption
 }
 
 // maxCached bounds an optCache; past it, options are built per call.
 const maxCached = 64
 
 func (c *optCache) get(key string, kvs func() []attribute.KeyValue) []metric.AddOption {
+	if l := c.last.Load(); l != nil && l.key == key {
+		return l.opts
+	}
 	if m := c.m.Load(); m != nil {
 		if opts, ok := (*m)[key]; ok {
 			return opts
@@ -283,6 +307,7 @@ func (c *optCache) get(key string, kvs func() []attribute.KeyValue) []metric.Add
 	}
 	m[key] = opts
 	c.m.Store(&m)
+	c.last.Store(&cachedOpts{key, opts})
 	return opts
 }
 
@@ -322,6 +347,16 @@ func classify(ctx context.Context, err error) outcome {
 		return outcomeSuccess
 	case ctx.Err() != nil:
 		return outcomeCanceled
+	}
+	if e, ok := err.(*Error); ok {
+		switch e.Err {
+		case ErrCircuitOpen, ErrBulkheadFull:
+			return outcomeRejected
+		case ErrTimeout:
+			return outcomeTimeout
+		}
+	}
+	switch {
 	case errors.Is(err, ErrCircuitOpen), errors.Is(err, ErrBulkheadFull):
 		return outcomeRejected
 	case errors.Is(err, ErrTimeout):
