@@ -97,6 +97,8 @@ type CircuitBreaker struct {
 	errOpen, errTooMany *Error
 	mService            []metric.AddOption // the service attribute, built once
 	mFailures           optCache           // by error.type
+	successes           atomic.Int64       // observed by the metrics
+	rejections          atomic.Int64       // observed by the metrics
 
 	// cur is the gobreaker instance in use. Reset swaps in a fresh one;
 	// calls already admitted by the old one finish against it, and the old
@@ -371,7 +373,7 @@ func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 		}
 		done, err := cb.allow()
 		if err != nil {
-			meter().cbRejections.Add(ctx, 1, cb.mService...)
+			cb.rejections.Add(1)
 			return v, err
 		}
 		returned := false
@@ -389,7 +391,7 @@ func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 		cb.flush()
 		switch o {
 		case nil:
-			meter().cbSuccesses.Add(ctx, 1, cb.mService...)
+			cb.successes.Add(1)
 		case errFailure:
 			cb.recordFailure(ctx, errorType(err))
 		}

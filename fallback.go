@@ -42,7 +42,9 @@ func withFallback[T any](fn Func[T], fb Fallback[T], kind, name string) Func[T] 
 
 // FailOpen returns fn answering true when it fails: for checks where letting
 // a request through during an outage is the lesser harm (a low-risk read).
-func FailOpen(fn Func[bool]) Func[bool] { return withFallback(fn, FallbackValue(true), fallbackValue, funcName(fn)) }
+func FailOpen(fn Func[bool]) Func[bool] {
+	return withFallback(fn, FallbackValue(true), fallbackValue, funcName(fn))
+}
 
 // FailClosed returns fn answering false when it fails: for checks that must
 // deny when in doubt (an admin permission).

@@ -47,16 +47,16 @@ const (
 // current set on each record, so a provider set at any time takes effect for
 // policies built before it.
 type instruments struct {
-	cbTransitions, cbFailures, cbSuccesses, cbRejections metric.Int64Counter
-	retryAttempts, retryExhausted, retrySuccessAfter     metric.Int64Counter
-	timeoutExceeded, timeoutAbandoned                    metric.Int64Counter
-	timeoutDuration                                      metric.Float64Histogram
-	bhRejections                                         metric.Int64Counter
-	fbUsed, fbCacheHits                                  metric.Int64Counter
-	calls                                                metric.Int64Counter
-	callDuration                                         metric.Float64Histogram
-	cbState, bhActive, bhQueue                           metric.Int64ObservableGauge
-	reg                                                  metric.Registration
+	cbTransitions, cbFailures                        metric.Int64Counter
+	cbSuccesses, cbRejections, calls                 metric.Int64ObservableCounter
+	retryAttempts, retryExhausted, retrySuccessAfter metric.Int64Counter
+	timeoutExceeded, timeoutAbandoned                metric.Int64Counter
+	timeoutDuration                                  metric.Float64Histogram
+	bhRejections                                     metric.Int64Counter
+	fbUsed, fbCacheHits                              metric.Int64ObservableCounter
+	callDuration                                     metric.Float64Histogram
+	cbState, bhActive, bhQueue                       metric.Int64ObservableGauge
+	reg                                              metric.Registration
 }
 
 var (
@@ -114,6 +114,11 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 		errs = append(errs, err)
 		return h
 	}
+	observedCounter := func(name, desc, unit string) metric.Int64ObservableCounter {
+		c, err := m.Int64ObservableCounter(name, metric.WithDescription(desc), metric.WithUnit(unit))
+		errs = append(errs, err)
+		return c
+	}
 	gauge := func(name, desc, unit string) metric.Int64ObservableGauge {
 		g, err := m.Int64ObservableGauge(name, metric.WithDescription(desc), metric.WithUnit(unit))
 		errs = append(errs, err)
@@ -122,22 +127,22 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.cbState = gauge("resilience.circuit_breaker.state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", "{state}")
 	in.cbTransitions = counter("resilience.circuit_breaker.transitions", "Circuit breaker state transitions.", "{transition}")
 	in.cbFailures = counter("resilience.circuit_breaker.failures", "Calls a circuit breaker counted as failures.", "{call}")
-	in.cbSuccesses = counter("resilience.circuit_breaker.successes", "Calls a circuit breaker counted as successes.", "{call}")
-	in.cbRejections = counter("resilience.circuit_breaker.rejections", "Calls a circuit breaker rejected while open or half-open.", "{call}")
+	in.cbSuccesses = observedCounter("resilience.circuit_breaker.successes", "Calls a circuit breaker counted as successes.", "{call}")
+	in.cbRejections = observedCounter("resilience.circuit_breaker.rejections", "Calls a circuit breaker rejected while open or half-open.", "{call}")
 	in.retryAttempts = counter("resilience.retry.attempts", "Failed attempts that were retried.", "{attempt}")
 	in.retryExhausted = counter("resilience.retry.exhausted", "Calls whose every attempt failed.", "{call}")
 	in.retrySuccessAfter = counter("resilience.retry.success_after_retry", "Calls that succeeded after one or more retries.", "{call}")
 	in.timeoutExceeded = counter("resilience.timeout.exceeded", "Attempts that ran past their timeout.", "{attempt}")
 	in.timeoutAbandoned = counter("resilience.timeout.abandoned", "Attempts an enforced timeout returned from at the deadline while they went on running.", "{attempt}")
-	in.timeoutDuration = histogram("resilience.timeout.duration", "Duration of attempts run under a timeout.")
+	in.timeoutDuration = histogram("resilience.timeout.duration", "How long attempts that exceeded their timeout really ran.")
 	in.bhRejections = counter("resilience.bulkhead.rejections", "Calls a bulkhead rejected.", "{call}")
 	in.bhActive = gauge("resilience.bulkhead.active_operations", "Calls inside a bulkhead.", "{call}")
 	in.bhQueue = gauge("resilience.bulkhead.queue_depth", "Callers waiting for a bulkhead slot.", "{call}")
-	in.fbUsed = counter("resilience.fallback.used", "Failed calls answered by a fallback.", "{call}")
-	in.fbCacheHits = counter("resilience.fallback.cache_hits", "Failed calls answered from a fallback cache.", "{call}")
-	in.calls = counter("resilience.calls", "Protected calls, by outcome.", "{call}")
+	in.fbUsed = observedCounter("resilience.fallback.used", "Failed calls answered by a fallback.", "{call}")
+	in.fbCacheHits = observedCounter("resilience.fallback.cache_hits", "Failed calls answered from a fallback cache.", "{call}")
+	in.calls = observedCounter("resilience.calls", "Protected calls, by outcome.", "{call}")
 	in.callDuration = histogram("resilience.call.duration", "Duration of protected calls, retries and waits included.")
-	reg, err := m.RegisterCallback(observe, in.cbState, in.bhActive, in.bhQueue)
+	reg, err := m.RegisterCallback(observe, in.cbState, in.bhActive, in.bhQueue, in.cbSuccesses, in.cbRejections, in.calls, in.fbUsed, in.fbCacheHits)
 	errs = append(errs, err)
 	in.reg = reg
 	// An SDK reports these to otel's error handler too and leaves a working
@@ -148,14 +153,36 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	return in
 }
 
-// The gauges are observed at collection time from the live breakers and
-// bulkheads, so that they cost nothing per call. These weak references are
-// bookkeeping for that, not state: a policy that is garbage collected drops
-// out of them.
+// The gauges, and the counters a successful call adds to, are observed at
+// collection time from the live breakers, bulkheads and protected
+// functions: a gauge then costs nothing per call, and a counter one atomic
+// add instead of an SDK measurement (about 150 ns each with the SDK). These
+// weak references are bookkeeping for that, not state: a policy or wrapper
+// that is garbage collected drops out of them.
 var observed struct {
 	mu        sync.Mutex
 	breakers  []weak.Pointer[CircuitBreaker]
 	bulkheads []weak.Pointer[Bulkhead]
+	sites     []weak.Pointer[site]
+}
+
+func observeSite(s *site) {
+	observed.mu.Lock()
+	observed.sites = append(observed.sites, weak.Make(s))
+	observed.mu.Unlock()
+}
+
+// prune keeps the live entries of ws, calling f on each.
+func prune[T any](ws []weak.Pointer[T], f func(*T)) []weak.Pointer[T] {
+	live := ws[:0]
+	for _, w := range ws {
+		if v := w.Value(); v != nil {
+			live = append(live, w)
+			f(v)
+		}
+	}
+	clear(ws[len(live):])
+	return live
 }
 
 func observeBreaker(cb *CircuitBreaker) {
@@ -175,29 +202,63 @@ func observe(_ context.Context, o metric.Observer) error {
 	if in == nil {
 		return nil
 	}
+	// Policies and wrappers may share a name: their counts are summed, as
+	// one observation per attribute set is all an observer may make.
+	type breakerCounts struct{ successes, rejections int64 }
+	byService := map[string]*breakerCounts{}
+	type callKey struct {
+		name    string
+		outcome outcome
+	}
+	calls := map[callKey]int64{}
+	type fbKey struct{ name, errorType, kind string }
+	used, hits := map[fbKey]int64{}, map[fbKey]int64{}
+
 	observed.mu.Lock()
-	defer observed.mu.Unlock()
-	live := observed.breakers[:0]
-	for _, w := range observed.breakers {
-		if cb := w.Value(); cb != nil {
-			live = append(live, w)
-			o.ObserveInt64(in.cbState, int64(cb.lastState()), metric.WithAttributeSet(attribute.NewSet(attrService.String(cb.name))))
+	observed.breakers = prune(observed.breakers, func(cb *CircuitBreaker) {
+		attrs := metric.WithAttributeSet(attribute.NewSet(attrService.String(cb.name)))
+		o.ObserveInt64(in.cbState, int64(cb.lastState()), attrs)
+		c := byService[cb.name]
+		if c == nil {
+			c = &breakerCounts{}
+			byService[cb.name] = c
 		}
-	}
-	clear(observed.breakers[len(live):])
-	observed.breakers = live
-	liveB := observed.bulkheads[:0]
-	for _, w := range observed.bulkheads {
-		if b := w.Value(); b != nil {
-			liveB = append(liveB, w)
-			s := b.Stats()
-			attrs := metric.WithAttributeSet(attribute.NewSet(attrResourceType.String(b.name)))
-			o.ObserveInt64(in.bhActive, int64(s.Active), attrs)
-			o.ObserveInt64(in.bhQueue, int64(s.Waiting), attrs)
+		c.successes += cb.successes.Load()
+		c.rejections += cb.rejections.Load()
+	})
+	observed.bulkheads = prune(observed.bulkheads, func(b *Bulkhead) {
+		s := b.Stats()
+		attrs := metric.WithAttributeSet(attribute.NewSet(attrResourceType.String(b.name)))
+		o.ObserveInt64(in.bhActive, int64(s.Active), attrs)
+		o.ObserveInt64(in.bhQueue, int64(s.Waiting), attrs)
+	})
+	observed.sites = prune(observed.sites, func(s *site) {
+		for oc := range numOutcomes {
+			if n := s.counts[oc].Load(); n > 0 {
+				calls[callKey{s.name, oc}] += n
+			}
 		}
+		s.fbUsed.each(func(et string, n int64) { used[fbKey{s.name, et, s.fbKind}] += n })
+		s.fbHits.each(func(et string, n int64) { hits[fbKey{s.name, et, ""}] += n })
+	})
+	observed.mu.Unlock()
+
+	for service, c := range byService {
+		attrs := metric.WithAttributeSet(attribute.NewSet(attrService.String(service)))
+		o.ObserveInt64(in.cbSuccesses, c.successes, attrs)
+		o.ObserveInt64(in.cbRejections, c.rejections, attrs)
 	}
-	clear(observed.bulkheads[len(liveB):])
-	observed.bulkheads = liveB
+	for k, n := range used {
+		o.ObserveInt64(in.fbUsed, n, metric.WithAttributeSet(attribute.NewSet(
+			attrFunction.String(k.name), attrErrorType.String(k.errorType), attrFallbackType.String(k.kind))))
+	}
+	for k, n := range hits {
+		o.ObserveInt64(in.fbCacheHits, n, metric.WithAttributeSet(attribute.NewSet(
+			attrFunction.String(k.name), attrErrorType.String(k.errorType))))
+	}
+	for k, n := range calls {
+		o.ObserveInt64(in.calls, n, metric.WithAttributeSet(attribute.NewSet(attrName.String(k.name), attrOutcome.String(outcomeNames[k.outcome]))))
+	}
 	return nil
 }
 
@@ -318,6 +379,67 @@ func lenOf(m *map[string][]metric.AddOption) int {
 	return len(*m)
 }
 
+// keyedCounts counts per key, for observed counters whose attributes take
+// few values per call site, such as an error.type: an atomic add per call,
+// a map lookup without a lock, and an allocation only for a new key.
+type keyedCounts struct {
+	mu   sync.Mutex
+	m    atomic.Pointer[map[string]*atomic.Int64]
+	last atomic.Pointer[keyedCount]
+}
+
+type keyedCount struct {
+	key string
+	n   *atomic.Int64
+}
+
+func (c *keyedCounts) add(key string) {
+	if l := c.last.Load(); l != nil && l.key == key {
+		l.n.Add(1)
+		return
+	}
+	if m := c.m.Load(); m != nil {
+		if n, ok := (*m)[key]; ok {
+			n.Add(1)
+			return
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.m.Load()
+	if old != nil {
+		if n, ok := (*old)[key]; ok {
+			n.Add(1)
+			return
+		}
+	}
+	m := make(map[string]*atomic.Int64, 1+lenOfCounts(old))
+	if old != nil {
+		maps.Copy(m, *old)
+	}
+	n := new(atomic.Int64)
+	n.Add(1)
+	m[key] = n
+	c.m.Store(&m)
+	c.last.Store(&keyedCount{key, n})
+}
+
+func lenOfCounts(m *map[string]*atomic.Int64) int {
+	if m == nil {
+		return 0
+	}
+	return len(*m)
+}
+
+// each calls f with every key and its count.
+func (c *keyedCounts) each(f func(key string, n int64)) {
+	if m := c.m.Load(); m != nil {
+		for k, n := range *m {
+			f(k, n.Load())
+		}
+	}
+}
+
 func addSet(kvs ...attribute.KeyValue) []metric.AddOption {
 	return []metric.AddOption{metric.WithAttributeSet(attribute.NewSet(kvs...))}
 }
@@ -369,10 +491,11 @@ func classify(ctx context.Context, err error) outcome {
 // wrapped, so that recording allocates nothing.
 type site struct {
 	name, operation string
-	calls           [numOutcomes][]metric.AddOption
+	counts          [numOutcomes]atomic.Int64 // resilience.calls, observed
 	durations       [numOutcomes][]metric.RecordOption
 	function        []metric.AddOption // the function attribute alone
-	fbUsed, fbHits  optCache           // by error.type
+	fbKind          string             // fallback_type of its fallback, if any
+	fbUsed, fbHits  keyedCounts        // by error.type, observed
 	retryAttempts   optCache           // by attempt_number and error.type
 	timeoutDuration []metric.RecordOption
 }
@@ -384,17 +507,22 @@ func newSite(name, operation string) *site {
 	s := &site{name: name, operation: operation}
 	for o := range numOutcomes {
 		kv := []attribute.KeyValue{attrName.String(name), attrOutcome.String(outcomeNames[o])}
-		s.calls[o] = addSet(kv...)
 		s.durations[o] = recSet(kv...)
 	}
 	s.function = addSet(attrFunction.String(name))
 	s.timeoutDuration = recSet(attrFunction.String(name), attrOperationType.String(operation))
+	observeSite(s)
 	return s
 }
 
-func (s *site) timeoutExceeded(ctx context.Context, d time.Duration) {
-	meter().timeoutExceeded.Add(ctx, 1, addSet(attrFunction.String(s.name), attrOperationType.String(s.operation),
+// timedOut records an attempt that ran past its timeout d: the violation,
+// and how long the attempt really took, which for a function that ignores
+// its context can be far longer than d.
+func (s *site) timedOut(ctx context.Context, start time.Time, d time.Duration) {
+	in := meter()
+	in.timeoutExceeded.Add(ctx, 1, addSet(attrFunction.String(s.name), attrOperationType.String(s.operation),
 		attrTimeoutSecs.String(strconv.FormatFloat(d.Seconds(), 'f', -1, 64)))...)
+	in.timeoutDuration.Record(ctx, time.Since(start).Seconds(), s.timeoutDuration...)
 }
 
 // The fallback kinds, the values of fallback_type.
@@ -423,17 +551,25 @@ func fallbackKind(fb any) string {
 	return fallbackFunction
 }
 
+// epoch is a fixed instant for monotonic.
+var epoch = time.Now()
+
+// monotonic reads the monotonic clock alone: time.Since on a fixed instant
+// skips the wall clock that time.Now also reads, about half the cost.
+func monotonic() time.Duration { return time.Since(epoch) }
+
 // top makes fn a protected call: it records resilience.calls and
 // resilience.call.duration once per call, and applies fb, if any, as the
 // last resort. Every wrapper and Compose end in it, so that a call is
 // recorded once however many policies protect it.
 func top[T any](fn Func[T], s *site, fb Fallback[T], fbKind string) Func[T] {
+	s.fbKind = fbKind
 	return func(ctx context.Context) (T, error) {
 		in := meter()
 		timed := in.callDuration.Enabled(ctx)
-		var start time.Time
+		var start time.Duration
 		if timed {
-			start = time.Now()
+			start = monotonic()
 		}
 		v, err := fn(ctx)
 		o := outcomeSuccess
@@ -442,34 +578,30 @@ func top[T any](fn Func[T], s *site, fb Fallback[T], fbKind string) Func[T] {
 			if fb != nil && o != outcomeCanceled {
 				// The caller's own cancellation is passed back, not
 				// replaced: a caller that gave up wants to know it did.
-				v, err = useFallback(ctx, in, s, fb, fbKind, err)
+				v, err = useFallback(ctx, s, fb, fbKind, err)
 				o = outcomeFallback
 				if err != nil && !errors.Is(err, ErrStale) {
 					o = classify(ctx, err)
 				}
 			}
 		}
-		in.calls.Add(ctx, 1, s.calls[o]...)
+		s.counts[o].Add(1)
 		if timed {
-			in.callDuration.Record(ctx, time.Since(start).Seconds(), s.durations[o]...)
+			in.callDuration.Record(ctx, (monotonic() - start).Seconds(), s.durations[o]...)
 		}
 		return v, err
 	}
 }
 
-func useFallback[T any](ctx context.Context, in *instruments, s *site, fb Fallback[T], kind string, err error) (T, error) {
+func useFallback[T any](ctx context.Context, s *site, fb Fallback[T], kind string, err error) (T, error) {
 	et := errorType(err)
 	v, ferr := fb(ctx, err)
 	if ferr != nil && ferr == err {
 		return v, ferr // the fallback had nothing to offer
 	}
-	in.fbUsed.Add(ctx, 1, s.fbUsed.get(et, func() []attribute.KeyValue {
-		return []attribute.KeyValue{attrFunction.String(s.name), attrErrorType.String(et), attrFallbackType.String(kind)}
-	})...)
+	s.fbUsed.add(et)
 	if kind == fallbackCached || kind == fallbackStale {
-		in.fbCacheHits.Add(ctx, 1, s.fbHits.get(et, func() []attribute.KeyValue {
-			return []attribute.KeyValue{attrFunction.String(s.name), attrErrorType.String(et)}
-		})...)
+		s.fbHits.add(et)
 	}
 	return v, ferr
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -64,7 +65,7 @@ func (c collected) points(t *testing.T, name, kind, unit string) []string {
 	var out []string
 	switch d := m.Data.(type) {
 	case metricdata.Sum[int64]:
-		if kind != "counter" || !d.IsMonotonic {
+		if (kind != "counter" && kind != "observed counter") || !d.IsMonotonic {
 			t.Errorf("%s is a monotonic sum; want %s", name, kind)
 		}
 		for _, dp := range d.DataPoints {
@@ -97,9 +98,10 @@ func (c collected) points(t *testing.T, name, kind, unit string) []string {
 func wantPoints(t *testing.T, c collected, name, kind, unit string, want ...string) {
 	t.Helper()
 	got := c.points(t, name, kind, unit)
-	if kind == "gauge" {
-		// Gauges observe every live policy, other tests' included: keep
-		// the ones named in want.
+	if kind == "gauge" || kind == "observed counter" {
+		// Observed instruments report every live policy and wrapper since
+		// the process started, other tests' included: keep the ones named
+		// in want.
 		got = slices.DeleteFunc(got, func(p string) bool {
 			return !slices.ContainsFunc(want, func(w string) bool { return strings.HasPrefix(p, w[:strings.LastIndex(w, "=")+1]) })
 		})
@@ -139,9 +141,9 @@ func TestMetricsCircuitBreaker(t *testing.T) {
 		wantPoints(t, c, "resilience.circuit_breaker.transitions", "counter", "{transition}",
 			"from=closed,service=metrics-llm,to=open=1", "from=open,service=metrics-llm,to=half-open=1", "from=half-open,service=metrics-llm,to=closed=1")
 		wantPoints(t, c, "resilience.circuit_breaker.failures", "counter", "{call}", "error.type=*errors.errorString,service=metrics-llm=2")
-		wantPoints(t, c, "resilience.circuit_breaker.successes", "counter", "{call}", "service=metrics-llm=2")
-		wantPoints(t, c, "resilience.circuit_breaker.rejections", "counter", "{call}", "service=metrics-llm=1")
-		wantPoints(t, c, "resilience.calls", "counter", "{call}",
+		wantPoints(t, c, "resilience.circuit_breaker.successes", "observed counter", "{call}", "service=metrics-llm=2")
+		wantPoints(t, c, "resilience.circuit_breaker.rejections", "observed counter", "{call}", "service=metrics-llm=1")
+		wantPoints(t, c, "resilience.calls", "observed counter", "{call}",
 			"name=generate,outcome=failure=2", "name=generate,outcome=rejected=1", "name=generate,outcome=success=2")
 		wantPoints(t, c, "resilience.call.duration", "histogram", "s",
 			"name=generate,outcome=failure=count:2", "name=generate,outcome=rejected=count:1", "name=generate,outcome=success=count:2")
@@ -166,7 +168,7 @@ func TestMetricsRetry(t *testing.T) {
 			"attempt_number=2,error.type=*errors.errorString,function=bad=1")
 		wantPoints(t, c, "resilience.retry.exhausted", "counter", "{call}", "function=bad=1")
 		wantPoints(t, c, "resilience.retry.success_after_retry", "counter", "{call}", "function="+okName+"=1")
-		wantPoints(t, c, "resilience.calls", "counter", "{call}", "name="+okName+",outcome=success=1", "name=bad,outcome=failure=1")
+		wantPoints(t, c, "resilience.calls", "observed counter", "{call}", "name="+okName+",outcome=success=1", "name=bad,outcome=failure=1")
 	})
 }
 
@@ -186,9 +188,30 @@ func TestMetricsTimeout(t *testing.T) {
 			"function=slow,operation_type=llm,timeout_seconds=1.5=1", "function=stuck,operation_type=default,timeout_seconds=1=1")
 		wantPoints(t, c, "resilience.timeout.abandoned", "counter", "{attempt}", "function=stuck=1")
 		wantPoints(t, c, "resilience.timeout.duration", "histogram", "s",
-			"function=slow,operation_type=llm=count:1", "function=fast,operation_type=llm=count:1")
-		wantPoints(t, c, "resilience.calls", "counter", "{call}",
+			"function=slow,operation_type=llm=count:1", "function=stuck,operation_type=default=count:1")
+		wantPoints(t, c, "resilience.calls", "observed counter", "{call}",
 			"name=slow,outcome=timeout=1", "name=fast,outcome=success=1", "name=stuck,outcome=timeout=1")
+	})
+}
+
+// timeout.duration shows how long a timed-out attempt really ran: a
+// function that ignores its context overruns a cooperative timeout.
+func TestMetricsTimeoutOverrun(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reader := withReader(t)
+		late := Compose(func(context.Context) (int, error) {
+			time.Sleep(3 * time.Second) // ignores ctx
+			return 0, errBoom
+		}, Stack[int]{Name: "late", Timeout: time.Second})
+		if _, err := late(context.Background()); !errors.Is(err, ErrTimeout) {
+			t.Fatalf("err = %v; want ErrTimeout", err)
+		}
+		c := collect(t, reader)
+		for _, dp := range c["resilience.timeout.duration"].Data.(metricdata.Histogram[float64]).DataPoints {
+			if v, _ := dp.Attributes.Value(attrFunction); v.AsString() == "late" && dp.Sum != 3 {
+				t.Errorf("timeout.duration sum = %v; want 3 (seconds the attempt really ran)", dp.Sum)
+			}
+		}
 	})
 }
 
@@ -213,7 +236,7 @@ func TestMetricsBulkhead(t *testing.T) {
 		wantPoints(t, c, "resilience.bulkhead.rejections", "counter", "{call}", "function=get,resource_type=metrics-redis=1")
 		wantPoints(t, c, "resilience.bulkhead.active_operations", "gauge", "{call}", "resource_type=metrics-redis=0")
 		wantPoints(t, c, "resilience.bulkhead.queue_depth", "gauge", "{call}", "resource_type=metrics-redis=0")
-		wantPoints(t, c, "resilience.calls", "counter", "{call}", "name=get,outcome=rejected=1", "name=get,outcome=success=2")
+		wantPoints(t, c, "resilience.calls", "observed counter", "{call}", "name=get,outcome=rejected=1", "name=get,outcome=success=2")
 	})
 }
 
@@ -236,7 +259,7 @@ func TestMetricsFallbacks(t *testing.T) {
 
 	c := collect(t, reader)
 	et := "error.type=*errors.errorString"
-	wantPoints(t, c, "resilience.fallback.used", "counter", "{call}",
+	wantPoints(t, c, "resilience.fallback.used", "observed counter", "{call}",
 		et+",fallback_type=value,function=value=1",
 		et+",fallback_type=function,function=func=1",
 		et+",fallback_type=cached,function=cached=1",
@@ -245,9 +268,9 @@ func TestMetricsFallbacks(t *testing.T) {
 		et+",fallback_type=empty,function="+funcName(failFunc)+"=1",
 		et+",fallback_type=cached,function="+funcNameOfWrapped(t, c)+"=1",
 	)
-	wantPoints(t, c, "resilience.fallback.cache_hits", "counter", "{call}",
+	wantPoints(t, c, "resilience.fallback.cache_hits", "observed counter", "{call}",
 		et+",function=cached=1", et+",function=stale=1", et+",function="+funcNameOfWrapped(t, c)+"=1")
-	calls := c.points(t, "resilience.calls", "counter", "{call}")
+	calls := c.points(t, "resilience.calls", "observed counter", "{call}")
 	for _, want := range []string{"name=value,outcome=fallback=1", "name=stale,outcome=fallback=1", "name=miss,outcome=failure=1"} {
 		if !slices.Contains(calls, want) {
 			t.Errorf("resilience.calls lacks %q: %q", want, calls)
@@ -267,7 +290,7 @@ func funcNameOfWrapped(t *testing.T, c collected) string {
 
 func findFunction(t *testing.T, c collected, kind, contains string) string {
 	t.Helper()
-	for _, p := range c.points(t, "resilience.fallback.used", "counter", "{call}") {
+	for _, p := range c.points(t, "resilience.fallback.used", "observed counter", "{call}") {
 		if strings.Contains(p, kind) && strings.Contains(p, contains) {
 			i := strings.Index(p, "function=")
 			return strings.TrimSuffix(p[i+len("function="):], "=1")
@@ -313,6 +336,7 @@ func TestSetMeterProviderWhileCalling(t *testing.T) {
 			mp.Shutdown(context.Background())
 		}
 	})
+	runtime.GC() // see withReader
 	cb := mustBreaker(t, CircuitBreakerConfig{Name: "switch", FailMax: 1 << 30})
 	fn := Compose(okFunc, Stack[int]{Name: "switch", CircuitBreaker: cb, Bulkhead: mustBulkhead(t, BulkheadConfig{Name: "switch"})})
 	var wg sync.WaitGroup
@@ -328,22 +352,9 @@ func TestSetMeterProviderWhileCalling(t *testing.T) {
 		SetMeterProvider(mps[i%2])
 	}
 	wg.Wait()
-	var total int64
-	for _, r := range readers {
-		var rm metricdata.ResourceMetrics
-		r.Collect(context.Background(), &rm)
-		for _, sm := range rm.ScopeMetrics {
-			for _, m := range sm.Metrics {
-				if m.Name == "resilience.calls" {
-					for _, dp := range m.Data.(metricdata.Sum[int64]).DataPoints {
-						total += dp.Value
-					}
-				}
-			}
-		}
-	}
-	// Calls before the first switch went to the global provider.
-	if total > callers*calls || total == 0 {
-		t.Fatalf("recorded %d calls across the two providers; want between 1 and %d", total, callers*calls)
-	}
+	// Counters are cumulative and observed at collection: whichever
+	// provider is current sees every call, none lost in the switching.
+	c := collect(t, readers[1])
+	wantPoints(t, c, "resilience.calls", "observed counter", "{call}", fmt.Sprintf("name=switch,outcome=success=%d", callers*calls))
+	wantPoints(t, c, "resilience.circuit_breaker.successes", "observed counter", "{call}", fmt.Sprintf("service=switch=%d", callers*calls))
 }

@@ -28,23 +28,26 @@ func WithTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 }
 
 func callWithTimeout[T any](ctx context.Context, fn Func[T], d time.Duration, s *site) (T, error) {
-	in := meter()
-	timed := in.timeoutDuration.Enabled(ctx)
-	var start time.Time
-	if timed {
-		start = time.Now()
-	}
 	tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
 	v, err := fn(tctx)
 	if err != nil && ownTimeout(ctx, tctx) {
 		err = timedOut(err)
-		s.timeoutExceeded(ctx, d)
+		s.timedOut(ctx, startOf(ctx, tctx, d), d)
 	}
 	cancel()
-	if timed {
-		in.timeoutDuration.Record(ctx, time.Since(start).Seconds(), s.timeoutDuration...)
-	}
 	return v, err
+}
+
+// startOf returns when tctx, derived from ctx with timeout d, was made:
+// its deadline less d, so that the start of an attempt costs no clock read.
+// When ctx's own deadline came first, tctx's deadline is ctx's, and the
+// clock is read after all.
+func startOf(ctx, tctx context.Context, d time.Duration) time.Time {
+	dl, ok := tctx.Deadline()
+	if pdl, pok := ctx.Deadline(); !ok || (pok && pdl.Equal(dl)) {
+		return time.Now()
+	}
+	return dl.Add(-d)
 }
 
 // ownTimeout reports whether tctx expired through its own deadline rather
@@ -123,11 +126,10 @@ func enforcedLayer[T any](fn Func[T], d time.Duration, s *site) Func[T] {
 			select {
 			case r = <-ch: // finished at the same moment: keep the result
 			default:
-				in := meter()
-				in.timeoutAbandoned.Add(ctx, 1, s.function...)
+				meter().timeoutAbandoned.Add(ctx, 1, s.function...)
 				var zero T
 				if ownTimeout(ctx, tctx) {
-					s.timeoutExceeded(ctx, d)
+					s.timedOut(ctx, startOf(ctx, tctx, d), d)
 					return zero, &Error{Err: ErrTimeout, Cause: context.DeadlineExceeded}
 				}
 				return zero, ctx.Err()
@@ -142,7 +144,7 @@ func enforcedLayer[T any](fn Func[T], d time.Duration, s *site) Func[T] {
 		}
 		if r.err != nil && ownTimeout(ctx, tctx) {
 			r.err = timedOut(r.err)
-			s.timeoutExceeded(ctx, d)
+			s.timedOut(ctx, startOf(ctx, tctx, d), d)
 		}
 		return r.v, r.err
 	}

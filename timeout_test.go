@@ -125,6 +125,9 @@ func TestWithTimeoutInvalid(t *testing.T) {
 // withReader installs a ManualReader for the duration of a test.
 func withReader(t *testing.T) *sdkmetric.ManualReader {
 	t.Helper()
+	// Observed counters sum every live policy and wrapper with the same
+	// name; collect those of earlier runs (-count) first.
+	runtime.GC()
 	reader := sdkmetric.NewManualReader()
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
 	SetMeterProvider(mp)
