@@ -270,6 +270,11 @@ func TestMetricsFallbacks(t *testing.T) {
 	)
 	wantPoints(t, c, "resilience.fallback.cache_hits", "observed counter", "{call}",
 		et+",function=cached=1", et+",function=stale=1", et+",function="+funcNameOfWrapped(t, c)+"=1")
+	for _, p := range c.points(t, "resilience.fallback.used", "observed counter", "{call}") {
+		if strings.Contains(p, "function=miss") {
+			t.Errorf("a cache miss was counted as a fallback used: %s", p)
+		}
+	}
 	calls := c.points(t, "resilience.calls", "observed counter", "{call}")
 	for _, want := range []string{"name=value,outcome=fallback=1", "name=stale,outcome=fallback=1", "name=miss,outcome=failure=1"} {
 		if !slices.Contains(calls, want) {
