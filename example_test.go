@@ -281,3 +281,25 @@ func ExampleLoadConfigWith() {
 	// TIMEOUT_LLM="soon": not a duration: use seconds (60, 0.25) or a Go duration (1m, 1500ms)
 	// BULKHEAD_OPENFGA_LIMIT="0": must be at least 1
 }
+
+func ExampleRetryBudget() {
+	// Retries may add at most 10% to the calls, with no floor: a downstream
+	// that fails every call sees about 1.1 attempts per call, not 3.
+	budget, _ := resilience.NewRetryBudget(resilience.RetryBudgetConfig{Ratio: 0.1, MinPerSecond: -1})
+	r, _ := resilience.NewRetry(resilience.RetryConfig{MaxAttempts: 3, MaxDelay: time.Microsecond, Budget: budget})
+
+	attempts := 0
+	call := resilience.WithRetry(func(ctx context.Context) (int, error) {
+		attempts++
+		return 0, errUnavailable
+	}, r)
+	refused := 0
+	for range 100 {
+		if _, err := call(context.Background()); errors.Is(err, resilience.ErrRetryBudgetExhausted) {
+			refused++
+		}
+	}
+	fmt.Printf("calls: 100, attempts: %d, calls that ended on a refused retry: %d\n", attempts, refused)
+	// Output:
+	// calls: 100, attempts: 110, calls that ended on a refused retry: 100
+}

@@ -50,6 +50,7 @@ type instruments struct {
 	cbTransitions, cbFailures                        metric.Int64Counter
 	cbSuccesses, cbRejections, calls                 metric.Int64ObservableCounter
 	retryAttempts, retryExhausted, retrySuccessAfter metric.Int64Counter
+	retryBudgetExhausted                             metric.Int64Counter
 	timeoutExceeded, timeoutAbandoned                metric.Int64Counter
 	timeoutDuration                                  metric.Float64Histogram
 	bhRejections                                     metric.Int64Counter
@@ -131,6 +132,7 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.cbRejections = observedCounter("resilience.circuit_breaker.rejections", "Calls a circuit breaker rejected while open or half-open.", "{call}")
 	in.retryAttempts = counter("resilience.retry.attempts", "Failed attempts that were retried.", "{attempt}")
 	in.retryExhausted = counter("resilience.retry.exhausted", "Calls whose every attempt failed.", "{call}")
+	in.retryBudgetExhausted = counter("resilience.retry.budget_exhausted", "Retries a retry budget refused.", "{call}")
 	in.retrySuccessAfter = counter("resilience.retry.success_after_retry", "Calls that succeeded after one or more retries.", "{call}")
 	in.timeoutExceeded = counter("resilience.timeout.exceeded", "Attempts that ran past their timeout.", "{attempt}")
 	in.timeoutAbandoned = counter("resilience.timeout.abandoned", "Attempts an enforced timeout returned from at the deadline while they went on running.", "{attempt}")

@@ -80,6 +80,11 @@ type RetryConfig struct {
 	// OnRetry, if set, is called before each wait with the number of the
 	// attempt that just failed (from 1), its error and the wait.
 	OnRetry func(attempt int, err error, delay time.Duration)
+
+	// Budget, if set, caps retries at a share of recent calls; a retry it
+	// refuses ends the call with ErrRetryBudgetExhausted. Share one budget
+	// among the policies that call the same downstream. nil means no cap.
+	Budget *RetryBudget
 }
 
 // Retry calls a function again when it fails with a retryable error, waiting
@@ -112,6 +117,7 @@ type retryParams struct {
 	jitter      bool
 	retryIf     func(error) bool
 	onRetry     func(attempt int, err error, delay time.Duration)
+	budget      *RetryBudget
 }
 
 // NewRetry returns a retry policy configured by cfg, or an error that names
@@ -144,6 +150,7 @@ func NewRetry(cfg RetryConfig) (*Retry, error) {
 		jitter:      !cfg.DisableJitter,
 		retryIf:     cfg.RetryIf,
 		onRetry:     cfg.OnRetry,
+		budget:      cfg.Budget,
 	}
 	if r.maxAttempts == 0 {
 		r.maxAttempts = 3
@@ -208,6 +215,9 @@ func WithRetry[T any](fn Func[T], r *Retry) Func[T] {
 
 func retryLayer[T any](fn Func[T], r *Retry, s *site) Func[T] {
 	return func(ctx context.Context) (T, error) {
+		if b := r.params().budget; b != nil {
+			b.deposit()
+		}
 		v, err := fn(ctx)
 		if err == nil {
 			return v, nil
@@ -242,6 +252,10 @@ func retryAfterFailure[T any](ctx context.Context, fn Func[T], rt *Retry, s *sit
 		if attempt >= r.maxAttempts {
 			in.retryExhausted.Add(ctx, 1, s.function...)
 			return v, &Error{Err: ErrRetryExhausted, Attempts: attempt, Cause: err}
+		}
+		if r.budget != nil && !r.budget.withdraw() {
+			in.retryBudgetExhausted.Add(ctx, 1, s.function...)
+			return v, budgetExhausted(attempt, err)
 		}
 		et := errorType(err)
 		in.retryAttempts.Add(ctx, 1, s.retryAttempts.get(strconv.Itoa(attempt)+" "+et, func() []attribute.KeyValue {
