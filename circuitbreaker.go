@@ -3,6 +3,7 @@ package resilience
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -71,6 +72,15 @@ type CircuitBreakerConfig struct {
 	// goroutines cause transitions at once, one of them delivers all of
 	// them, in order.
 	OnStateChange func(name string, from, to State)
+
+	// Logger receives a structured record of every transition (service,
+	// from, to and the breaker's counts): at Warn when the breaker opens,
+	// at Info otherwise, outside every lock, like OnStateChange. nil means
+	// slog.Default().
+	Logger *slog.Logger
+
+	// DisableLogging turns the transition records off.
+	DisableLogging bool
 }
 
 // CircuitBreaker stops calling a failing downstream for a while, so that it
@@ -87,8 +97,10 @@ type CircuitBreakerConfig struct {
 type CircuitBreaker struct {
 	name          string
 	failMax       atomic.Int64
-	off           atomic.Bool // set by a disabled Registry: calls pass straight through
-	setMu         sync.Mutex  // guards settings
+	mode          atomic.Int32 // modeOff, modeForcedOpen, modeForcedClosed: one load on the hot path
+	openTimeout   time.Duration
+	logger        *slog.Logger // nil when logging is off
+	setMu         sync.Mutex   // guards settings
 	settings      gobreaker.Settings
 	isFailure     func(error) bool
 	onStateChange func(name string, from, to State)
@@ -111,7 +123,28 @@ type CircuitBreaker struct {
 	pending    []transition
 	npending   atomic.Int32
 	delivering bool
-	last       State // the state as of the last queued transition
+	last       State     // the state as of the last queued transition
+	since      time.Time // when it entered that state
+}
+
+// The bits of CircuitBreaker.mode.
+const (
+	modeOff          = 1 << iota // a disabled Registry: calls pass straight through
+	modeForcedOpen               // ForceOpen: every call rejected
+	modeForcedClosed             // ForceClose: every call let through, uncounted
+)
+
+func (cb *CircuitBreaker) setMode(bits int32, on bool) {
+	for {
+		old := cb.mode.Load()
+		m := old &^ bits
+		if on {
+			m |= bits
+		}
+		if cb.mode.CompareAndSwap(old, m) {
+			return
+		}
+	}
 }
 
 type breakerGen struct {
@@ -155,10 +188,18 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 	}
 	cb := &CircuitBreaker{
 		name:          cfg.Name,
+		openTimeout:   openTimeout,
+		since:         time.Now(),
 		isFailure:     cfg.IsFailure,
 		onStateChange: cfg.OnStateChange,
 		errOpen:       &Error{Err: ErrCircuitOpen, Name: cfg.Name},
 		errTooMany:    &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrTooManyRequests},
+	}
+	if !cfg.DisableLogging {
+		cb.logger = cfg.Logger
+		if cb.logger == nil {
+			cb.logger = slog.Default()
+		}
 	}
 	cb.mService = addSet(attrService.String(cfg.Name))
 	cb.failMax.Store(int64(failMax))
@@ -200,15 +241,25 @@ func fromGobreaker(s gobreaker.State) State {
 // queue runs under gobreaker's mutex, so transitions arrive in order.
 func (cb *CircuitBreaker) queue(g *breakerGen, from, to State) {
 	cb.evMu.Lock()
-	if cb.cur.Load() == g {
-		cb.recordTransition(from, to)
-		cb.last = to
-		if cb.onStateChange != nil {
-			cb.pending = append(cb.pending, transition{from, to})
-			cb.npending.Add(1)
-		}
+	if cb.cur.Load() == g && cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
+		cb.transitionLocked(from, to)
 	}
 	cb.evMu.Unlock()
+}
+
+// transitionLocked records a transition and queues it for delivery. The
+// caller holds evMu.
+func (cb *CircuitBreaker) transitionLocked(from, to State) {
+	if from == to {
+		return
+	}
+	cb.recordTransition(from, to)
+	cb.last = to
+	cb.since = time.Now()
+	if cb.onStateChange != nil || cb.logger != nil {
+		cb.pending = append(cb.pending, transition{from, to})
+		cb.npending.Add(1)
+	}
 }
 
 func (cb *CircuitBreaker) recordFailure(ctx context.Context, et string) {
@@ -266,7 +317,21 @@ func (cb *CircuitBreaker) deliver(t transition) {
 			panic(r)
 		}
 	}()
-	cb.onStateChange(cb.name, t.from, t.to)
+	if cb.logger != nil {
+		level := slog.LevelInfo
+		if t.to == StateOpen {
+			level = slog.LevelWarn
+		}
+		c := cb.Counts()
+		cb.logger.LogAttrs(context.Background(), level, "circuit breaker "+t.to.String(),
+			slog.String("service", cb.name), slog.String("from", t.from.String()), slog.String("to", t.to.String()),
+			slog.Int64("fail_max", cb.failMax.Load()), slog.Duration("open_timeout", cb.openTimeout),
+			slog.Int64("successes", cb.successes.Load()), slog.Int64("rejections", cb.rejections.Load()),
+			slog.Any("counts", c))
+	}
+	if cb.onStateChange != nil {
+		cb.onStateChange(cb.name, t.from, t.to)
+	}
 }
 
 // Name returns the breaker's name. It is safe for concurrent use.
@@ -276,6 +341,12 @@ func (cb *CircuitBreaker) Name() string { return cb.name }
 // OpenTimeout has passed reports (and becomes) half-open. It is safe for
 // concurrent use.
 func (cb *CircuitBreaker) State() State {
+	switch m := cb.mode.Load(); {
+	case m&modeForcedOpen != 0:
+		return StateOpen
+	case m&modeForcedClosed != 0:
+		return StateClosed
+	}
 	s := cb.cur.Load().gb.State()
 	cb.flush()
 	return fromGobreaker(s)
@@ -289,14 +360,8 @@ func (cb *CircuitBreaker) Reset() {
 	g := cb.newGen()
 	cb.evMu.Lock()
 	cb.cur.Store(g)
-	if from := cb.last; from != StateClosed {
-		cb.recordTransition(from, StateClosed)
-		cb.last = StateClosed
-		if cb.onStateChange != nil {
-			cb.pending = append(cb.pending, transition{from, StateClosed})
-			cb.npending.Add(1)
-		}
-	}
+	cb.setMode(modeForcedOpen|modeForcedClosed, false)
+	cb.transitionLocked(cb.last, StateClosed)
 	cb.evMu.Unlock()
 	cb.flush()
 }
@@ -319,6 +384,56 @@ func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
 		cb.Reset()
 	}
 	return nil
+}
+
+// ForceOpen opens the breaker and holds it open, rejecting every call, until
+// Reset or ForceClose: for an operator who knows a downstream is down, or
+// wants it left alone. It reports the transition like any other. It is safe
+// for concurrent use.
+func (cb *CircuitBreaker) ForceOpen() { cb.force(modeForcedOpen, StateOpen) }
+
+// ForceClose closes the breaker and holds it closed, letting every call
+// through without counting it, until Reset or ForceOpen: for an operator
+// who knows better than the breaker. It is safe for concurrent use.
+func (cb *CircuitBreaker) ForceClose() { cb.force(modeForcedClosed, StateClosed) }
+
+func (cb *CircuitBreaker) force(bit int32, to State) {
+	cb.evMu.Lock()
+	cb.setMode(modeForcedOpen|modeForcedClosed, false)
+	cb.setMode(bit, true)
+	cb.transitionLocked(cb.last, to)
+	cb.evMu.Unlock()
+	cb.flush()
+}
+
+// Forced reports whether the breaker's state is held by ForceOpen or
+// ForceClose. It is safe for concurrent use.
+func (cb *CircuitBreaker) Forced() bool {
+	return cb.mode.Load()&(modeForcedOpen|modeForcedClosed) != 0
+}
+
+// Since returns when the breaker entered its current state, as of its last
+// transition. It is safe for concurrent use.
+func (cb *CircuitBreaker) Since() time.Time {
+	cb.evMu.Lock()
+	defer cb.evMu.Unlock()
+	return cb.since
+}
+
+// BreakerCounts are a breaker's counts since it last changed state (or, in
+// the closed state, since it was built or reset).
+type BreakerCounts struct {
+	Requests             uint32 `json:"requests"`
+	TotalSuccesses       uint32 `json:"total_successes"`
+	TotalFailures        uint32 `json:"total_failures"`
+	ConsecutiveSuccesses uint32 `json:"consecutive_successes"`
+	ConsecutiveFailures  uint32 `json:"consecutive_failures"`
+}
+
+// Counts returns the breaker's counts. It is safe for concurrent use.
+func (cb *CircuitBreaker) Counts() BreakerCounts {
+	c := cb.cur.Load().gb.Counts()
+	return BreakerCounts{c.Requests, c.TotalSuccesses, c.TotalFailures, c.ConsecutiveSuccesses, c.ConsecutiveFailures}
 }
 
 // allow asks gobreaker for admission. On success the caller must call done
@@ -368,8 +483,12 @@ func WithCircuitBreaker[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 
 func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 	return func(ctx context.Context) (v T, err error) {
-		if cb.off.Load() {
-			return fn(ctx)
+		if m := cb.mode.Load(); m != 0 {
+			if m&modeForcedOpen != 0 && m&modeOff == 0 {
+				cb.rejections.Add(1)
+				return v, cb.errOpen
+			}
+			return fn(ctx) // disabled, or forced closed: not counted
 		}
 		done, err := cb.allow()
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"runtime"
 	"strings"
 	"sync"
@@ -539,4 +540,105 @@ func TestCircuitBreakerNoLeakUnderConcurrency(t *testing.T) {
 			t.Fatalf("State() = %v; want closed", got)
 		}
 	})
+}
+
+func TestCircuitBreakerForce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		rec := &recorder{}
+		cb := mustBreaker(t, CircuitBreakerConfig{Name: "f", FailMax: 1, OpenTimeout: time.Second, OnStateChange: rec.hook, DisableLogging: true})
+		var calls atomic.Int32
+		fn := WithCircuitBreaker(func(context.Context) (int, error) { calls.Add(1); return 0, errBoom }, cb)
+
+		cb.ForceOpen()
+		if cb.State() != StateOpen || !cb.Forced() {
+			t.Fatalf("after ForceOpen: %v, forced %v", cb.State(), cb.Forced())
+		}
+		// It holds past OpenTimeout: no half-open probe.
+		time.Sleep(time.Hour)
+		if _, err := fn(context.Background()); !errors.Is(err, ErrCircuitOpen) || calls.Load() != 0 {
+			t.Fatalf("forced open: err %v, calls %d; want rejected", err, calls.Load())
+		}
+		if cb.State() != StateOpen {
+			t.Fatalf("forced open became %v", cb.State())
+		}
+
+		cb.ForceClose()
+		for range 5 { // failures are not counted while forced closed
+			fn(context.Background())
+		}
+		if cb.State() != StateClosed || calls.Load() != 5 {
+			t.Fatalf("forced closed: %v after %d calls", cb.State(), calls.Load())
+		}
+		cb.Reset()
+		if cb.Forced() {
+			t.Fatal("Reset did not clear the forced state")
+		}
+		fn(context.Background())
+		if cb.State() != StateOpen {
+			t.Fatalf("after Reset a failure should open it again (FailMax 1): %v", cb.State())
+		}
+		want := "f:closed->open f:open->closed f:closed->open"
+		if got := strings.Join(rec.transitions(), " "); got != want {
+			t.Errorf("transitions %q; want %q", got, want)
+		}
+	})
+}
+
+func TestCircuitBreakerSinceAndCounts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		start := time.Now()
+		cb := mustBreaker(t, CircuitBreakerConfig{FailMax: 3, DisableLogging: true})
+		if !cb.Since().Equal(start) {
+			t.Errorf("Since() = %v; want the construction time %v", cb.Since(), start)
+		}
+		WithCircuitBreaker(okFunc, cb)(context.Background())
+		WithCircuitBreaker(failFunc, cb)(context.Background())
+		if c := cb.Counts(); c != (BreakerCounts{Requests: 2, TotalSuccesses: 1, TotalFailures: 1, ConsecutiveFailures: 1}) {
+			t.Errorf("Counts() = %+v", c)
+		}
+		time.Sleep(time.Minute)
+		WithCircuitBreaker(failFunc, cb)(context.Background())
+		WithCircuitBreaker(failFunc, cb)(context.Background())
+		if cb.State() != StateOpen || !cb.Since().Equal(start.Add(time.Minute)) {
+			t.Errorf("State %v Since %v; want open since %v", cb.State(), cb.Since(), start.Add(time.Minute))
+		}
+	})
+}
+
+func TestCircuitBreakerLogs(t *testing.T) {
+	var buf strings.Builder
+	var mu sync.Mutex
+	logger := slog.New(slog.NewTextHandler(&lockedWriter{w: &buf, mu: &mu}, nil))
+	cb := mustBreaker(t, CircuitBreakerConfig{Name: "pay", FailMax: 1, Logger: logger})
+	WithCircuitBreaker(failFunc, cb)(context.Background())
+	cb.Reset()
+	mu.Lock()
+	out := buf.String()
+	mu.Unlock()
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 2 ||
+		!strings.Contains(lines[0], "level=WARN") || !strings.Contains(lines[0], `msg="circuit breaker open"`) ||
+		!strings.Contains(lines[0], "service=pay") || !strings.Contains(lines[0], "from=closed") || !strings.Contains(lines[0], "to=open") ||
+		!strings.Contains(lines[0], "fail_max=1") ||
+		!strings.Contains(lines[1], "level=INFO") || !strings.Contains(lines[1], "to=closed") {
+		t.Fatalf("log:\n%s", out)
+	}
+	// Off means off.
+	buf.Reset()
+	quiet := mustBreaker(t, CircuitBreakerConfig{FailMax: 1, Logger: logger, DisableLogging: true})
+	WithCircuitBreaker(failFunc, quiet)(context.Background())
+	if buf.Len() != 0 {
+		t.Fatalf("DisableLogging still logged: %s", buf.String())
+	}
+}
+
+type lockedWriter struct {
+	w  *strings.Builder
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }

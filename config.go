@@ -560,7 +560,7 @@ func (r *Registry) CircuitBreaker(name string) *CircuitBreaker {
 		// Validated in NewRegistry and Reload: unreachable.
 		panic("resilience: registry holds an invalid breaker configuration: " + err.Error())
 	}
-	cb.off.Store(!r.cfg.Enabled)
+	cb.setMode(modeOff, !r.cfg.Enabled)
 	r.breakers[key] = cb
 	return cb
 }
@@ -626,7 +626,7 @@ func (r *Registry) Reload(cfg Config) error {
 	r.retry.off.Store(!cfg.Enabled)
 	for _, cb := range r.breakers {
 		cb.reconfigure(cfg.CircuitBreakerConfig(cb.Name()))
-		cb.off.Store(!cfg.Enabled)
+		cb.setMode(modeOff, !cfg.Enabled)
 	}
 	for _, b := range r.bulkheads {
 		b.SetLimit(cfg.BulkheadConfig(b.Name()).Limit)
