@@ -74,7 +74,7 @@ type CircuitBreakerConfig struct {
 	OnStateChange func(name string, from, to State)
 
 	// Logger receives a structured record of every transition (service,
-	// from, to and the breaker's counts): at Warn when the breaker opens,
+	// from, to, its thresholds and its success and rejection totals): at Warn when the breaker opens,
 	// at Info otherwise, outside every lock, like OnStateChange. nil means
 	// slog.Default().
 	Logger *slog.Logger
@@ -322,12 +322,10 @@ func (cb *CircuitBreaker) deliver(t transition) {
 		if t.to == StateOpen {
 			level = slog.LevelWarn
 		}
-		c := cb.Counts()
 		cb.logger.LogAttrs(context.Background(), level, "circuit breaker "+t.to.String(),
 			slog.String("service", cb.name), slog.String("from", t.from.String()), slog.String("to", t.to.String()),
 			slog.Int64("fail_max", cb.failMax.Load()), slog.Duration("open_timeout", cb.openTimeout),
-			slog.Int64("successes", cb.successes.Load()), slog.Int64("rejections", cb.rejections.Load()),
-			slog.Any("counts", c))
+			slog.Int64("successes", cb.successes.Load()), slog.Int64("rejections", cb.rejections.Load()))
 	}
 	if cb.onStateChange != nil {
 		cb.onStateChange(cb.name, t.from, t.to)
