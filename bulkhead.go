@@ -3,6 +3,7 @@ package resilience
 import (
 	"container/list"
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,7 +34,25 @@ type BulkheadConfig struct {
 	// FailFast rejects a call at once with ErrBulkheadFull when no slot is
 	// free, instead of queueing it (the original design's wait=False).
 	FailFast bool
+
+	// GlobalLimit caps the calls inside across every process that shares
+	// the registry's Store (BULKHEAD_<RESOURCE>_GLOBAL_LIMIT): "at most 10
+	// LLM calls in flight in the whole fleet". 0 means no global cap. It
+	// needs a Registry with a Store; a bulkhead built on its own ignores it.
+	GlobalLimit int
 }
+
+// Limiter caps calls across processes: a cluster-wide bulkhead. The
+// redisstore module implements it with leases that expire if a process dies
+// mid-call. Acquire must wait at most a small bounded time for the shared
+// store, return an error matching ErrBulkheadFull when the cap is reached,
+// and let the call through when the store cannot be reached, so that every
+// process keeps working on its local bulkhead.
+type Limiter interface {
+	Acquire(ctx context.Context) (release func(), err error)
+}
+
+type limiterBox struct{ l Limiter }
 
 // BulkheadStats is a snapshot of a bulkhead's counters.
 type BulkheadStats struct {
@@ -61,6 +80,7 @@ type Bulkhead struct {
 	failFast bool
 	errFull  *Error      // returned on every rejection, so it allocates nothing
 	off      atomic.Bool // set by a disabled Registry: calls pass straight through
+	global   atomic.Pointer[limiterBox]
 
 	mu        sync.Mutex
 	limit     int
@@ -85,6 +105,9 @@ func NewBulkhead(cfg BulkheadConfig) (*Bulkhead, error) {
 	}
 	if cfg.MaxWait < 0 {
 		return nil, invalid("BulkheadConfig.MaxWait", cfg.MaxWait, "must not be negative")
+	}
+	if cfg.GlobalLimit < 0 {
+		return nil, invalid("BulkheadConfig.GlobalLimit", cfg.GlobalLimit, "must not be negative")
 	}
 	b := &Bulkhead{
 		name:     cfg.Name,
@@ -127,6 +150,17 @@ func (b *Bulkhead) SetLimit(limit int) error {
 	return nil
 }
 
+// SetGlobal adds a cluster-wide cap to the bulkhead: a call then holds a
+// local slot and a global one. nil removes it. It is safe for concurrent
+// use.
+func (b *Bulkhead) SetGlobal(l Limiter) {
+	if l == nil {
+		b.global.Store(nil)
+		return
+	}
+	b.global.Store(&limiterBox{l})
+}
+
 // Stats returns a snapshot of the bulkhead's counters. It is safe for
 // concurrent use.
 func (b *Bulkhead) Stats() BulkheadStats {
@@ -150,12 +184,43 @@ func (b *Bulkhead) Acquire(ctx context.Context) (release func(), err error) {
 	if err := b.acquire(ctx); err != nil {
 		return noop, err
 	}
+	grel, err := b.acquireGlobal(ctx)
+	if err != nil {
+		b.giveBack()
+		return noop, err
+	}
 	var once atomic.Bool
 	return func() {
 		if once.CompareAndSwap(false, true) {
+			grel()
 			b.release()
 		}
 	}, nil
+}
+
+// acquireGlobal takes a global slot, if the bulkhead has a global cap, once
+// a local one is held. On error the caller gives the local slot back.
+func (b *Bulkhead) acquireGlobal(ctx context.Context) (release func(), err error) {
+	gb := b.global.Load()
+	if gb == nil {
+		return noop, nil
+	}
+	rel, err := gb.l.Acquire(ctx)
+	if err != nil {
+		return noop, err
+	}
+	if rel == nil {
+		rel = noop
+	}
+	return rel, nil
+}
+
+// giveBack returns a slot that was taken but not used: not a completed call.
+func (b *Bulkhead) giveBack() {
+	b.mu.Lock()
+	b.active--
+	b.grantLocked()
+	b.mu.Unlock()
 }
 
 func noop() {}
@@ -246,7 +311,7 @@ func WithBulkhead[T any](fn Func[T], b *Bulkhead) Func[T] {
 		return failing[T](invalid("WithBulkhead b", nil, "must not be nil"))
 	}
 	s := newSite(funcName(fn), "")
-	return top(bulkheadLayer(fn, b, s), s, nil, "")
+	return top(bulkheadLayer(fn, b, s), s, nil, 0)
 }
 
 func bulkheadLayer[T any](fn Func[T], b *Bulkhead, s *site) Func[T] {
@@ -261,6 +326,18 @@ func bulkheadLayer[T any](fn Func[T], b *Bulkhead, s *site) Func[T] {
 			}
 			var zero T
 			return zero, err
+		}
+		if b.global.Load() != nil {
+			grel, err := b.acquireGlobal(ctx)
+			if err != nil {
+				b.giveBack()
+				if errors.Is(err, ErrBulkheadFull) {
+					meter().bhRejections.Add(ctx, 1, rejected...)
+				}
+				var zero T
+				return zero, err
+			}
+			defer grel()
 		}
 		defer b.release()
 		return fn(ctx)

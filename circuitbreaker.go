@@ -98,6 +98,7 @@ type CircuitBreaker struct {
 	name          string
 	failMax       atomic.Int64
 	mode          atomic.Int32 // modeOff, modeForcedOpen, modeForcedClosed: one load on the hot path
+	sync          atomic.Pointer[syncBox]
 	openTimeout   time.Duration
 	logger        *slog.Logger // nil when logging is off
 	setMu         sync.Mutex   // guards settings
@@ -256,7 +257,7 @@ func (cb *CircuitBreaker) transitionLocked(from, to State) {
 	cb.recordTransition(from, to)
 	cb.last = to
 	cb.since = time.Now()
-	if cb.onStateChange != nil || cb.logger != nil {
+	if cb.onStateChange != nil || cb.logger != nil || cb.sync.Load() != nil {
 		cb.pending = append(cb.pending, transition{from, to})
 		cb.npending.Add(1)
 	}
@@ -326,6 +327,9 @@ func (cb *CircuitBreaker) deliver(t transition) {
 			slog.String("service", cb.name), slog.String("from", t.from.String()), slog.String("to", t.to.String()),
 			slog.Int64("fail_max", cb.failMax.Load()), slog.Duration("open_timeout", cb.openTimeout),
 			slog.Int64("successes", cb.successes.Load()), slog.Int64("rejections", cb.rejections.Load()))
+	}
+	if sb := cb.sync.Load(); sb != nil {
+		sb.s.StateChanged(cb.name, t.from, t.to)
 	}
 	if cb.onStateChange != nil {
 		cb.onStateChange(cb.name, t.from, t.to)
@@ -436,7 +440,7 @@ func (cb *CircuitBreaker) Counts() BreakerCounts {
 
 // allow asks gobreaker for admission. On success the caller must call done
 // exactly once with the call's outcome.
-func (cb *CircuitBreaker) allow() (done func(error), err error) {
+func (cb *CircuitBreaker) allow(ctx context.Context) (done func(error), err error) {
 	done, err = cb.cur.Load().gb.Allow()
 	cb.flush()
 	if err != nil {
@@ -445,7 +449,65 @@ func (cb *CircuitBreaker) allow() (done func(error), err error) {
 		}
 		return nil, cb.errOpen
 	}
+	if sb := cb.sync.Load(); sb != nil && cb.lastState() == StateHalfOpen && !sb.s.AllowProbe(ctx, cb.name) {
+		// Another process is probing: give the probe back uncounted.
+		done(errExcluded)
+		return nil, cb.errTooMany
+	}
 	return done, nil
+}
+
+// BreakerSync shares a breaker's state with other processes, so that when
+// one replica's breaker opens the others open too, and a half-open probe is
+// taken by one replica rather than all. The redisstore module implements
+// it; a Registry wires it in through its Store.
+//
+// Implementations must be safe for concurrent use and must not block the
+// hot path: StateChanged should hand the change to a background publisher,
+// and AllowProbe, asked only when a half-open probe is about to go out,
+// must answer within a small bounded wait, and say yes when the shared
+// store cannot be reached, so that every replica keeps working on its local
+// breaker.
+type BreakerSync interface {
+	// StateChanged is called after each local transition, in order,
+	// outside every lock, including transitions that Trip and Reset cause.
+	StateChanged(name string, from, to State)
+	// AllowProbe reports whether this process may send the half-open
+	// probe; false rejects the call with ErrCircuitOpen, uncounted.
+	AllowProbe(ctx context.Context, name string) bool
+}
+
+type syncBox struct{ s BreakerSync }
+
+// SetSync attaches s to the breaker, or detaches any with nil. It is safe
+// for concurrent use.
+func (cb *CircuitBreaker) SetSync(s BreakerSync) {
+	if s == nil {
+		cb.sync.Store(nil)
+		return
+	}
+	cb.sync.Store(&syncBox{s})
+}
+
+// Trip opens the breaker now, as FailMax failures in a row would: it goes
+// half-open after OpenTimeout as usual. A BreakerSync uses it to apply an
+// open seen elsewhere; an open breaker stays as it is. It is safe for
+// concurrent use.
+func (cb *CircuitBreaker) Trip() {
+	g := cb.cur.Load()
+	// gobreaker has no way to set a state, so feed it the failures that
+	// open it; bounded, since other calls may interleave their successes.
+	for range cb.failMax.Load() + 2 {
+		if g.gb.State() == gobreaker.StateOpen {
+			break
+		}
+		done, err := g.gb.Allow()
+		if err != nil {
+			break
+		}
+		done(errFailure)
+	}
+	cb.flush()
 }
 
 // outcome maps a call's result to what gobreaker should count.
@@ -476,7 +538,7 @@ func WithCircuitBreaker[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 	if cb == nil {
 		return failing[T](invalid("WithCircuitBreaker cb", nil, "must not be nil"))
 	}
-	return top(breakerLayer(fn, cb), newSite(funcName(fn), ""), nil, "")
+	return top(breakerLayer(fn, cb), newSite(funcName(fn), ""), nil, 0)
 }
 
 func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
@@ -488,7 +550,7 @@ func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 			}
 			return fn(ctx) // disabled, or forced closed: not counted
 		}
-		done, err := cb.allow()
+		done, err := cb.allow(ctx)
 		if err != nil {
 			cb.rejections.Add(1)
 			return v, err

@@ -149,7 +149,7 @@ func TestCircuitBreakerDefaults(t *testing.T) {
 		if got := cb.State(); got != StateOpen {
 			t.Fatalf("before 60s State() = %v; want open (OpenTimeout defaults to 60s)", got)
 		}
-		time.Sleep(2)
+		time.Sleep(2 * time.Nanosecond)
 		if got := cb.State(); got != StateHalfOpen {
 			t.Fatalf("just after 60s State() = %v; want half-open", got)
 		}

@@ -75,7 +75,7 @@ func Compose[T any](fn Func[T], s Stack[T]) Func[T] {
 	if s.CircuitBreaker != nil {
 		f = breakerLayer(f, s.CircuitBreaker)
 	}
-	kind := ""
+	kind := fallbackFunction
 	if s.Fallback != nil {
 		kind = fallbackKind(s.Fallback)
 	}

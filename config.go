@@ -657,7 +657,7 @@ func ForService[T any](r *Registry, service string, fn Func[T]) Func[T] {
 	timed := func(ctx context.Context) (T, error) {
 		return callWithTimeout(ctx, attempt, time.Duration(cell.Load()), s)
 	}
-	protected := top(breakerLayer(retryLayer(timed, r.Retry(), s), r.CircuitBreaker(service)), s, nil, "")
+	protected := top(breakerLayer(retryLayer(timed, r.Retry(), s), r.CircuitBreaker(service)), s, nil, 0)
 	return func(ctx context.Context) (T, error) {
 		if !r.enabled.Load() {
 			return fn(ctx)

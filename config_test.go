@@ -287,7 +287,7 @@ func TestRegistrySharesInstances(t *testing.T) {
 	if r.Bulkhead("llm") != r.Bulkhead("LLM") || r.Bulkhead("llm").Limit() != 3 {
 		t.Error("bulkhead not shared or not configured")
 	}
-	if r.Retry() != r.Retry() || r.Retry().MaxAttempts() != 3 {
+	if r.Retry() != mustRetryOf(r) || r.Retry().MaxAttempts() != 3 {
 		t.Error("retry not shared")
 	}
 	if r.Timeout("llm") != time.Minute || !r.Enabled() {
@@ -517,3 +517,6 @@ func resetDefault() {
 	defaultRegistry.once = sync.Once{}
 	defaultRegistry.r = nil
 }
+
+// mustRetryOf fetches the registry's retry policy a second time.
+func mustRetryOf(r *Registry) *Retry { return r.Retry() }

@@ -33,7 +33,7 @@ func WithFallback[T any](fn Func[T], fb Fallback[T]) Func[T] {
 	return withFallback(fn, fb, fallbackKind(fb), funcName(fn))
 }
 
-func withFallback[T any](fn Func[T], fb Fallback[T], kind, name string) Func[T] {
+func withFallback[T any](fn Func[T], fb Fallback[T], kind int, name string) Func[T] {
 	if fn == nil {
 		return failing[T](invalid("WithFallback fn", nil, "must not be nil"))
 	}

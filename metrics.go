@@ -144,7 +144,7 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.fbCacheHits = observedCounter("resilience.fallback.cache_hits", "Failed calls answered from a fallback cache.", "{call}")
 	in.calls = observedCounter("resilience.calls", "Protected calls, by outcome.", "{call}")
 	in.callDuration = histogram("resilience.call.duration", "Duration of protected calls, retries and waits included.")
-	reg, err := m.RegisterCallback(observe, in.cbState, in.bhActive, in.bhQueue, in.cbSuccesses, in.cbRejections, in.calls, in.fbUsed, in.fbCacheHits)
+	reg, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error { return observe(in, o) }, in.cbState, in.bhActive, in.bhQueue, in.cbSuccesses, in.cbRejections, in.calls, in.fbUsed, in.fbCacheHits)
 	errs = append(errs, err)
 	in.reg = reg
 	// An SDK reports these to otel's error handler too and leaves a working
@@ -165,13 +165,7 @@ var observed struct {
 	mu        sync.Mutex
 	breakers  []weak.Pointer[CircuitBreaker]
 	bulkheads []weak.Pointer[Bulkhead]
-	sites     []weak.Pointer[site]
-}
-
-func observeSite(s *site) {
-	observed.mu.Lock()
-	observed.sites = append(observed.sites, weak.Make(s))
-	observed.mu.Unlock()
+	sites     []*site // one per name and operation: see newSite
 }
 
 // prune keeps the live entries of ws, calling f on each.
@@ -199,11 +193,9 @@ func observeBulkhead(b *Bulkhead) {
 	observed.mu.Unlock()
 }
 
-func observe(_ context.Context, o metric.Observer) error {
-	in := current.Load()
-	if in == nil {
-		return nil
-	}
+// observe reports the observed instruments of in, the instruments of the
+// provider whose collection called it.
+func observe(in *instruments, o metric.Observer) error {
 	// Policies and wrappers may share a name: their counts are summed, as
 	// one observation per attribute set is all an observer may make.
 	type breakerCounts struct{ successes, rejections int64 }
@@ -234,15 +226,17 @@ func observe(_ context.Context, o metric.Observer) error {
 		o.ObserveInt64(in.bhActive, int64(s.Active), attrs)
 		o.ObserveInt64(in.bhQueue, int64(s.Waiting), attrs)
 	})
-	observed.sites = prune(observed.sites, func(s *site) {
+	for _, s := range observed.sites {
 		for oc := range numOutcomes {
 			if n := s.counts[oc].Load(); n > 0 {
 				calls[callKey{s.name, oc}] += n
 			}
 		}
-		s.fbUsed.each(func(et string, n int64) { used[fbKey{s.name, et, s.fbKind}] += n })
+		for k := range s.fbUsed {
+			s.fbUsed[k].each(func(et string, n int64) { used[fbKey{s.name, et, fallbackKinds[k]}] += n })
+		}
 		s.fbHits.each(func(et string, n int64) { hits[fbKey{s.name, et, ""}] += n })
-	})
+	}
 	observed.mu.Unlock()
 
 	for service, c := range byService {
@@ -495,25 +489,40 @@ type site struct {
 	name, operation string
 	counts          [numOutcomes]atomic.Int64 // resilience.calls, observed
 	durations       [numOutcomes][]metric.RecordOption
-	function        []metric.AddOption // the function attribute alone
-	fbKind          string             // fallback_type of its fallback, if any
-	fbUsed, fbHits  keyedCounts        // by error.type, observed
-	retryAttempts   optCache           // by attempt_number and error.type
+	function        []metric.AddOption            // the function attribute alone
+	fbUsed          [numFallbackKinds]keyedCounts // by fallback_type, then error.type; observed
+	fbHits          keyedCounts                   // by error.type; observed
+	retryAttempts   optCache                      // by attempt_number and error.type
 	timeoutDuration []metric.RecordOption
 }
+
+// sites holds one site per name and operation, so that wrappers built per
+// request (ForService or Compose inside a handler) cost a map lookup, not a
+// new set of attributes, and the metrics stay bounded by the names.
+var sites sync.Map // siteKey -> *site
+
+type siteKey struct{ name, operation string }
 
 func newSite(name, operation string) *site {
 	if operation == "" {
 		operation = "default"
 	}
+	key := siteKey{name, operation}
+	if s, ok := sites.Load(key); ok {
+		return s.(*site)
+	}
 	s := &site{name: name, operation: operation}
 	for o := range numOutcomes {
-		kv := []attribute.KeyValue{attrName.String(name), attrOutcome.String(outcomeNames[o])}
-		s.durations[o] = recSet(kv...)
+		s.durations[o] = recSet(attrName.String(name), attrOutcome.String(outcomeNames[o]))
 	}
 	s.function = addSet(attrFunction.String(name))
 	s.timeoutDuration = recSet(attrFunction.String(name), attrOperationType.String(operation))
-	observeSite(s)
+	if actual, loaded := sites.LoadOrStore(key, s); loaded {
+		return actual.(*site)
+	}
+	observed.mu.Lock()
+	observed.sites = append(observed.sites, s)
+	observed.mu.Unlock()
 	return s
 }
 
@@ -529,16 +538,19 @@ func (s *site) timedOut(ctx context.Context, start time.Time, d time.Duration) {
 
 // The fallback kinds, the values of fallback_type.
 const (
-	fallbackFunction = "function"
-	fallbackValue    = "value"
-	fallbackCached   = "cached"
-	fallbackStale    = "stale"
-	fallbackEmpty    = "empty"
+	fallbackFunction = iota
+	fallbackValue
+	fallbackCached
+	fallbackStale
+	fallbackEmpty
+	numFallbackKinds
 )
+
+var fallbackKinds = [numFallbackKinds]string{"function", "value", "cached", "stale", "empty"}
 
 // fallbackKind tells which constructor made fb, from the name of its code,
 // once at wrap time.
-func fallbackKind(fb any) string {
+func fallbackKind(fb any) int {
 	name := funcName(fb)
 	switch {
 	case !strings.HasPrefix(name, ScopeName+"."):
@@ -564,8 +576,7 @@ func monotonic() time.Duration { return time.Since(epoch) }
 // resilience.call.duration once per call, and applies fb, if any, as the
 // last resort. Every wrapper and Compose end in it, so that a call is
 // recorded once however many policies protect it.
-func top[T any](fn Func[T], s *site, fb Fallback[T], fbKind string) Func[T] {
-	s.fbKind = fbKind
+func top[T any](fn Func[T], s *site, fb Fallback[T], fbKind int) Func[T] {
 	return func(ctx context.Context) (T, error) {
 		in := meter()
 		timed := in.callDuration.Enabled(ctx)
@@ -595,13 +606,13 @@ func top[T any](fn Func[T], s *site, fb Fallback[T], fbKind string) Func[T] {
 	}
 }
 
-func useFallback[T any](ctx context.Context, s *site, fb Fallback[T], kind string, err error) (T, error) {
+func useFallback[T any](ctx context.Context, s *site, fb Fallback[T], kind int, err error) (T, error) {
 	et := errorType(err)
 	v, ferr := fb(ctx, err)
 	if ferr != nil && ferr == err {
 		return v, ferr // the fallback had nothing to offer
 	}
-	s.fbUsed.add(et)
+	s.fbUsed[kind].add(et)
 	if kind == fallbackCached || kind == fallbackStale {
 		s.fbHits.add(et)
 	}

@@ -42,10 +42,40 @@ func collect(t *testing.T, reader *sdkmetric.ManualReader) collected {
 	return out
 }
 
+// since returns c less what base had recorded: observed counters are
+// cumulative over the process, and other tests (or earlier -count runs)
+// used the same names. Points left at zero are dropped.
+func since(base, c collected) collected {
+	out := collected{}
+	for name, m := range c {
+		sum, ok := m.Data.(metricdata.Sum[int64])
+		bm, inBase := base[name]
+		if !ok || !inBase {
+			out[name] = m
+			continue
+		}
+		prev := map[string]int64{}
+		for _, dp := range bm.Data.(metricdata.Sum[int64]).DataPoints {
+			prev[attrString(dp.Attributes)] = dp.Value
+		}
+		var dps []metricdata.DataPoint[int64]
+		for _, dp := range sum.DataPoints {
+			dp.Value -= prev[attrString(dp.Attributes)]
+			if dp.Value != 0 {
+				dps = append(dps, dp)
+			}
+		}
+		sum.DataPoints = dps
+		m.Data = sum
+		out[name] = m
+	}
+	return out
+}
+
 func attrString(set attribute.Set) string {
 	var parts []string
 	for _, kv := range set.ToSlice() {
-		parts = append(parts, string(kv.Key)+"="+kv.Value.Emit())
+		parts = append(parts, string(kv.Key)+"="+kv.Value.String())
 	}
 	return strings.Join(parts, ",")
 }
@@ -115,6 +145,7 @@ func wantPoints(t *testing.T, c collected, name, kind, unit string, want ...stri
 func TestMetricsCircuitBreaker(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		reader := withReader(t)
+		base := collect(t, reader)
 		cb := mustBreaker(t, CircuitBreakerConfig{Name: "metrics-llm", FailMax: 2, OpenTimeout: time.Second})
 		fail := true
 		fn := Compose(func(context.Context) (int, error) {
@@ -123,12 +154,12 @@ func TestMetricsCircuitBreaker(t *testing.T) {
 			}
 			return 1, nil
 		}, Stack[int]{Name: "generate", CircuitBreaker: cb})
-		c := collect(t, reader)
+		c := since(base, collect(t, reader))
 		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "{state}", "service=metrics-llm=0")
 
 		fn(context.Background())
 		fn(context.Background()) // opens
-		c = collect(t, reader)
+		c = since(base, collect(t, reader))
 		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "{state}", "service=metrics-llm=2")
 		fn(context.Background()) // rejected
 		time.Sleep(time.Second + 1)
@@ -136,7 +167,7 @@ func TestMetricsCircuitBreaker(t *testing.T) {
 		fn(context.Background()) // probe closes it
 		fn(context.Background())
 
-		c = collect(t, reader)
+		c = since(base, collect(t, reader))
 		wantPoints(t, c, "resilience.circuit_breaker.state", "gauge", "{state}", "service=metrics-llm=0")
 		wantPoints(t, c, "resilience.circuit_breaker.transitions", "counter", "{transition}",
 			"from=closed,service=metrics-llm,to=open=1", "from=open,service=metrics-llm,to=half-open=1", "from=half-open,service=metrics-llm,to=closed=1")
@@ -153,13 +184,14 @@ func TestMetricsCircuitBreaker(t *testing.T) {
 func TestMetricsRetry(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		reader := withReader(t)
+		base := collect(t, reader)
 		r := mustRetry(t, RetryConfig{MaxAttempts: 3})
 		ok, _ := script(errBoom, &Error{Err: ErrBulkheadFull}, nil)
 		WithRetry(ok, r)(context.Background())
 		bad, _ := script(errBoom, errBoom, errBoom)
 		Compose(bad, Stack[int]{Name: "bad", Retry: r})(context.Background())
 
-		c := collect(t, reader)
+		c := since(base, collect(t, reader))
 		okName := funcName(ok)
 		wantPoints(t, c, "resilience.retry.attempts", "counter", "{attempt}",
 			"attempt_number=1,error.type=*errors.errorString,function="+okName+"=1",
@@ -175,6 +207,7 @@ func TestMetricsRetry(t *testing.T) {
 func TestMetricsTimeout(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		reader := withReader(t)
+		base := collect(t, reader)
 		fn := Compose(honours(time.Hour), Stack[int]{Name: "slow", Operation: "llm", Timeout: 1500 * time.Millisecond})
 		fn(context.Background())
 		Compose(honours(time.Millisecond), Stack[int]{Name: "fast", Operation: "llm", Timeout: time.Second})(context.Background())
@@ -183,7 +216,7 @@ func TestMetricsTimeout(t *testing.T) {
 		close(release)
 		synctest.Wait()
 
-		c := collect(t, reader)
+		c := since(base, collect(t, reader))
 		wantPoints(t, c, "resilience.timeout.exceeded", "counter", "{attempt}",
 			"function=slow,operation_type=llm,timeout_seconds=1.5=1", "function=stuck,operation_type=default,timeout_seconds=1=1")
 		wantPoints(t, c, "resilience.timeout.abandoned", "counter", "{attempt}", "function=stuck=1")
@@ -199,6 +232,7 @@ func TestMetricsTimeout(t *testing.T) {
 func TestMetricsTimeoutOverrun(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		reader := withReader(t)
+		base := collect(t, reader)
 		late := Compose(func(context.Context) (int, error) {
 			time.Sleep(3 * time.Second) // ignores ctx
 			return 0, errBoom
@@ -206,7 +240,7 @@ func TestMetricsTimeoutOverrun(t *testing.T) {
 		if _, err := late(context.Background()); !errors.Is(err, ErrTimeout) {
 			t.Fatalf("err = %v; want ErrTimeout", err)
 		}
-		c := collect(t, reader)
+		c := since(base, collect(t, reader))
 		for _, dp := range c["resilience.timeout.duration"].Data.(metricdata.Histogram[float64]).DataPoints {
 			if v, _ := dp.Attributes.Value(attrFunction); v.AsString() == "late" && dp.Sum != 3 {
 				t.Errorf("timeout.duration sum = %v; want 3 (seconds the attempt really ran)", dp.Sum)
@@ -218,13 +252,14 @@ func TestMetricsTimeoutOverrun(t *testing.T) {
 func TestMetricsBulkhead(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		reader := withReader(t)
+		base := collect(t, reader)
 		b := mustBulkhead(t, BulkheadConfig{Name: "metrics-redis", Limit: 1, MaxQueue: 1})
 		release := make(chan struct{})
 		fn := Compose(func(context.Context) (int, error) { <-release; return 1, nil }, Stack[int]{Name: "get", Bulkhead: b})
 		go fn(context.Background())
 		go fn(context.Background())
 		synctest.Wait()
-		c := collect(t, reader)
+		c := since(base, collect(t, reader))
 		wantPoints(t, c, "resilience.bulkhead.active_operations", "gauge", "{call}", "resource_type=metrics-redis=1")
 		wantPoints(t, c, "resilience.bulkhead.queue_depth", "gauge", "{call}", "resource_type=metrics-redis=1")
 		if _, err := fn(context.Background()); !errors.Is(err, ErrBulkheadFull) {
@@ -232,7 +267,7 @@ func TestMetricsBulkhead(t *testing.T) {
 		}
 		close(release)
 		synctest.Wait()
-		c = collect(t, reader)
+		c = since(base, collect(t, reader))
 		wantPoints(t, c, "resilience.bulkhead.rejections", "counter", "{call}", "function=get,resource_type=metrics-redis=1")
 		wantPoints(t, c, "resilience.bulkhead.active_operations", "gauge", "{call}", "resource_type=metrics-redis=0")
 		wantPoints(t, c, "resilience.bulkhead.queue_depth", "gauge", "{call}", "resource_type=metrics-redis=0")
@@ -242,6 +277,7 @@ func TestMetricsBulkhead(t *testing.T) {
 
 func TestMetricsFallbacks(t *testing.T) {
 	reader := withReader(t)
+	base := collect(t, reader)
 	ctx := context.Background()
 	cache, _ := NewFallbackCache[int](FallbackCacheConfig{})
 	cache.Store("k", 7)
@@ -257,7 +293,7 @@ func TestMetricsFallbacks(t *testing.T) {
 	wrapped := cache.Wrap("k", func(context.Context) (int, error) { return 0, errBoom })
 	wrapped(ctx)
 
-	c := collect(t, reader)
+	c := since(base, collect(t, reader))
 	et := "error.type=*errors.errorString"
 	wantPoints(t, c, "resilience.fallback.used", "observed counter", "{call}",
 		et+",fallback_type=value,function=value=1",
@@ -342,8 +378,9 @@ func TestSetMeterProviderWhileCalling(t *testing.T) {
 		}
 	})
 	runtime.GC() // see withReader
-	cb := mustBreaker(t, CircuitBreakerConfig{Name: "switch", FailMax: 1 << 30})
-	fn := Compose(okFunc, Stack[int]{Name: "switch", CircuitBreaker: cb, Bulkhead: mustBulkhead(t, BulkheadConfig{Name: "switch"})})
+	name := fmt.Sprintf("switch-%d", time.Now().UnixNano()) // observed counters are cumulative: a name of its own
+	cb := mustBreaker(t, CircuitBreakerConfig{Name: name, FailMax: 1 << 30})
+	fn := Compose(okFunc, Stack[int]{Name: name, CircuitBreaker: cb, Bulkhead: mustBulkhead(t, BulkheadConfig{Name: name})})
 	var wg sync.WaitGroup
 	const callers, calls = 4, 500
 	for range callers {
@@ -360,6 +397,6 @@ func TestSetMeterProviderWhileCalling(t *testing.T) {
 	// Counters are cumulative and observed at collection: whichever
 	// provider is current sees every call, none lost in the switching.
 	c := collect(t, readers[1])
-	wantPoints(t, c, "resilience.calls", "observed counter", "{call}", fmt.Sprintf("name=switch,outcome=success=%d", callers*calls))
-	wantPoints(t, c, "resilience.circuit_breaker.successes", "observed counter", "{call}", fmt.Sprintf("service=switch=%d", callers*calls))
+	wantPoints(t, c, "resilience.calls", "observed counter", "{call}", fmt.Sprintf("name=%s,outcome=success=%d", name, callers*calls))
+	wantPoints(t, c, "resilience.circuit_breaker.successes", "observed counter", "{call}", fmt.Sprintf("service=%s=%d", name, callers*calls))
 }

@@ -188,8 +188,10 @@ func Permanent(err error) error { return backoff.Permanent(err) }
 //   - no to nil;
 //   - yes to ErrTimeout, a timeout set by this package for one attempt, even
 //     though that also matches context.DeadlineExceeded;
-//   - no to Permanent errors, ErrCircuitOpen, context.Canceled and the
-//     caller's own context.DeadlineExceeded;
+//   - no to Permanent errors, ErrCircuitOpen, context.Canceled, the
+//     caller's own context.DeadlineExceeded, ErrRetryExhausted (an inner
+//     retry already gave up: retrying again would multiply the attempts)
+//     and ErrStale (a value was served);
 //   - yes to ErrBulkheadFull;
 //   - what the error says, if it has a Retryable() bool method;
 //   - yes to refused, reset and aborted connections, broken pipes, an
@@ -209,7 +211,8 @@ func IsRetryable(err error) bool {
 	if errors.As(err, &perm) {
 		return false
 	}
-	if errors.Is(err, ErrCircuitOpen) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+	if errors.Is(err, ErrCircuitOpen) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, ErrRetryExhausted) || errors.Is(err, ErrStale) {
 		return false
 	}
 	if errors.Is(err, ErrBulkheadFull) {

@@ -91,7 +91,9 @@ type RetryConfig struct {
 // between attempts as its strategy says.
 //
 // An error with a RetryAfter() time.Duration method sets the next wait
-// itself (capped by MaxDelay), as a server's Retry-After would. Waits end as
+// itself (capped by MaxDelay), as a server's Retry-After would: 0 retries at
+// once, and a negative duration means no hint, leaving the wait to the
+// strategy. Waits end as
 // soon as the caller's context is done. When every attempt fails, the error
 // matches both [ErrRetryExhausted] and the last attempt's error, and
 // errors.As to [*Error] gives the attempt count. A non-retryable error comes
@@ -210,7 +212,7 @@ func WithRetry[T any](fn Func[T], r *Retry) Func[T] {
 		return failing[T](invalid("WithRetry r", nil, "must not be nil"))
 	}
 	s := newSite(funcName(fn), "")
-	return top(retryLayer(fn, r, s), s, nil, "")
+	return top(retryLayer(fn, r, s), s, nil, 0)
 }
 
 func retryLayer[T any](fn Func[T], r *Retry, s *site) Func[T] {
@@ -330,7 +332,9 @@ func (d *delays) next(err error) time.Duration {
 	base := d.bo.NextBackOff()
 	var ra interface{ RetryAfter() time.Duration }
 	if errors.As(err, &ra) {
-		return clampDelay(ra.RetryAfter(), d.r.max)
+		if hint := ra.RetryAfter(); hint >= 0 {
+			return clampDelay(hint, d.r.max)
+		}
 	}
 	switch {
 	case d.r.strategy == RetryRandom:

@@ -198,13 +198,14 @@ func TestRetryAfterSetsNextWait(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		log := &delayLog{}
 		r := mustRetry(t, RetryConfig{MaxAttempts: 4, DisableJitter: true, MaxDelay: 5 * time.Second, OnRetry: log.hook})
-		fn, _ := script(retryAfterErr{3 * time.Second}, errBoom, retryAfterErr{time.Hour}, nil)
+		fn, _ := script(retryAfterErr{3 * time.Second}, retryAfterErr{-1}, retryAfterErr{time.Hour}, nil)
 		start := time.Now()
 		if _, err := WithRetry(fn, r)(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 		// RetryAfter replaces the backoff for its wait, capped by MaxDelay;
-		// the backoff itself still advances (2s for the second retry).
+		// the backoff itself still advances (2s for the second retry, whose
+		// negative RetryAfter is no hint).
 		want := []time.Duration{3 * time.Second, 2 * time.Second, 5 * time.Second}
 		if fmt.Sprint(log.delays) != fmt.Sprint(want) {
 			t.Fatalf("delays = %v; want %v", log.delays, want)
@@ -347,6 +348,9 @@ func TestIsRetryable(t *testing.T) {
 		{"caller deadline", context.DeadlineExceeded, false},
 		{"wrapped caller deadline", fmt.Errorf("get: %w", context.DeadlineExceeded), false},
 		{"ErrBulkheadFull", &Error{Err: ErrBulkheadFull}, true},
+		{"ErrRetryExhausted", &Error{Err: ErrRetryExhausted, Cause: errBoom}, false},
+		{"ErrRetryBudgetExhausted", &Error{Err: ErrRetryBudgetExhausted, Cause: errBoom}, false},
+		{"ErrStale", &Error{Err: ErrStale, Cause: errBoom}, false},
 		{"Retryable true", retryableErr{true}, true},
 		{"Retryable false", retryableErr{false}, false},
 		{"Temporary true", tempErr{true}, true},

@@ -24,7 +24,7 @@ func WithTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 		return failing[T](err)
 	}
 	s := newSite(funcName(fn), "")
-	return top(func(ctx context.Context) (T, error) { return callWithTimeout(ctx, fn, d, s) }, s, nil, "")
+	return top(func(ctx context.Context) (T, error) { return callWithTimeout(ctx, fn, d, s) }, s, nil, 0)
 }
 
 func callWithTimeout[T any](ctx context.Context, fn Func[T], d time.Duration, s *site) (T, error) {
@@ -93,7 +93,7 @@ func WithEnforcedTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 		return failing[T](err)
 	}
 	s := newSite(funcName(fn), "")
-	return top(enforcedLayer(fn, d, s), s, nil, "")
+	return top(enforcedLayer(fn, d, s), s, nil, 0)
 }
 
 func enforcedLayer[T any](fn Func[T], d time.Duration, s *site) Func[T] {

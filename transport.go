@@ -121,7 +121,7 @@ func (t *Transport) site(service string) *site {
 
 func (t *Transport) protected(ctx context.Context, req *http.Request, base http.RoundTripper, reg *Registry, service string, s *site) (*http.Response, error) {
 	cb := reg.CircuitBreaker(service)
-	done, err := admit(cb)
+	done, err := admit(ctx, cb)
 	if err != nil {
 		return nil, err
 	}
@@ -149,7 +149,7 @@ func (t *Transport) protected(ctx context.Context, req *http.Request, base http.
 
 // admit asks cb for a call, honouring its forced and disabled modes. done
 // is nil when the call is not to be counted.
-func admit(cb *CircuitBreaker) (done func(error), err error) {
+func admit(ctx context.Context, cb *CircuitBreaker) (done func(error), err error) {
 	if m := cb.mode.Load(); m != 0 {
 		if m&modeForcedOpen != 0 && m&modeOff == 0 {
 			cb.rejections.Add(1)
@@ -157,7 +157,7 @@ func admit(cb *CircuitBreaker) (done func(error), err error) {
 		}
 		return nil, nil
 	}
-	done, err = cb.allow()
+	done, err = cb.allow(ctx)
 	if err != nil {
 		cb.rejections.Add(1)
 	}
@@ -295,11 +295,24 @@ func (t *Transport) attempt(ctx context.Context, req *http.Request, base http.Ro
 			return nil, noop, false, err
 		}
 	}
+	grel := noop
+	if !bypass {
+		var gerr error
+		if grel, gerr = b.acquireGlobal(actx); gerr != nil {
+			b.giveBack()
+			if ownTimeout(ctx, actx) {
+				gerr = timedOut(gerr)
+			}
+			cancel()
+			return nil, noop, false, gerr
+		}
+	}
 	var once sync.Once
 	release = func() {
 		once.Do(func() {
 			cancel()
 			if !bypass {
+				grel()
 				b.release()
 			}
 		})

@@ -1,0 +1,60 @@
+# Development targets. `make test` is the test command; .ci/run runs test,
+# lint, cover, bench-smoke and demo.
+
+GO ?= go
+
+# bash with pipefail, so that `go test ... | tee` fails when go test does.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+
+# staticcheck 2026.2.2, pinned by its module version: the newest release on
+# the Go module proxy that supports Go 1.26. (The proxy serves it as v0.8.2;
+# it refuses the 2026.2.2 spelling here.)
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
+# The lowest total coverage of the root package that `make cover` accepts.
+COVER_MIN := 90
+
+.PHONY: all test lint cover bench bench-smoke fuzz demo tidy-check
+
+all: test lint
+
+test:
+	$(GO) test -race -count=1 ./...
+
+lint:
+	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+
+cover:
+	$(GO) test -count=1 -coverprofile=cover.out .
+	@$(GO) tool cover -func=cover.out | awk -v min=$(COVER_MIN) ' \
+		/^total:/ { total = $$NF; sub(/%/, "", total) } \
+		END { \
+			if (total == "") { print "cover: no total in the profile"; exit 1 } \
+			printf "total coverage: %s%% (minimum %s%%)\n", total, min; \
+			if (total + 0 < min + 0) { print "cover: below the minimum"; exit 1 } \
+		}'
+
+bench:
+	$(GO) test -run='^$$' -bench=. -benchmem -count=6 . | tee bench.txt
+
+bench-smoke:
+	$(GO) test -run='^$$' -bench=. -benchtime=1x ./...
+
+# Each fuzz target of the root package in turn: go test -fuzz takes one.
+fuzz:
+	@list=$$($(GO) test -list '^Fuzz' .) || { echo "$$list"; exit 1; }; \
+	targets=$$(echo "$$list" | grep '^Fuzz' || true); \
+	if [ -z "$$targets" ]; then echo "fuzz: no fuzz targets in the root package"; exit 0; fi; \
+	for t in $$targets; do \
+		echo "fuzz: $$t"; \
+		$(GO) test -run='^$$' -fuzz="^$$t$$" -fuzztime=10s . || exit 1; \
+	done
+
+demo:
+	$(GO) run ./examples/llm
+
+tidy-check:
+	$(GO) mod tidy
+	git diff --exit-code go.mod go.sum

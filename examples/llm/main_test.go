@@ -1,0 +1,173 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/resilience-go/resilience"
+	"github.com/resilience-go/resilience/internal/flaky"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// TestRun checks that the demo tells its story: each line below must appear,
+// in this order.
+func TestRun(t *testing.T) {
+	var buf bytes.Buffer
+	if err := run(&buf); err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	out := buf.String()
+	want := []string{
+		`call 1: "What does a circuit breaker do?"`,
+		`  retry: attempt 1 failed (HTTP 529, Retry-After 1s); next attempt in 40ms`,
+		`  retry: attempt 2 failed (HTTP 503); next attempt in 20ms`,
+		`  -> "It stops calling a failing service for a while, so that it can recover and callers fail fast."`,
+		`call 2: "Why retry with backoff?"`,
+		`  fallback: canned answer (retries exhausted after 3 attempts, last: HTTP 503)`,
+		`call 3: "What is a bulkhead for?"`,
+		`  breaker "llm": closed -> open`,
+		`  fallback: canned answer (retries exhausted after 3 attempts, last: HTTP 529, Retry-After 1s)`,
+		`call 4: "Why is the fallback outermost?"`,
+		`  fallback: canned answer (circuit open, the API was not called)`,
+		`call 5: "What does a timeout protect?"`,
+		`  breaker "llm": open -> half-open`,
+		`  retry: attempt 1 failed (timed out); next attempt in 10ms`,
+		`  breaker "llm": half-open -> closed`,
+		`call 6: "Is the service back?"`,
+		`  -> "Yes: every policy is back to normal."`,
+		`call 7: ""`,
+		`  -> error: llm API: HTTP 400: messages: at least one message is required`,
+		`  calls: 7 (3 answered by the API, 3 by the fallback, 1 failed)`,
+		`  downstream requests: 13 (3 answered)`,
+		`  breaker "llm": closed`,
+		`  bulkhead "llm": active 0, waiting 0, rejected 0, completed 13`,
+	}
+	lines := strings.Split(out, "\n")
+	i := 0
+	for _, w := range want {
+		for i < len(lines) && lines[i] != w {
+			i++
+		}
+		if i == len(lines) {
+			t.Fatalf("output lacks %q after the lines before it; output:\n%s", w, out)
+		}
+	}
+	if strings.Count(out, "breaker \"llm\": ") != 4 { // three transitions and the summary
+		t.Errorf("want exactly three breaker transitions; output:\n%s", out)
+	}
+
+	// Nothing that changes from run to run: no port, no measured time.
+	if strings.Contains(out, "127.0.0.1") {
+		t.Errorf("output names the endpoint's address; output:\n%s", out)
+	}
+	var again bytes.Buffer
+	if err := run(&again); err != nil {
+		t.Fatalf("second run: %v", err)
+	}
+	if again.String() != out {
+		t.Errorf("two runs printed different output:\n%s\n---\n%s", out, again.String())
+	}
+}
+
+// TestClientErrors checks how Complete turns the API's answers into errors.
+func TestClientErrors(t *testing.T) {
+	srv := flaky.Start(flaky.Script{
+		Plan: []flaky.Outcome{
+			flaky.Fail(529).WithRetryAfter(2 * time.Second),
+			flaky.Fail(http.StatusServiceUnavailable),
+			flaky.Fail(http.StatusTooManyRequests),
+			flaky.Fail(http.StatusRequestTimeout),
+			flaky.Fail(http.StatusUnauthorized),
+			flaky.Fail(http.StatusNotFound).WithRetryAfter(time.Second),
+		},
+	})
+	defer srv.Close()
+	c := &Client{BaseURL: srv.URL(), HTTP: srv.Client()}
+	for _, tc := range []struct {
+		status     int
+		retryable  bool
+		retryAfter time.Duration // 0: no RetryAfter method
+	}{
+		{529, true, 2 * time.Second},
+		{503, true, 0},
+		{429, true, 0},
+		{408, true, 0},
+		{401, false, 0},
+		{404, false, time.Second},
+	} {
+		_, err := c.Complete(t.Context(), "hello")
+		var se *StatusError
+		if !errors.As(err, &se) || se.StatusCode != tc.status {
+			t.Fatalf("Complete() = %v; want a *StatusError with status %d", err, tc.status)
+		}
+		if got := resilience.IsRetryable(err); got != tc.retryable {
+			t.Errorf("HTTP %d: IsRetryable = %v; want %v", tc.status, got, tc.retryable)
+		}
+		var ra interface{ RetryAfter() time.Duration }
+		switch {
+		case tc.retryAfter == 0 && errors.As(err, &ra):
+			t.Errorf("HTTP %d without Retry-After has a RetryAfter method: the retry would not wait", tc.status)
+		case tc.retryAfter != 0 && (!errors.As(err, &ra) || ra.RetryAfter() != tc.retryAfter):
+			t.Errorf("HTTP %d: RetryAfter missing or wrong; want %v", tc.status, tc.retryAfter)
+		}
+	}
+
+	// Past the plan, the default handler answers "ok", which is not JSON.
+	if _, err := c.Complete(t.Context(), "hello"); err == nil || !strings.Contains(err.Error(), "decoding") {
+		t.Errorf("Complete() on a non-JSON answer = %v; want a decoding error", err)
+	}
+}
+
+func TestCompleteHonoursCancellation(t *testing.T) {
+	srv := flaky.Start(flaky.Script{Then: flaky.Hang()})
+	defer srv.Close()
+	c := &Client{BaseURL: srv.URL(), HTTP: srv.Client()}
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Millisecond)
+	defer cancel()
+	if _, err := c.Complete(ctx, "hello"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Complete() = %v; want context.DeadlineExceeded", err)
+	}
+}
+
+func TestParseRetryAfter(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want time.Duration
+		ok   bool
+	}{
+		{"", 0, false},
+		{"0", 0, true},
+		{"3", 3 * time.Second, true},
+		{"-1", 0, false},
+		{"soon", 0, false},
+		{"Mon, 02 Jan 2006 15:04:05 GMT", 0, true}, // in the past
+	} {
+		got, ok := parseRetryAfter(tc.in)
+		if got != tc.want || ok != tc.ok {
+			t.Errorf("parseRetryAfter(%q) = %v, %v; want %v, %v", tc.in, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestDescribe(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{&resilience.Error{Err: resilience.ErrBulkheadFull, Name: "llm"}, "bulkhead full"},
+		{errors.New("dial tcp 127.0.0.1:1: connection refused"), "transport error"},
+	} {
+		if got := describe(tc.err); got != tc.want {
+			t.Errorf("describe(%v) = %q; want %q", tc.err, got, tc.want)
+		}
+	}
+}
