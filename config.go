@@ -44,10 +44,17 @@ type Config struct {
 	// (OpenTimeout) and _HALF_OPEN_MAX_CALLS per service.
 	CircuitBreakers map[string]CircuitBreakerConfig
 
+	// StoreURL is RESILIENCE_STORE_URL, or RESILIENCE_REDIS_URL: where the
+	// registry shares breaker state and global bulkhead slots with the other
+	// processes of its fleet, through the Store registered for the URL's
+	// scheme (import github.com/resilience-go/resilience/redisstore for
+	// redis:// and rediss://). Empty means nothing is shared.
+	StoreURL string
+
 	// DefaultBulkhead is BULKHEAD_DEFAULT_*, for resources without their own.
 	DefaultBulkhead BulkheadConfig
-	// Bulkheads holds BULKHEAD_<RESOURCE>_LIMIT, _MAX_QUEUE, _MAX_WAIT and
-	// _FAIL_FAST per resource.
+	// Bulkheads holds BULKHEAD_<RESOURCE>_LIMIT, _MAX_QUEUE, _MAX_WAIT,
+	// _FAIL_FAST and _GLOBAL_LIMIT per resource.
 	Bulkheads map[string]BulkheadConfig
 }
 
@@ -213,6 +220,8 @@ func (e *VarError) Is(target error) bool { return target == ErrInvalidConfig }
 // The variables read once per configuration, with the Config fields they set.
 type globalVars struct {
 	Enabled        bool          `env:"RESILIENCE_ENABLED"`
+	StoreURL       string        `env:"RESILIENCE_STORE_URL"`
+	RedisURL       string        `env:"RESILIENCE_REDIS_URL"`
 	MaxAttempts    int           `env:"RETRY_MAX_ATTEMPTS"`
 	Base           float64       `env:"RETRY_EXPONENTIAL_BASE"`
 	Max            time.Duration `env:"RETRY_EXPONENTIAL_MAX"`
@@ -229,10 +238,11 @@ type breakerVars struct {
 
 // The variables read per resource, under BULKHEAD_<RESOURCE>_.
 type bulkheadVars struct {
-	Limit    int           `env:"LIMIT"`
-	MaxQueue int           `env:"MAX_QUEUE"`
-	MaxWait  time.Duration `env:"MAX_WAIT"`
-	FailFast bool          `env:"FAIL_FAST"`
+	Limit       int           `env:"LIMIT"`
+	MaxQueue    int           `env:"MAX_QUEUE"`
+	MaxWait     time.Duration `env:"MAX_WAIT"`
+	FailFast    bool          `env:"FAIL_FAST"`
+	GlobalLimit int           `env:"GLOBAL_LIMIT"`
 }
 
 const (
@@ -270,6 +280,10 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 	cfg.Enabled = g.Enabled
 	cfg.Retry = RetryConfig{MaxAttempts: g.MaxAttempts, Multiplier: g.Base, MaxDelay: g.Max, DisableJitter: !g.Jitter}
 	cfg.DefaultTimeout = g.DefaultTimeout
+	cfg.StoreURL = g.StoreURL
+	if cfg.StoreURL == "" {
+		cfg.StoreURL = g.RedisURL
+	}
 
 	for _, key := range l.names(timeoutPrefix, "") {
 		if key == reservedKey {
@@ -304,18 +318,19 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 		}
 	}
 
-	for _, key := range defaultFirst(l.names(bulkheadPrefix, "_LIMIT", "_MAX_QUEUE", "_MAX_WAIT", "_FAIL_FAST")) {
+	for _, key := range defaultFirst(l.names(bulkheadPrefix, "_GLOBAL_LIMIT", "_LIMIT", "_MAX_QUEUE", "_MAX_WAIT", "_FAIL_FAST")) {
 		base, ok := cfg.Bulkheads[key]
 		if !ok || key == reservedKey {
 			base = cfg.DefaultBulkhead
 		}
-		v := bulkheadVars{Limit: base.Limit, MaxQueue: base.MaxQueue, MaxWait: base.MaxWait, FailFast: base.FailFast}
+		v := bulkheadVars{Limit: base.Limit, MaxQueue: base.MaxQueue, MaxWait: base.MaxWait, FailFast: base.FailFast, GlobalLimit: base.GlobalLimit}
 		p := bulkheadPrefix + key + "_"
 		l.parse(&v, p)
 		l.check(p+"LIMIT", v.Limit >= 1, "must be at least 1")
 		l.check(p+"MAX_QUEUE", v.MaxQueue >= 0, "must not be negative")
 		l.check(p+"MAX_WAIT", v.MaxWait >= 0, "must not be negative")
-		bc := BulkheadConfig{Limit: v.Limit, MaxQueue: v.MaxQueue, MaxWait: v.MaxWait, FailFast: v.FailFast}
+		l.check(p+"GLOBAL_LIMIT", v.GlobalLimit >= 0, "must not be negative")
+		bc := BulkheadConfig{Limit: v.Limit, MaxQueue: v.MaxQueue, MaxWait: v.MaxWait, FailFast: v.FailFast, GlobalLimit: v.GlobalLimit}
 		if key == reservedKey {
 			cfg.DefaultBulkhead = bc
 		} else {
@@ -515,6 +530,105 @@ type Registry struct {
 	bulkheads map[string]*Bulkhead
 	timeouts  map[string]*atomic.Int64 // per operation key, for ForService
 	retry     *Retry
+	store     Store
+	ownsStore bool // opened from cfg.StoreURL: Close closes it
+}
+
+// Store shares a registry's state with the other processes of a fleet:
+// breaker state, so that an outage one replica sees opens every replica's
+// breaker, and cluster-wide bulkhead slots. The redisstore module provides
+// one for Redis. Implementations must be safe for concurrent use and keep
+// the hot path local: see BreakerSync and Limiter.
+type Store interface {
+	// BreakerSync returns the sync for the named breaker.
+	BreakerSync(name string) BreakerSync
+	// Limiter returns the cluster-wide cap of limit calls for resource.
+	Limiter(resource string, limit int) Limiter
+	// Close stops the store's background work.
+	Close() error
+}
+
+var storeDrivers struct {
+	mu sync.Mutex
+	m  map[string]func(url string) (Store, error)
+}
+
+// RegisterStore makes a Store available to registries whose StoreURL has
+// the given scheme, as database/sql drivers register themselves: the
+// redisstore package calls it from its init for "redis" and "rediss", so a
+// blank import and RESILIENCE_REDIS_URL are all the wiring a service needs.
+// Registering a scheme twice replaces the first. It is safe for concurrent
+// use.
+func RegisterStore(scheme string, open func(url string) (Store, error)) {
+	storeDrivers.mu.Lock()
+	defer storeDrivers.mu.Unlock()
+	if storeDrivers.m == nil {
+		storeDrivers.m = map[string]func(string) (Store, error){}
+	}
+	storeDrivers.m[strings.ToLower(scheme)] = open
+}
+
+func openStore(url string) (Store, error) {
+	scheme, _, ok := strings.Cut(url, "://")
+	if !ok {
+		return nil, &VarError{Var: "RESILIENCE_REDIS_URL", Value: url, Reason: "not a URL with a scheme, such as redis://host:6379"}
+	}
+	storeDrivers.mu.Lock()
+	open := storeDrivers.m[strings.ToLower(scheme)]
+	storeDrivers.mu.Unlock()
+	if open == nil {
+		return nil, &VarError{Var: "RESILIENCE_REDIS_URL", Value: url, Reason: "no store registered for " + scheme + "://: import github.com/resilience-go/resilience/redisstore"}
+	}
+	return open(url)
+}
+
+// UseStore shares the registry's breakers and global bulkhead caps through
+// s, for the instances built so far and those built later; nil stops
+// sharing. The registry does not close a store given this way. It is safe
+// for concurrent use.
+func (r *Registry) UseStore(s Store) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.store = s
+	for _, cb := range r.breakers {
+		r.attachBreakerLocked(cb)
+	}
+	for _, b := range r.bulkheads {
+		r.attachBulkheadLocked(b)
+	}
+}
+
+func (r *Registry) attachBreakerLocked(cb *CircuitBreaker) {
+	if r.store == nil {
+		cb.SetSync(nil)
+		return
+	}
+	cb.SetSync(r.store.BreakerSync(cb.Name()))
+}
+
+func (r *Registry) attachBulkheadLocked(b *Bulkhead) {
+	limit := r.cfg.BulkheadConfig(b.Name()).GlobalLimit
+	if r.store == nil || limit <= 0 {
+		b.SetGlobal(nil)
+		return
+	}
+	b.SetGlobal(r.store.Limiter(b.Name(), limit))
+}
+
+// Close stops the background work of a store the registry opened from its
+// StoreURL. It is safe to call more than once.
+func (r *Registry) Close() error {
+	r.mu.Lock()
+	s, owned := r.store, r.ownsStore
+	if owned {
+		r.store = nil
+		r.ownsStore = false
+	}
+	r.mu.Unlock()
+	if owned && s != nil {
+		return s.Close()
+	}
+	return nil
 }
 
 // NewRegistry returns a registry configured by cfg, or every error
@@ -532,6 +646,13 @@ func NewRegistry(cfg Config) (*Registry, error) {
 	r.retry, _ = NewRetry(cfg.Retry)
 	r.retry.off.Store(!cfg.Enabled)
 	r.enabled.Store(cfg.Enabled)
+	if cfg.StoreURL != "" {
+		s, err := openStore(cfg.StoreURL)
+		if err != nil {
+			return nil, err
+		}
+		r.store, r.ownsStore = s, true
+	}
 	return r, nil
 }
 
@@ -561,6 +682,7 @@ func (r *Registry) CircuitBreaker(name string) *CircuitBreaker {
 		panic("resilience: registry holds an invalid breaker configuration: " + err.Error())
 	}
 	cb.setMode(modeOff, !r.cfg.Enabled)
+	r.attachBreakerLocked(cb)
 	r.breakers[key] = cb
 	return cb
 }
@@ -579,6 +701,7 @@ func (r *Registry) Bulkhead(name string) *Bulkhead {
 		panic("resilience: registry holds an invalid bulkhead configuration: " + err.Error())
 	}
 	b.off.Store(!r.cfg.Enabled)
+	r.attachBulkheadLocked(b)
 	r.bulkheads[key] = b
 	return b
 }
@@ -631,6 +754,7 @@ func (r *Registry) Reload(cfg Config) error {
 	for _, b := range r.bulkheads {
 		b.SetLimit(cfg.BulkheadConfig(b.Name()).Limit)
 		b.off.Store(!cfg.Enabled)
+		r.attachBulkheadLocked(b)
 	}
 	for key, c := range r.timeouts {
 		c.Store(int64(cfg.Timeout(key)))
@@ -692,7 +816,12 @@ func newDefaultRegistry(load func() (Config, error)) *Registry {
 	}
 	r, err := NewRegistry(cfg)
 	if err != nil {
-		r, _ = NewRegistry(DefaultConfig())
+		// The store could not be opened: run on local state, and say so.
+		slog.Warn("resilience: cannot share state; every policy runs on local state", "error", err.Error())
+		cfg.StoreURL = ""
+		if r, err = NewRegistry(cfg); err != nil {
+			r, _ = NewRegistry(DefaultConfig())
+		}
 	}
 	return r
 }
