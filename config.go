@@ -540,8 +540,11 @@ type Registry struct {
 // one for Redis. Implementations must be safe for concurrent use and keep
 // the hot path local: see BreakerSync and Limiter.
 type Store interface {
-	// BreakerSync returns the sync for the named breaker.
-	BreakerSync(name string) BreakerSync
+	// BreakerSync returns the sync for cb, which the store may also drive
+	// with Trip and Reset to apply state seen elsewhere. The registry calls
+	// it while holding its own lock: it must not call back into the
+	// registry.
+	BreakerSync(cb *CircuitBreaker) BreakerSync
 	// Limiter returns the cluster-wide cap of limit calls for resource.
 	Limiter(resource string, limit int) Limiter
 	// Close stops the store's background work.
@@ -603,7 +606,7 @@ func (r *Registry) attachBreakerLocked(cb *CircuitBreaker) {
 		cb.SetSync(nil)
 		return
 	}
-	cb.SetSync(r.store.BreakerSync(cb.Name()))
+	cb.SetSync(r.store.BreakerSync(cb))
 }
 
 func (r *Registry) attachBulkheadLocked(b *Bulkhead) {

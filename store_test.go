@@ -22,7 +22,7 @@ type memStore struct {
 	closed  atomic.Bool
 }
 
-func (m *memStore) BreakerSync(name string) BreakerSync { return memSync{m} }
+func (m *memStore) BreakerSync(cb *CircuitBreaker) BreakerSync { return memSync{m} }
 func (m *memStore) Limiter(resource string, limit int) Limiter {
 	m.limit = int32(limit)
 	return memLimiter{m}
