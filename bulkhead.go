@@ -94,20 +94,27 @@ type waiter struct {
 	ready chan struct{} // closed when the slot is handed over
 }
 
+// validate reports the first invalid field of cfg, without building a
+// bulkhead: one built only to validate would show in the metrics.
+func (cfg BulkheadConfig) validate() error {
+	switch {
+	case cfg.Limit < 0:
+		return invalid("BulkheadConfig.Limit", cfg.Limit, "must not be negative")
+	case cfg.MaxQueue < 0:
+		return invalid("BulkheadConfig.MaxQueue", cfg.MaxQueue, "must not be negative")
+	case cfg.MaxWait < 0:
+		return invalid("BulkheadConfig.MaxWait", cfg.MaxWait, "must not be negative")
+	case cfg.GlobalLimit < 0:
+		return invalid("BulkheadConfig.GlobalLimit", cfg.GlobalLimit, "must not be negative")
+	}
+	return nil
+}
+
 // NewBulkhead returns a bulkhead configured by cfg, or an error that names
 // the first invalid field and its value.
 func NewBulkhead(cfg BulkheadConfig) (*Bulkhead, error) {
-	if cfg.Limit < 0 {
-		return nil, invalid("BulkheadConfig.Limit", cfg.Limit, "must not be negative")
-	}
-	if cfg.MaxQueue < 0 {
-		return nil, invalid("BulkheadConfig.MaxQueue", cfg.MaxQueue, "must not be negative")
-	}
-	if cfg.MaxWait < 0 {
-		return nil, invalid("BulkheadConfig.MaxWait", cfg.MaxWait, "must not be negative")
-	}
-	if cfg.GlobalLimit < 0 {
-		return nil, invalid("BulkheadConfig.GlobalLimit", cfg.GlobalLimit, "must not be negative")
+	if err := cfg.validate(); err != nil {
+		return nil, err
 	}
 	b := &Bulkhead{
 		name:     cfg.Name,
@@ -257,6 +264,12 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 		err = ctx.Err()
+		if context.Cause(ctx) == ErrTimeout {
+			// The attempt's own timeout ran out in the queue: the
+			// downstream was never called, so this is the bulkhead
+			// turning the call away (the timeout layer adds ErrTimeout).
+			err = b.errFull
+		}
 	case <-expired:
 		err = b.errFull
 	}

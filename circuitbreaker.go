@@ -160,32 +160,38 @@ var (
 	errExcluded = errors.New("excluded")
 )
 
-// NewCircuitBreaker returns a circuit breaker configured by cfg, or an error
-// that names the first invalid field and its value.
-func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
-	if cfg.FailMax < 0 {
-		return nil, invalid("CircuitBreakerConfig.FailMax", cfg.FailMax, "must not be negative")
+// resolve validates cfg and applies its defaults, without building a
+// breaker: a breaker built only to validate would show in the metrics.
+func (cfg CircuitBreakerConfig) resolve() (failMax int, openTimeout time.Duration, probes int, err error) {
+	switch {
+	case cfg.FailMax < 0:
+		return 0, 0, 0, invalid("CircuitBreakerConfig.FailMax", cfg.FailMax, "must not be negative")
+	case cfg.OpenTimeout < 0:
+		return 0, 0, 0, invalid("CircuitBreakerConfig.OpenTimeout", cfg.OpenTimeout, "must not be negative")
+	case cfg.HalfOpenMaxCalls < 0:
+		return 0, 0, 0, invalid("CircuitBreakerConfig.HalfOpenMaxCalls", cfg.HalfOpenMaxCalls, "must not be negative")
+	case uint64(cfg.HalfOpenMaxCalls) > 1<<32-1:
+		return 0, 0, 0, invalid("CircuitBreakerConfig.HalfOpenMaxCalls", cfg.HalfOpenMaxCalls, "must fit in 32 bits")
 	}
-	if cfg.OpenTimeout < 0 {
-		return nil, invalid("CircuitBreakerConfig.OpenTimeout", cfg.OpenTimeout, "must not be negative")
-	}
-	if cfg.HalfOpenMaxCalls < 0 {
-		return nil, invalid("CircuitBreakerConfig.HalfOpenMaxCalls", cfg.HalfOpenMaxCalls, "must not be negative")
-	}
-	if uint64(cfg.HalfOpenMaxCalls) > 1<<32-1 {
-		return nil, invalid("CircuitBreakerConfig.HalfOpenMaxCalls", cfg.HalfOpenMaxCalls, "must fit in 32 bits")
-	}
-	failMax := cfg.FailMax
+	failMax, openTimeout, probes = cfg.FailMax, cfg.OpenTimeout, cfg.HalfOpenMaxCalls
 	if failMax == 0 {
 		failMax = 5
 	}
-	openTimeout := cfg.OpenTimeout
 	if openTimeout == 0 {
 		openTimeout = 60 * time.Second
 	}
-	probes := cfg.HalfOpenMaxCalls
 	if probes == 0 {
 		probes = 1
+	}
+	return failMax, openTimeout, probes, nil
+}
+
+// NewCircuitBreaker returns a circuit breaker configured by cfg, or an error
+// that names the first invalid field and its value.
+func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
+	failMax, openTimeout, probes, err := cfg.resolve()
+	if err != nil {
+		return nil, err
 	}
 	cb := &CircuitBreaker{
 		name:          cfg.Name,
@@ -373,17 +379,27 @@ func (cb *CircuitBreaker) Reset() {
 // HalfOpenMaxCalls at construction, so changing either starts the breaker
 // afresh, closed, as Reset does. IsFailure and OnStateChange are kept.
 func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
-	n, err := NewCircuitBreaker(cfg)
+	failMax, openTimeout, probes, err := cfg.resolve()
 	if err != nil {
 		return err
 	}
-	cb.failMax.Store(n.failMax.Load())
+	cb.failMax.Store(int64(failMax))
 	cb.setMu.Lock()
-	changed := cb.settings.Timeout != n.settings.Timeout || cb.settings.MaxRequests != n.settings.MaxRequests
-	cb.settings.Timeout, cb.settings.MaxRequests = n.settings.Timeout, n.settings.MaxRequests
+	changed := cb.settings.Timeout != openTimeout || cb.settings.MaxRequests != uint32(probes)
+	cb.settings.Timeout, cb.settings.MaxRequests = openTimeout, uint32(probes)
+	cb.openTimeout = openTimeout
 	cb.setMu.Unlock()
 	if changed {
-		cb.Reset()
+		// A fresh gobreaker with the new settings, closed; a state an
+		// operator forced stays forced.
+		g := cb.newGen()
+		cb.evMu.Lock()
+		cb.cur.Store(g)
+		if cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
+			cb.transitionLocked(cb.last, StateClosed)
+		}
+		cb.evMu.Unlock()
+		cb.flush()
 	}
 	return nil
 }
@@ -517,6 +533,10 @@ func (cb *CircuitBreaker) outcome(ctx context.Context, err error) error {
 	}
 	if ctx.Err() != nil {
 		// The caller gave up: that says nothing about the downstream.
+		return errExcluded
+	}
+	if errors.Is(err, ErrBulkheadFull) {
+		// Local saturation: the call never reached the downstream.
 		return errExcluded
 	}
 	if cb.isFailure != nil && !cb.isFailure(err) {

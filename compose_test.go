@@ -185,3 +185,32 @@ func TestComposeAllocations(t *testing.T) {
 		t.Errorf("breaker open with fallback: %v allocs; want 0", n)
 	}
 }
+
+// Local saturation says nothing about the downstream: a call the bulkhead
+// turned away, even after its retries, does not count against the breaker;
+// and an attempt whose timeout runs out in the queue is a bulkhead
+// rejection as well as a timeout.
+func TestComposeBulkheadRejectionsDoNotTripBreaker(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cb := mustBreaker(t, CircuitBreakerConfig{FailMax: 1})
+		b := mustBulkhead(t, BulkheadConfig{Limit: 1})
+		hold, _ := b.Acquire(context.Background())
+		fn := Compose(okFunc, Stack[int]{
+			CircuitBreaker: cb,
+			Retry:          mustRetry(t, RetryConfig{MaxAttempts: 2, DisableJitter: true, MaxDelay: time.Millisecond}),
+			Timeout:        time.Second,
+			Bulkhead:       b,
+		})
+		_, err := fn(context.Background())
+		if !errors.Is(err, ErrTimeout) || !errors.Is(err, ErrBulkheadFull) || !errors.Is(err, ErrRetryExhausted) {
+			t.Fatalf("err = %v; want exhausted timeouts in the bulkhead queue", err)
+		}
+		if s := b.Stats(); s.Rejected != 2 || s.Waiting != 0 {
+			t.Fatalf("Stats = %+v; want both attempts counted as rejected", s)
+		}
+		if cb.State() != StateClosed || cb.Counts().TotalFailures != 0 {
+			t.Fatalf("breaker %v %+v; local saturation must not count", cb.State(), cb.Counts())
+		}
+		hold()
+	})
+}

@@ -153,19 +153,19 @@ func (c Config) Validate() error {
 			errs = append(errs, invalid("Config.Timeouts["+k+"]", d, "must be positive"))
 		}
 	}
-	if _, err := NewCircuitBreaker(c.DefaultCircuitBreaker); err != nil {
+	if _, _, _, err := c.DefaultCircuitBreaker.resolve(); err != nil {
 		errs = append(errs, err)
 	}
 	for _, k := range slices.Sorted(maps.Keys(c.CircuitBreakers)) {
-		if _, err := NewCircuitBreaker(c.CircuitBreakers[k]); err != nil {
+		if _, _, _, err := c.CircuitBreakers[k].resolve(); err != nil {
 			errs = append(errs, fmt.Errorf("circuit breaker %s: %w", k, err))
 		}
 	}
-	if _, err := NewBulkhead(c.DefaultBulkhead); err != nil {
+	if err := c.DefaultBulkhead.validate(); err != nil {
 		errs = append(errs, err)
 	}
 	for _, k := range slices.Sorted(maps.Keys(c.Bulkheads)) {
-		if _, err := NewBulkhead(c.Bulkheads[k]); err != nil {
+		if err := c.Bulkheads[k].validate(); err != nil {
 			errs = append(errs, fmt.Errorf("bulkhead %s: %w", k, err))
 		}
 	}
@@ -681,8 +681,9 @@ func (r *Registry) CircuitBreaker(name string) *CircuitBreaker {
 	}
 	cb, err := NewCircuitBreaker(r.cfg.CircuitBreakerConfig(name))
 	if err != nil {
-		// Validated in NewRegistry and Reload: unreachable.
-		panic("resilience: registry holds an invalid breaker configuration: " + err.Error())
+		// Unreachable: NewRegistry and Reload validated the configuration.
+		// Were it not so, a breaker with the defaults beats a nil one.
+		cb, _ = NewCircuitBreaker(CircuitBreakerConfig{Name: name})
 	}
 	cb.setMode(modeOff, !r.cfg.Enabled)
 	r.attachBreakerLocked(cb)
@@ -701,7 +702,8 @@ func (r *Registry) Bulkhead(name string) *Bulkhead {
 	}
 	b, err := NewBulkhead(r.cfg.BulkheadConfig(name))
 	if err != nil {
-		panic("resilience: registry holds an invalid bulkhead configuration: " + err.Error())
+		// Unreachable, as for breakers.
+		b, _ = NewBulkhead(BulkheadConfig{Name: name})
 	}
 	b.off.Store(!r.cfg.Enabled)
 	r.attachBulkheadLocked(b)

@@ -520,3 +520,42 @@ func resetDefault() {
 
 // mustRetryOf fetches the registry's retry policy a second time.
 func mustRetryOf(r *Registry) *Retry { return r.Retry() }
+
+// A reload that changes OpenTimeout starts the breaker afresh, but a state
+// an operator forced stays forced.
+func TestReloadKeepsForcedState(t *testing.T) {
+	r := mustRegistry(t, map[string]string{"CIRCUIT_BREAKER_X_TIMEOUT": "10"})
+	cb := r.CircuitBreaker("x")
+	cb.ForceOpen()
+	cfg := r.Config()
+	cfg.CircuitBreakers["X"] = CircuitBreakerConfig{FailMax: 5, OpenTimeout: 20 * time.Second}
+	if err := r.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if !cb.Forced() || cb.State() != StateOpen {
+		t.Fatalf("after reload: forced %v, %v; want still forced open", cb.Forced(), cb.State())
+	}
+	cb.Reset()
+	if cb.settings.Timeout != 20*time.Second {
+		t.Fatalf("OpenTimeout %v; want the reloaded 20s", cb.settings.Timeout)
+	}
+}
+
+// Validating a configuration builds no breaker or bulkhead that the
+// metrics would then observe.
+func TestValidateBuildsNothing(t *testing.T) {
+	observed.mu.Lock()
+	before := len(observed.breakers) + len(observed.bulkheads)
+	observed.mu.Unlock()
+	for range 10 {
+		if err := DefaultConfig().Validate(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	observed.mu.Lock()
+	after := len(observed.breakers) + len(observed.bulkheads)
+	observed.mu.Unlock()
+	if after != before {
+		t.Fatalf("Validate added %d observed policies", after-before)
+	}
+}

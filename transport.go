@@ -129,8 +129,12 @@ func (t *Transport) protected(ctx context.Context, req *http.Request, base http.
 	if done != nil {
 		outcome := errFailure
 		switch {
-		case ctx.Err() != nil:
+		case ctx.Err() != nil || errors.Is(err, ErrBulkheadFull):
+			// The caller gave up, or the call never left this process.
 			outcome = errExcluded
+		case err != nil && cb.isFailure != nil && !cb.isFailure(err):
+			outcome = nil
+			cb.successes.Add(1)
 		case !failed:
 			outcome = nil
 			cb.successes.Add(1)
