@@ -52,8 +52,15 @@ fuzz:
 		$(GO) test -run='^$$' -fuzz="^$$t$$" -fuzztime=10s . || exit 1; \
 	done
 
+# The examples, bounded, each run as a user would: outputs of llm and auth
+# are deterministic, so a second run must print the same.
 demo:
 	$(GO) run ./examples/llm
+	$(GO) run ./examples/auth
+	@a=$$($(GO) run ./examples/auth) && b=$$($(GO) run ./examples/auth) && [ "$$a" = "$$b" ] \
+		|| { echo "demo: examples/auth output is not deterministic"; exit 1; }
+	$(GO) run ./examples/admin -duration 2s -addr 127.0.0.1:0
+	$(GO) build -o /dev/null ./cmd/resilience
 
 tidy-check:
 	$(GO) mod tidy

@@ -1,0 +1,293 @@
+// Command resilience operates the circuit breakers and bulkheads of a running
+// service through its admin endpoint, the handler that
+// [resilience.AdminHandler] serves:
+//
+//	resilience [-addr http://127.0.0.1:9090] [-json] [-timeout 5s] <command>
+//
+// The commands are breakers, bulkheads, reset NAME, open NAME and close
+// NAME. The address comes from -addr, else from the RESILIENCE_ADMIN_ADDR
+// environment variable, else http://127.0.0.1:9090. Output is a table, or the
+// endpoint's own JSON with -json.
+//
+// The exit status is 0 on success, 1 when the endpoint answered with an
+// error (an unknown breaker, say), 2 when it could not be reached, and 64
+// (EX_USAGE) when the command line is wrong.
+//
+// The admin endpoint changes how a service treats its dependencies, so
+// services mount it on a loopback or internal listener only: run this
+// command on the service's host, or through a tunnel to it.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/resilience-go/resilience"
+)
+
+// The exit statuses.
+const (
+	exitOK          = 0
+	exitServer      = 1  // the endpoint answered with an error
+	exitUnreachable = 2  // the endpoint could not be reached
+	exitUsage       = 64 // EX_USAGE from sysexits.h
+)
+
+// defaultAddr is the admin endpoint's address when neither -addr nor
+// RESILIENCE_ADMIN_ADDR gives one.
+const defaultAddr = "http://127.0.0.1:9090"
+
+// addrEnv is the environment variable read when -addr is not given.
+const addrEnv = "RESILIENCE_ADMIN_ADDR"
+
+const usage = `Usage: resilience [-addr URL] [-json] [-timeout DURATION] <command>
+
+Look at and operate the circuit breakers and bulkheads of a running service
+through its admin endpoint (resilience.AdminHandler).
+
+Commands:
+  breakers     list every circuit breaker
+  bulkheads    list every bulkhead
+  reset NAME   return breaker NAME to closed: counts zeroed, forced state cleared
+  open NAME    force breaker NAME open, rejecting every call, until reset
+  close NAME   force breaker NAME closed, letting every call through
+               uncounted, until reset
+
+Flags:
+  -addr URL          the admin endpoint (default $RESILIENCE_ADMIN_ADDR,
+                     else http://127.0.0.1:9090)
+  -json              print the endpoint's JSON instead of a table
+  -timeout DURATION  give up on the endpoint after this long (default 5s)
+
+Exit status: 0 success, 1 the endpoint answered with an error (such as an
+unknown breaker), 2 the endpoint could not be reached, 64 a usage error.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
+}
+
+// run is the whole command: it parses args, reads the environment through
+// env, writes results to stdout and messages to stderr, and returns the exit
+// status.
+func run(args []string, env func(string) string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("resilience", flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // errors are reported below, on one line
+	addr := fs.String("addr", "", "")
+	asJSON := fs.Bool("json", false, "")
+	timeout := fs.Duration("timeout", 5*time.Second, "")
+
+	// Flags may come before or after the command: `resilience breakers
+	// -json` is as good as `resilience -json breakers`.
+	var words []string
+	for rest := args; ; {
+		if err := fs.Parse(rest); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				fmt.Fprint(stdout, usage)
+				return exitOK
+			}
+			return usageError(stderr, err.Error())
+		}
+		rest = fs.Args()
+		if len(rest) == 0 {
+			break
+		}
+		words = append(words, rest[0])
+		rest = rest[1:]
+	}
+	if *timeout <= 0 {
+		return usageError(stderr, "-timeout must be positive, not "+timeout.String())
+	}
+	if len(words) == 0 {
+		return usageError(stderr, "no command")
+	}
+
+	var (
+		method, path string
+		print        func(w io.Writer, body []byte) error
+	)
+	cmd, operands := words[0], words[1:]
+	switch cmd {
+	case "breakers", "bulkheads":
+		if len(operands) != 0 {
+			return usageError(stderr, cmd+" takes no arguments")
+		}
+		method, path = http.MethodGet, "/"+cmd
+		if cmd == "breakers" {
+			print = printBreakers
+		} else {
+			print = printBulkheads
+		}
+	case "reset", "open", "close":
+		if len(operands) != 1 || operands[0] == "" {
+			return usageError(stderr, cmd+" takes one breaker name")
+		}
+		method, path = http.MethodPost, "/breakers/"+url.PathEscape(operands[0])+"/"+cmd
+		print = printBreaker
+	default:
+		return usageError(stderr, "unknown command "+strconv.Quote(cmd))
+	}
+
+	base := *addr
+	if base == "" {
+		base = env(addrEnv)
+	}
+	if base == "" {
+		base = defaultAddr
+	}
+	base, err := normalize(base)
+	if err != nil {
+		return usageError(stderr, err.Error())
+	}
+
+	body, status, err := call(method, base+path, *timeout)
+	if err != nil {
+		fmt.Fprintf(stderr, "resilience: cannot reach the admin endpoint at %s: %v\n", base, err)
+		return exitUnreachable
+	}
+	if status != http.StatusOK {
+		fmt.Fprintf(stderr, "resilience: %s (HTTP %d from %s)\n", serverError(body), status, base)
+		return exitServer
+	}
+	if *asJSON {
+		if _, err := stdout.Write(body); err != nil {
+			fmt.Fprintf(stderr, "resilience: %v\n", err)
+			return exitServer
+		}
+		return exitOK
+	}
+	if err := print(stdout, body); err != nil {
+		fmt.Fprintf(stderr, "resilience: reading the answer of %s: %v\n", base, err)
+		return exitServer
+	}
+	return exitOK
+}
+
+func usageError(stderr io.Writer, msg string) int {
+	fmt.Fprintf(stderr, "resilience: %s\n\n%s", msg, usage)
+	return exitUsage
+}
+
+// normalize checks the endpoint's address and returns it without a trailing
+// slash. An address without a scheme ("127.0.0.1:9090") means http. A path
+// is kept, for an endpoint mounted under a prefix with http.StripPrefix.
+func normalize(addr string) (string, error) {
+	if !strings.Contains(addr, "://") {
+		addr = "http://" + addr
+	}
+	u, err := url.Parse(addr)
+	if err != nil {
+		return "", fmt.Errorf("bad admin address %q: %v", addr, err)
+	}
+	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return "", fmt.Errorf("bad admin address %q: want http://host:port", addr)
+	}
+	return strings.TrimRight(u.String(), "/"), nil
+}
+
+// call makes one request and returns the body and status of the answer. An
+// error means no answer came: the endpoint could not be reached in time.
+func call(method, target string, timeout time.Duration) (body []byte, status int, err error) {
+	// A transport of its own, without keep-alives, so that nothing is left
+	// running once the one request is done.
+	tr := &http.Transport{Proxy: http.ProxyFromEnvironment, DisableKeepAlives: true}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: timeout}
+	req, err := http.NewRequest(method, target, nil)
+	if err != nil {
+		return nil, 0, err
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := client.Do(req)
+	if err != nil {
+		var uerr *url.Error
+		if errors.As(err, &uerr) {
+			err = uerr.Err // the URL is in the message already
+		}
+		return nil, 0, err
+	}
+	defer resp.Body.Close()
+	body, err = io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return nil, 0, err
+	}
+	return body, resp.StatusCode, nil
+}
+
+// serverError returns the "error" text of an error answer, or as much of the
+// body as makes sense when it is not the admin endpoint's JSON (a proxy's
+// error page, say).
+func serverError(body []byte) string {
+	var e struct {
+		Error string `json:"error"`
+	}
+	if json.Unmarshal(body, &e) == nil && e.Error != "" {
+		return e.Error
+	}
+	s := strings.Join(strings.Fields(string(body)), " ")
+	if len(s) > 200 {
+		s = s[:200] + "..."
+	}
+	if s == "" {
+		s = "empty answer"
+	}
+	return "unexpected answer: " + s
+}
+
+func printBreakers(w io.Writer, body []byte) error {
+	var bs []resilience.BreakerStatus
+	if err := decode(body, &bs); err != nil {
+		return err
+	}
+	return breakerTable(w, bs)
+}
+
+func printBreaker(w io.Writer, body []byte) error {
+	var b resilience.BreakerStatus
+	if err := decode(body, &b); err != nil {
+		return err
+	}
+	return breakerTable(w, []resilience.BreakerStatus{b})
+}
+
+func breakerTable(w io.Writer, bs []resilience.BreakerStatus) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tSTATE\tFORCED\tSINCE\tREQUESTS\tFAILURES\tCONSECUTIVE_FAILURES")
+	for _, b := range bs {
+		fmt.Fprintf(tw, "%s\t%s\t%t\t%s\t%d\t%d\t%d\n", b.Name, b.State, b.Forced,
+			b.Since.UTC().Format(time.RFC3339), b.Counts.Requests, b.Counts.TotalFailures, b.Counts.ConsecutiveFailures)
+	}
+	return tw.Flush()
+}
+
+func printBulkheads(w io.Writer, body []byte) error {
+	var bs []resilience.BulkheadStatus
+	if err := decode(body, &bs); err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tLIMIT\tACTIVE\tWAITING\tREJECTED\tCOMPLETED")
+	for _, b := range bs {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\n", b.Name, b.Limit, b.Active, b.Waiting, b.Rejected, b.Completed)
+	}
+	return tw.Flush()
+}
+
+func decode(body []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("not the admin endpoint's JSON: %v", err)
+	}
+	return nil
+}
