@@ -12,19 +12,32 @@ SHELL := /bin/bash
 # it refuses the 2026.2.2 spelling here.)
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
+# benchstat, pinned.
+BENCHSTAT := v0.0.0-20260908200009-22c9c6c9d4da
+
 # The lowest total coverage of the root package that `make cover` accepts.
 COVER_MIN := 90
 
-.PHONY: all test lint cover bench bench-smoke fuzz demo tidy-check
+.PHONY: all test lint cover bench bench-smoke compare fuzz demo tidy-check
 
 all: test lint
 
+# The root module and the nested ones: the benchmarks comparison, the chaos
+# scenarios, the Redis store and the Prometheus example each have their own
+# go.mod, so that their dependencies never reach the core's users.
+MODULES := . internal/benchmarks internal/chaos redisstore examples/prometheus
+
 test:
-	$(GO) test -race -count=1 ./...
+	@for m in $(MODULES); do \
+		echo "== go test -race ./... in $$m"; \
+		(cd $$m && $(GO) test -race -count=1 ./...) || exit 1; \
+	done
 
 lint:
-	$(GO) vet ./...
-	$(GO) run $(STATICCHECK) ./...
+	@for m in $(MODULES); do \
+		echo "== vet and staticcheck in $$m"; \
+		(cd $$m && $(GO) vet ./... && $(GO) run $(STATICCHECK) ./...) || exit 1; \
+	done
 
 cover:
 	$(GO) test -count=1 -coverprofile=cover.out .
@@ -41,6 +54,13 @@ bench:
 
 bench-smoke:
 	$(GO) test -run='^$$' -bench=. -benchtime=1x ./...
+	cd internal/benchmarks && $(GO) test -run='^$$' -bench=. -benchtime=1x ./...
+	cd redisstore && $(GO) test -run='^$$' -bench=. -benchtime=1x ./...
+
+# The side-by-side comparison with failsafe-go and a hand-written stack.
+compare:
+	cd internal/benchmarks && $(GO) test -run='^$$' -bench=. -benchmem -count=6 . | tee bench.txt
+	cd internal/benchmarks && $(GO) run golang.org/x/perf/cmd/benchstat@$(BENCHSTAT) bench.txt
 
 # Each fuzz target of the root package in turn: go test -fuzz takes one.
 fuzz:
