@@ -149,7 +149,7 @@ func (cb *CircuitBreaker) setMode(bits int32, on bool) {
 }
 
 type breakerGen struct {
-	gb *gobreaker.TwoStepCircuitBreaker[struct{}]
+	gb *gobreaker.CircuitBreaker[struct{}]
 }
 
 type transition struct{ from, to State }
@@ -231,7 +231,7 @@ func (cb *CircuitBreaker) newGen() *breakerGen {
 	st := cb.settings
 	cb.setMu.Unlock()
 	st.OnStateChange = func(_ string, from, to gobreaker.State) { cb.queue(g, fromGobreaker(from), fromGobreaker(to)) }
-	g.gb = gobreaker.NewTwoStepCircuitBreaker[struct{}](st)
+	g.gb = gobreaker.NewCircuitBreaker[struct{}](st)
 	return g
 }
 
@@ -249,7 +249,9 @@ func fromGobreaker(s gobreaker.State) State {
 func (cb *CircuitBreaker) queue(g *breakerGen, from, to State) {
 	cb.evMu.Lock()
 	if cb.cur.Load() == g && cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
-		cb.transitionLocked(from, to)
+		// From our own record rather than gobreaker's: after a Reset or a
+		// repair the new gobreaker starts closed whatever we last said.
+		cb.transitionLocked(cb.last, to)
 	}
 	cb.evMu.Unlock()
 }
@@ -454,23 +456,88 @@ func (cb *CircuitBreaker) Counts() BreakerCounts {
 	return BreakerCounts{c.Requests, c.TotalSuccesses, c.TotalFailures, c.ConsecutiveSuccesses, c.ConsecutiveFailures}
 }
 
-// allow asks gobreaker for admission. On success the caller must call done
-// exactly once with the call's outcome.
-func (cb *CircuitBreaker) allow(ctx context.Context) (done func(error), err error) {
-	done, err = cb.cur.Load().gb.Allow()
-	cb.flush()
-	if err != nil {
-		if err == gobreaker.ErrTooManyRequests {
-			return nil, cb.errTooMany
+// The stages of a call through guard.
+const (
+	callNotRun   = iota // rejected by gobreaker
+	probeDenied         // a half-open probe another process holds
+	callRunning         // fn running, or it panicked or called Goexit
+	callReturned        // fn returned
+)
+
+// guard runs call if the breaker admits it, through gobreaker's Execute,
+// whose closure does not escape, so that admission allocates nothing (its
+// two-step API allocates a done func per call). call returns the outcome
+// for gobreaker: nil, errFailure or errExcluded. guard returns the
+// rejection, or nil once call has run; a panic in call counts as a failure
+// and propagates, and a runtime.Goexit, which gobreaker does not see, is
+// repaired so that no probe is lost.
+func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) error {
+	g := cb.cur.Load()
+	stage := callNotRun
+	var panicked any
+	defer func() {
+		if stage != callRunning {
+			return
 		}
-		return nil, cb.errOpen
+		if panicked == nil {
+			cb.goexited(g)
+		}
+		cb.flush()
+		cb.recordFailure(ctx, "panic")
+	}()
+	_, err := g.gb.Execute(func() (struct{}, error) {
+		cb.flush() // deliver open -> half-open before asking the sync
+		if sb := cb.sync.Load(); sb != nil && cb.lastState() == StateHalfOpen && !sb.s.AllowProbe(ctx, cb.name) {
+			// Another process is probing: give the probe back uncounted.
+			stage = probeDenied
+			return struct{}{}, errExcluded
+		}
+		stage = callRunning
+		defer func() {
+			if stage == callRunning {
+				// Tell a panic from a Goexit, then let gobreaker count it.
+				if r := recover(); r != nil {
+					panicked = r
+					panic(r)
+				}
+			}
+		}()
+		o := call()
+		stage = callReturned
+		return struct{}{}, o
+	})
+	cb.flush()
+	switch stage {
+	case callNotRun:
+		cb.rejections.Add(1)
+		if err == gobreaker.ErrTooManyRequests {
+			return cb.errTooMany
+		}
+		return cb.errOpen
+	case probeDenied:
+		cb.rejections.Add(1)
+		return cb.errTooMany
 	}
-	if sb := cb.sync.Load(); sb != nil && cb.lastState() == StateHalfOpen && !sb.s.AllowProbe(ctx, cb.name) {
-		// Another process is probing: give the probe back uncounted.
-		done(errExcluded)
-		return nil, cb.errTooMany
+	return nil
+}
+
+// goexited repairs gobreaker after a call that called runtime.Goexit:
+// gobreaker counted the request but, recovering nothing, never its outcome,
+// and in the half-open state that probe would be held for ever. It counts
+// the failure a panic would have been.
+func (cb *CircuitBreaker) goexited(g *breakerGen) {
+	if cb.cur.Load() != g {
+		return
 	}
-	return done, nil
+	if g.gb.State() == gobreaker.StateHalfOpen {
+		n := cb.newGen()
+		cb.evMu.Lock()
+		cb.cur.Store(n)
+		cb.evMu.Unlock()
+		cb.tripGen(n)
+		return
+	}
+	g.gb.Execute(func() (struct{}, error) { return struct{}{}, errFailure })
 }
 
 // BreakerSync shares a breaker's state with other processes, so that when
@@ -510,20 +577,22 @@ func (cb *CircuitBreaker) SetSync(s BreakerSync) {
 // open seen elsewhere; an open breaker stays as it is. It is safe for
 // concurrent use.
 func (cb *CircuitBreaker) Trip() {
-	g := cb.cur.Load()
+	cb.tripGen(cb.cur.Load())
+	cb.flush()
+}
+
+func (cb *CircuitBreaker) tripGen(g *breakerGen) {
 	// gobreaker has no way to set a state, so feed it the failures that
 	// open it; bounded, since other calls may interleave their successes.
+	fail := func() (struct{}, error) { return struct{}{}, errFailure }
 	for range cb.failMax.Load() + 2 {
 		if g.gb.State() == gobreaker.StateOpen {
-			break
+			return
 		}
-		done, err := g.gb.Allow()
-		if err != nil {
-			break
+		if _, err := g.gb.Execute(fail); err != nil && err != errFailure {
+			return // rejected: open, or its probes taken
 		}
-		done(errFailure)
 	}
-	cb.flush()
 }
 
 // outcome maps a call's result to what gobreaker should count.
@@ -570,24 +639,14 @@ func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 			}
 			return fn(ctx) // disabled, or forced closed: not counted
 		}
-		done, err := cb.allow(ctx)
-		if err != nil {
-			cb.rejections.Add(1)
-			return v, err
+		var o error
+		if rej := cb.guard(ctx, func() error {
+			v, err = fn(ctx)
+			o = cb.outcome(ctx, err)
+			return o
+		}); rej != nil {
+			return v, rej
 		}
-		returned := false
-		defer func() {
-			if !returned { // fn panicked or called runtime.Goexit
-				done(errFailure)
-				cb.flush()
-				cb.recordFailure(ctx, "panic")
-			}
-		}()
-		v, err = fn(ctx)
-		returned = true
-		o := cb.outcome(ctx, err)
-		done(o)
-		cb.flush()
 		switch o {
 		case nil:
 			cb.successes.Add(1)

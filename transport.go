@@ -119,53 +119,44 @@ func (t *Transport) site(service string) *site {
 	return s.(*site)
 }
 
-func (t *Transport) protected(ctx context.Context, req *http.Request, base http.RoundTripper, reg *Registry, service string, s *site) (*http.Response, error) {
+func (t *Transport) protected(ctx context.Context, req *http.Request, base http.RoundTripper, reg *Registry, service string, s *site) (resp *http.Response, err error) {
 	cb := reg.CircuitBreaker(service)
-	done, err := admit(ctx, cb)
-	if err != nil {
-		return nil, err
-	}
-	resp, failed, err := t.attempts(ctx, req, base, reg, service, s)
-	if done != nil {
-		outcome := errFailure
-		switch {
-		case ctx.Err() != nil || errors.Is(err, ErrBulkheadFull):
-			// The caller gave up, or the call never left this process.
-			outcome = errExcluded
-		case err != nil && cb.isFailure != nil && !cb.isFailure(err):
-			outcome = nil
-			cb.successes.Add(1)
-		case !failed:
-			outcome = nil
-			cb.successes.Add(1)
-		default:
-			et := "http_" + strconv.Itoa(statusOf(resp))
-			if err != nil {
-				et = errorType(err)
-			}
-			cb.recordFailure(ctx, et)
-		}
-		done(outcome)
-		cb.flush()
-	}
-	return resp, err
-}
-
-// admit asks cb for a call, honouring its forced and disabled modes. done
-// is nil when the call is not to be counted.
-func admit(ctx context.Context, cb *CircuitBreaker) (done func(error), err error) {
 	if m := cb.mode.Load(); m != 0 {
 		if m&modeForcedOpen != 0 && m&modeOff == 0 {
 			cb.rejections.Add(1)
 			return nil, cb.errOpen
 		}
-		return nil, nil
+		resp, _, err = t.attempts(ctx, req, base, reg, service, s) // not counted
+		return resp, err
 	}
-	done, err = cb.allow(ctx)
-	if err != nil {
-		cb.rejections.Add(1)
+	var outcome error
+	rej := cb.guard(ctx, func() error {
+		var failed bool
+		resp, failed, err = t.attempts(ctx, req, base, reg, service, s)
+		outcome = errFailure
+		switch {
+		case ctx.Err() != nil || errors.Is(err, ErrBulkheadFull):
+			// The caller gave up, or the call never left this process.
+			outcome = errExcluded
+		case err != nil && cb.isFailure != nil && !cb.isFailure(err), !failed:
+			outcome = nil
+		}
+		return outcome
+	})
+	if rej != nil {
+		return nil, rej
 	}
-	return done, err
+	switch outcome {
+	case nil:
+		cb.successes.Add(1)
+	case errFailure:
+		et := "http_" + strconv.Itoa(statusOf(resp))
+		if err != nil {
+			et = errorType(err)
+		}
+		cb.recordFailure(ctx, et)
+	}
+	return resp, err
 }
 
 func statusOf(resp *http.Response) int {
