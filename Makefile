@@ -83,5 +83,6 @@ demo:
 	$(GO) build -o /dev/null ./cmd/resilience
 
 tidy-check:
-	$(GO) mod tidy
-	git diff --exit-code go.mod go.sum
+	@for m in $(MODULES); do \
+		(cd $$m && $(GO) mod tidy && git diff --exit-code go.mod go.sum) || exit 1; \
+	done

@@ -99,7 +99,6 @@ type CircuitBreaker struct {
 	failMax       atomic.Int64
 	mode          atomic.Int32 // modeOff, modeForcedOpen, modeForcedClosed: one load on the hot path
 	sync          atomic.Pointer[syncBox]
-	openTimeout   time.Duration
 	logger        *slog.Logger // nil when logging is off
 	setMu         sync.Mutex   // guards settings
 	settings      gobreaker.Settings
@@ -110,8 +109,7 @@ type CircuitBreaker struct {
 	errOpen, errTooMany *Error
 	mService            []metric.AddOption // the service attribute, built once
 	mFailures           optCache           // by error.type
-	successes           atomic.Int64       // observed by the metrics
-	rejections          atomic.Int64       // observed by the metrics
+	counts              *serviceCounts     // successes and rejections, observed by the metrics
 
 	// cur is the gobreaker instance in use. Reset swaps in a fresh one;
 	// calls already admitted by the old one finish against it, and the old
@@ -124,8 +122,9 @@ type CircuitBreaker struct {
 	pending    []transition
 	npending   atomic.Int32
 	delivering bool
-	last       State     // the state as of the last queued transition
-	since      time.Time // when it entered that state
+	last       State        // the state as of the last queued transition
+	lastAtomic atomic.Int32 // last, for lock-free reads on the call path
+	since      time.Time    // when it entered that state
 }
 
 // The bits of CircuitBreaker.mode.
@@ -195,7 +194,6 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 	}
 	cb := &CircuitBreaker{
 		name:          cfg.Name,
-		openTimeout:   openTimeout,
 		since:         time.Now(),
 		isFailure:     cfg.IsFailure,
 		onStateChange: cfg.OnStateChange,
@@ -209,6 +207,7 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 		}
 	}
 	cb.mService = addSet(attrService.String(cfg.Name))
+	cb.counts = countsFor(cfg.Name)
 	cb.failMax.Store(int64(failMax))
 	cb.settings = gobreaker.Settings{
 		Name:        cfg.Name,
@@ -264,6 +263,7 @@ func (cb *CircuitBreaker) transitionLocked(from, to State) {
 	}
 	cb.recordTransition(from, to)
 	cb.last = to
+	cb.lastAtomic.Store(int32(to))
 	cb.since = time.Now()
 	if cb.onStateChange != nil || cb.logger != nil || cb.sync.Load() != nil {
 		cb.pending = append(cb.pending, transition{from, to})
@@ -286,9 +286,16 @@ func (cb *CircuitBreaker) recordTransition(from, to State) {
 // from open to half-open that State makes: for the state gauge, which must
 // not change what it observes.
 func (cb *CircuitBreaker) lastState() State {
-	cb.evMu.Lock()
-	defer cb.evMu.Unlock()
-	return cb.last
+	return State(cb.lastAtomic.Load())
+}
+
+// OpenTimeout returns how long the breaker stays open before it lets a
+// probe through: a BreakerSync shares it so that other processes know when
+// an open ends. It is safe for concurrent use.
+func (cb *CircuitBreaker) OpenTimeout() time.Duration {
+	cb.setMu.Lock()
+	defer cb.setMu.Unlock()
+	return cb.settings.Timeout
 }
 
 // flush delivers queued transitions outside every lock. Only one goroutine
@@ -333,8 +340,8 @@ func (cb *CircuitBreaker) deliver(t transition) {
 		}
 		cb.logger.LogAttrs(context.Background(), level, "circuit breaker "+t.to.String(),
 			slog.String("service", cb.name), slog.String("from", t.from.String()), slog.String("to", t.to.String()),
-			slog.Int64("fail_max", cb.failMax.Load()), slog.Duration("open_timeout", cb.openTimeout),
-			slog.Int64("successes", cb.successes.Load()), slog.Int64("rejections", cb.rejections.Load()))
+			slog.Int64("fail_max", cb.failMax.Load()), slog.Duration("open_timeout", cb.OpenTimeout()),
+			slog.Int64("successes", cb.counts.successes.Load()), slog.Int64("rejections", cb.counts.rejections.Load()))
 	}
 	if sb := cb.sync.Load(); sb != nil {
 		sb.s.StateChanged(cb.name, t.from, t.to)
@@ -389,7 +396,6 @@ func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
 	cb.setMu.Lock()
 	changed := cb.settings.Timeout != openTimeout || cb.settings.MaxRequests != uint32(probes)
 	cb.settings.Timeout, cb.settings.MaxRequests = openTimeout, uint32(probes)
-	cb.openTimeout = openTimeout
 	cb.setMu.Unlock()
 	if changed {
 		// A fresh gobreaker with the new settings, closed; a state an
@@ -509,13 +515,13 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) error {
 	cb.flush()
 	switch stage {
 	case callNotRun:
-		cb.rejections.Add(1)
+		cb.counts.rejections.Add(1)
 		if err == gobreaker.ErrTooManyRequests {
 			return cb.errTooMany
 		}
 		return cb.errOpen
 	case probeDenied:
-		cb.rejections.Add(1)
+		cb.counts.rejections.Add(1)
 		return cb.errTooMany
 	}
 	return nil
@@ -634,7 +640,7 @@ func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 	return func(ctx context.Context) (v T, err error) {
 		if m := cb.mode.Load(); m != 0 {
 			if m&modeForcedOpen != 0 && m&modeOff == 0 {
-				cb.rejections.Add(1)
+				cb.counts.rejections.Add(1)
 				return v, cb.errOpen
 			}
 			return fn(ctx) // disabled, or forced closed: not counted
@@ -649,7 +655,7 @@ func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 		}
 		switch o {
 		case nil:
-			cb.successes.Add(1)
+			cb.counts.successes.Add(1)
 		case errFailure:
 			cb.recordFailure(ctx, errorType(err))
 		}

@@ -15,7 +15,7 @@ type Fallback[T any] func(ctx context.Context, err error) (T, error)
 
 // FallbackValue returns a Fallback that answers every failure with v.
 func FallbackValue[T any](v T) Fallback[T] {
-	return func(context.Context, error) (T, error) { return v, nil }
+	return markFallback(func(context.Context, error) (T, error) { return v, nil }, fallbackValue)
 }
 
 // WithFallback returns fn with fb as its last resort: when fn fails, the
@@ -186,7 +186,7 @@ func (c *FallbackCache[T]) Record(key string, fn Func[T]) Func[T] {
 // value for key and a nil error: the cached-value fallback. With no usable
 // value it returns the original error.
 func (c *FallbackCache[T]) Fallback(key string) Fallback[T] {
-	return func(_ context.Context, err error) (T, error) {
+	return markFallback(func(_ context.Context, err error) (T, error) {
 		v, _, ok := c.Load(key)
 		if !ok {
 			c.misses.Add(1)
@@ -194,7 +194,7 @@ func (c *FallbackCache[T]) Fallback(key string) Fallback[T] {
 		}
 		c.hits.Add(1)
 		return v, nil
-	}
+	}, fallbackCached)
 }
 
 // StaleFallback returns a Fallback that answers a failure with the last good
@@ -209,7 +209,7 @@ func (c *FallbackCache[T]) Fallback(key string) Fallback[T] {
 //
 // With no usable value it returns the original error.
 func (c *FallbackCache[T]) StaleFallback(key string) Fallback[T] {
-	return func(_ context.Context, err error) (T, error) {
+	return markFallback(func(_ context.Context, err error) (T, error) {
 		v, age, ok := c.Load(key)
 		if !ok {
 			c.misses.Add(1)
@@ -218,7 +218,7 @@ func (c *FallbackCache[T]) StaleFallback(key string) Fallback[T] {
 		c.hits.Add(1)
 		c.stale.Add(1)
 		return v, &Error{Err: ErrStale, Age: age, Cause: err}
-	}
+	}, fallbackStale)
 }
 
 // Wrap returns fn recording its successes under key and answering its

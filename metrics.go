@@ -7,7 +7,6 @@ import (
 	"reflect"
 	"runtime"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -198,8 +197,6 @@ func observeBulkhead(b *Bulkhead) {
 func observe(in *instruments, o metric.Observer) error {
 	// Policies and wrappers may share a name: their counts are summed, as
 	// one observation per attribute set is all an observer may make.
-	type breakerCounts struct{ successes, rejections int64 }
-	byService := map[string]*breakerCounts{}
 	type callKey struct {
 		name    string
 		outcome outcome
@@ -212,13 +209,6 @@ func observe(in *instruments, o metric.Observer) error {
 	observed.breakers = prune(observed.breakers, func(cb *CircuitBreaker) {
 		attrs := metric.WithAttributeSet(attribute.NewSet(attrService.String(cb.name)))
 		o.ObserveInt64(in.cbState, int64(cb.lastState()), attrs)
-		c := byService[cb.name]
-		if c == nil {
-			c = &breakerCounts{}
-			byService[cb.name] = c
-		}
-		c.successes += cb.successes.Load()
-		c.rejections += cb.rejections.Load()
 	})
 	observed.bulkheads = prune(observed.bulkheads, func(b *Bulkhead) {
 		s := b.Stats()
@@ -239,11 +229,13 @@ func observe(in *instruments, o metric.Observer) error {
 	}
 	observed.mu.Unlock()
 
-	for service, c := range byService {
-		attrs := metric.WithAttributeSet(attribute.NewSet(attrService.String(service)))
-		o.ObserveInt64(in.cbSuccesses, c.successes, attrs)
-		o.ObserveInt64(in.cbRejections, c.rejections, attrs)
-	}
+	serviceCountsMap.Range(func(k, v any) bool {
+		c := v.(*serviceCounts)
+		attrs := metric.WithAttributeSet(attribute.NewSet(attrService.String(k.(string))))
+		o.ObserveInt64(in.cbSuccesses, c.successes.Load(), attrs)
+		o.ObserveInt64(in.cbRejections, c.rejections.Load(), attrs)
+		return true
+	})
 	for k, n := range used {
 		o.ObserveInt64(in.fbUsed, n, metric.WithAttributeSet(attribute.NewSet(
 			attrFunction.String(k.name), attrErrorType.String(k.errorType), attrFallbackType.String(k.kind))))
@@ -256,6 +248,24 @@ func observe(in *instruments, o metric.Observer) error {
 		o.ObserveInt64(in.calls, n, metric.WithAttributeSet(attribute.NewSet(attrName.String(k.name), attrOutcome.String(outcomeNames[k.outcome]))))
 	}
 	return nil
+}
+
+// serviceCounts are the counts of the breakers of one service name. They
+// are kept per name, not per breaker, and live as long as the process, so
+// that the observed counters never fall when a breaker is dropped or rebuilt
+// (Prometheus would read a fall as a counter reset).
+type serviceCounts struct {
+	successes, rejections atomic.Int64
+}
+
+var serviceCountsMap sync.Map // service name -> *serviceCounts
+
+func countsFor(name string) *serviceCounts {
+	if c, ok := serviceCountsMap.Load(name); ok {
+		return c.(*serviceCounts)
+	}
+	c, _ := serviceCountsMap.LoadOrStore(name, new(serviceCounts))
+	return c.(*serviceCounts)
 }
 
 // errorType returns OpenTelemetry's error.type for err: a short name for
@@ -548,19 +558,26 @@ const (
 
 var fallbackKinds = [numFallbackKinds]string{"function", "value", "cached", "stale", "empty"}
 
-// fallbackKind tells which constructor made fb, from the name of its code,
-// once at wrap time.
+// madeFallbacks maps the code of each Fallback this package's constructors
+// made to its kind. The name of the code cannot tell: a constructor inlined
+// into its caller, as FallbackValue and the cache's methods are outside this
+// package, gives its closure the caller's name.
+var madeFallbacks sync.Map // code pointer (uintptr) -> kind
+
+// markFallback records fb as made by a constructor of the given kind. The
+// map holds one entry per closure and inlined call site, not per call.
+func markFallback[T any](fb Fallback[T], kind int) Fallback[T] {
+	pc := reflect.ValueOf(fb).Pointer()
+	if _, ok := madeFallbacks.Load(pc); !ok {
+		madeFallbacks.Store(pc, kind)
+	}
+	return fb
+}
+
+// fallbackKind tells which constructor made fb, once at wrap time.
 func fallbackKind(fb any) int {
-	name := funcName(fb)
-	switch {
-	case !strings.HasPrefix(name, ScopeName+"."):
-		return fallbackFunction
-	case strings.Contains(name, ".FallbackValue["):
-		return fallbackValue
-	case strings.Contains(name, ").StaleFallback."):
-		return fallbackStale
-	case strings.Contains(name, ").Fallback."):
-		return fallbackCached
+	if k, ok := madeFallbacks.Load(reflect.ValueOf(fb).Pointer()); ok {
+		return k.(int)
 	}
 	return fallbackFunction
 }

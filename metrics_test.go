@@ -377,7 +377,7 @@ func TestSetMeterProviderWhileCalling(t *testing.T) {
 			mp.Shutdown(context.Background())
 		}
 	})
-	runtime.GC() // see withReader
+	runtime.GC()                                            // see withReader
 	name := fmt.Sprintf("switch-%d", time.Now().UnixNano()) // observed counters are cumulative: a name of its own
 	cb := mustBreaker(t, CircuitBreakerConfig{Name: name, FailMax: 1 << 30})
 	fn := Compose(okFunc, Stack[int]{Name: name, CircuitBreaker: cb, Bulkhead: mustBulkhead(t, BulkheadConfig{Name: name})})

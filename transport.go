@@ -123,7 +123,7 @@ func (t *Transport) protected(ctx context.Context, req *http.Request, base http.
 	cb := reg.CircuitBreaker(service)
 	if m := cb.mode.Load(); m != 0 {
 		if m&modeForcedOpen != 0 && m&modeOff == 0 {
-			cb.rejections.Add(1)
+			cb.counts.rejections.Add(1)
 			return nil, cb.errOpen
 		}
 		resp, _, err = t.attempts(ctx, req, base, reg, service, s) // not counted
@@ -148,7 +148,7 @@ func (t *Transport) protected(ctx context.Context, req *http.Request, base http.
 	}
 	switch outcome {
 	case nil:
-		cb.successes.Add(1)
+		cb.counts.successes.Add(1)
 	case errFailure:
 		et := "http_" + strconv.Itoa(statusOf(resp))
 		if err != nil {

@@ -1,0 +1,321 @@
+// Command prometheus serves the resilience metrics in Prometheus's text
+// format, through OpenTelemetry's Prometheus exporter, while it calls a flaky
+// downstream through resilience.Compose, so that every instrument of the
+// package has data to show within a few seconds:
+//
+//	go run . -addr 127.0.0.1:9464
+//	curl -s http://127.0.0.1:9464/metrics | grep ^resilience_
+//
+// The downstream is simulated in process and needs no network. It answers in
+// 2 to 10ms, fails one call in ten, hangs past the timeouts one call in ten,
+// and is down altogether for 2s of every 8s, starting 1s in: the breakers
+// open and close again, the retries succeed or give up, the retry budget
+// runs out, the bulkhead queues and rejects, and the fallbacks answer with a
+// fixed value, a cached one and a stale one.
+//
+// dashboards/resilience.json at the root of the repository is a Grafana
+// dashboard for these metrics; the test in this directory evaluates each of
+// its queries against a real Prometheus scraping this program.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/resilience-go/resilience"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+)
+
+func main() {
+	addr := flag.String("addr", "127.0.0.1:9464", "address to serve /metrics on")
+	duration := flag.Duration("duration", 0, "how long to run; 0 runs until interrupted")
+	flag.Parse()
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if *duration > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, *duration)
+		defer cancel()
+	}
+	ready := make(chan string, 1)
+	printed := make(chan struct{})
+	go func() {
+		defer close(printed)
+		for url := range ready {
+			fmt.Printf("serving metrics at %s (Ctrl-C stops)\n", url)
+		}
+	}()
+	err := run(ctx, *addr, ready)
+	close(ready)
+	<-printed
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "prometheus:", err)
+		os.Exit(1)
+	}
+}
+
+// run serves /metrics on addr and calls the downstream until ctx is done. It
+// sends the URL of /metrics on ready, if not nil, once it listens. It returns
+// once every goroutine it started has ended, the calls the enforced timeout
+// abandoned included.
+func run(ctx context.Context, addr string, ready chan<- string) error {
+	// A registry of our own rather than Prometheus's default one, so that
+	// the example can run twice in one process (its tests do).
+	reg := prometheus.NewRegistry()
+	exporter, err := otelprom.New(otelprom.WithRegisterer(reg))
+	if err != nil {
+		return err
+	}
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter))
+	defer mp.Shutdown(context.Background())
+	resilience.SetMeterProvider(mp)
+	defer resilience.SetMeterProvider(nil)
+
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+
+	if ready != nil {
+		select {
+		case ready <- "http://" + ln.Addr().String() + "/metrics":
+		case <-ctx.Done():
+		}
+	}
+
+	trafficErr := traffic(ctx)
+
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		return err
+	}
+	if err := <-served; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return trafficErr
+}
+
+// The downstream's behaviour and the policies' settings. The timeouts are
+// shorter than a hang, so a hanging call always times out; the breakers'
+// open timeouts are shorter than an outage, so a breaker probes, opens
+// again, and closes once the outage is over.
+const (
+	cycle       = 8 * time.Second        // the downstream's behaviour repeats
+	outageStart = 1 * time.Second        // into each cycle
+	outageEnd   = 3 * time.Second        // into each cycle
+	hang        = 150 * time.Millisecond // how long a hanging call takes
+	failShare   = 0.1                    // of calls outside an outage
+	hangShare   = 0.1                    // of calls outside an outage
+	pause       = 10 * time.Millisecond  // between one worker's calls
+)
+
+// httpError is the downstream's failure: its type, *main.httpError, is the
+// error.type attribute of the metrics.
+type httpError struct{ code int }
+
+func (e *httpError) Error() string { return "downstream: HTTP " + strconv.Itoa(e.code) }
+
+// downstream is the flaky service. It is safe for concurrent use.
+type downstream struct {
+	start    time.Time
+	inflight atomic.Int64 // calls running, those an enforced timeout abandoned included
+}
+
+func (d *downstream) down() bool {
+	t := time.Since(d.start) % cycle
+	return t >= outageStart && t < outageEnd
+}
+
+// call answers as the downstream does now. A cooperative call returns when
+// ctx is done; one that is not (a legacy client) hangs for the whole hang.
+func (d *downstream) call(ctx context.Context, cooperative bool, answer string) (string, error) {
+	// Counted before ctx is checked, so that run, which waits for the count
+	// to drop to zero once ctx is done, cannot miss a call that starts late.
+	d.inflight.Add(1)
+	defer d.inflight.Add(-1)
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	if d.down() {
+		return "", &httpError{http.StatusServiceUnavailable}
+	}
+	latency := time.Duration(2+rand.IntN(9)) * time.Millisecond
+	var err error
+	switch r := rand.Float64(); {
+	case r < failShare:
+		err = &httpError{http.StatusInternalServerError}
+	case r < failShare+hangShare:
+		latency = hang
+	}
+	if !cooperative {
+		time.Sleep(latency)
+		return answer, err
+	}
+	t := time.NewTimer(latency)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return "", ctx.Err()
+	case <-t.C:
+		return answer, err
+	}
+}
+
+func (d *downstream) exchangeRate(ctx context.Context) (string, error) {
+	return d.call(ctx, true, "1.08")
+}
+
+// traffic calls the downstream through four protected functions until ctx
+// is done, then waits for every call to end.
+func traffic(ctx context.Context) error {
+	d := &downstream{start: time.Now()}
+
+	// The quote service: a breaker, a retry within a budget, a timeout, a
+	// bulkhead too small for its four callers, and the last good quote.
+	quoteBreaker, err := resilience.NewCircuitBreaker(resilience.CircuitBreakerConfig{
+		Name: "pricing", FailMax: 5, OpenTimeout: 500 * time.Millisecond,
+		// A full bulkhead is our own contention, not the downstream's
+		// failure: without this the breaker would open under load alone.
+		IsFailure:      func(err error) bool { return !errors.Is(err, resilience.ErrBulkheadFull) },
+		DisableLogging: true, // the metrics tell the story
+	})
+	if err != nil {
+		return err
+	}
+	budget, err := resilience.NewRetryBudget(resilience.RetryBudgetConfig{
+		Ratio: 0.1, MinPerSecond: 2, Window: 5 * time.Second,
+	})
+	if err != nil {
+		return err
+	}
+	quoteRetry, err := resilience.NewRetry(resilience.RetryConfig{
+		MaxAttempts: 3, InitialDelay: 5 * time.Millisecond, MaxDelay: 20 * time.Millisecond, Budget: budget,
+	})
+	if err != nil {
+		return err
+	}
+	quoteBulkhead, err := resilience.NewBulkhead(resilience.BulkheadConfig{
+		Name: "pricing-db", Limit: 2, MaxQueue: 2, MaxWait: 10 * time.Millisecond,
+	})
+	if err != nil {
+		return err
+	}
+	quotes, err := resilience.NewFallbackCache[string](resilience.FallbackCacheConfig{})
+	if err != nil {
+		return err
+	}
+	getQuote := resilience.Compose(
+		quotes.Record("quote", func(ctx context.Context) (string, error) { return d.call(ctx, true, "42.00 EUR") }),
+		resilience.Stack[string]{
+			Name: "get_quote", Operation: "db",
+			CircuitBreaker: quoteBreaker, Retry: quoteRetry, Timeout: 100 * time.Millisecond,
+			Bulkhead: quoteBulkhead, Fallback: quotes.Fallback("quote"),
+		})
+
+	// The recommendation service: a breaker, a retry, a timeout, and a
+	// fixed answer when all else fails.
+	recBreaker, err := resilience.NewCircuitBreaker(resilience.CircuitBreakerConfig{
+		Name: "recommender", FailMax: 3, OpenTimeout: 400 * time.Millisecond, DisableLogging: true,
+	})
+	if err != nil {
+		return err
+	}
+	recRetry, err := resilience.NewRetry(resilience.RetryConfig{
+		MaxAttempts: 2, InitialDelay: 5 * time.Millisecond, MaxDelay: 10 * time.Millisecond,
+	})
+	if err != nil {
+		return err
+	}
+	getRecommendations := resilience.Compose(
+		func(ctx context.Context) (string, error) { return d.call(ctx, true, "personalised") },
+		resilience.Stack[string]{
+			Name: "get_recommendations", Operation: "http",
+			CircuitBreaker: recBreaker, Retry: recRetry, Timeout: 80 * time.Millisecond,
+			Fallback: resilience.FallbackValue("bestsellers"),
+		})
+
+	// The profile service, through a legacy client that ignores its
+	// context: the timeout is enforced, abandoning the calls that hang, and
+	// the last good profile is served marked stale.
+	profileRetry, err := resilience.NewRetry(resilience.RetryConfig{
+		MaxAttempts: 2, InitialDelay: 5 * time.Millisecond, MaxDelay: 10 * time.Millisecond,
+	})
+	if err != nil {
+		return err
+	}
+	profiles, err := resilience.NewFallbackCache[string](resilience.FallbackCacheConfig{})
+	if err != nil {
+		return err
+	}
+	getProfile := resilience.Compose(
+		profiles.Record("profile", func(ctx context.Context) (string, error) { return d.call(ctx, false, "ada") }),
+		resilience.Stack[string]{
+			Name: "get_profile", Operation: "auth",
+			Retry: profileRetry, Timeout: 60 * time.Millisecond, EnforceTimeout: true,
+			Fallback: profiles.StaleFallback("profile"),
+		})
+
+	// The exchange rate, through FallbackCache.Wrap alone: its last good
+	// value answers every failure. Its metrics are named after the method,
+	// "main.(*downstream).exchangeRate-fm", as Wrap has no Stack.Name.
+	rates, err := resilience.NewFallbackCache[string](resilience.FallbackCacheConfig{MaxAge: time.Minute})
+	if err != nil {
+		return err
+	}
+	getRate := rates.Wrap("EUR/USD", d.exchangeRate)
+
+	var wg sync.WaitGroup
+	worker := func(call resilience.Func[string]) {
+		wg.Go(func() {
+			t := time.NewTimer(pause)
+			defer t.Stop()
+			for ctx.Err() == nil {
+				// Every error is in the metrics; a stale profile is
+				// an answer too.
+				_, _ = call(ctx)
+				t.Reset(pause)
+				select {
+				case <-ctx.Done():
+				case <-t.C:
+				}
+			}
+		})
+	}
+	for range 4 {
+		worker(getQuote)
+	}
+	for range 2 {
+		worker(getRecommendations)
+	}
+	worker(getProfile)
+	worker(getRate)
+	wg.Wait()
+
+	// The calls the enforced timeout abandoned end within a hang.
+	for d.inflight.Load() > 0 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	return nil
+}

@@ -1,0 +1,495 @@
+package redisstore
+
+import (
+	"context"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/resilience-go/resilience"
+)
+
+// The shared state of a breaker is a hash at <prefix>cb:{KEY}, KEY being
+// the EnvKey of its name, so that "payments-eu" and "PAYMENTS_EU" are one
+// breaker here as they are in a Registry:
+//
+//	state   "open" or "closed"; half-open is not shared, since each
+//	        replica gets there on its own clock
+//	until   when the open ends, unix ms (0: not known)
+//	at      when the transition happened, unix ms, by Redis's clock
+//	origin  the replica that made it
+//	epoch   set when the hash is created, so that a Redis that lost its
+//	        data is told from one that did not
+//	gen     incremented on every write
+//
+// Every write is published on <prefix>breakers as
+// "epoch gen state until at origin KEY". The half-open probe lock is
+// <prefix>cb:{KEY}:probe, holding the id of the replica that probes.
+
+// stateTTL is how long a breaker's shared state outlives its last change,
+// so that breakers no longer in use leave nothing behind.
+const stateTTL = 24 * time.Hour
+
+// expectWindow is how long a transition caused by applying a remote state
+// is waited for, so that it is not published back as a new one. It is
+// nearly always delivered before Trip or Reset returns; a miss only costs a
+// write that Redis turns into a no-op.
+const expectWindow = 250 * time.Millisecond
+
+// publishScript writes a breaker state unless Redis holds a newer one, or
+// the same one, and publishes what it wrote. A replica that leaves
+// half-open releases the probe lock it holds in the same step.
+//
+// KEYS: state hash, probe lock. ARGV: state, open timeout ms (0: not
+// known), transition time ms ("" for Redis's clock), origin, epoch for a new
+// hash, channel, breaker key, hash ttl ms, "1" if the breaker left
+// half-open (a failed probe: a new open, to be written even over an open).
+var publishScript = redis.NewScript(`
+if ARGV[1] ~= 'half-open' and redis.call('GET', KEYS[2]) == ARGV[4] then
+  redis.call('DEL', KEYS[2])
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local at = now
+if ARGV[3] ~= '' then at = tonumber(ARGV[3]) end
+local cur = redis.call('HMGET', KEYS[1], 'state', 'until', 'at', 'epoch', 'gen')
+if cur[1] then
+  if tonumber(cur[3]) > at then return {0, cur[4], cur[5]} end
+  if cur[1] == ARGV[1] then
+    if ARGV[1] ~= 'open' then return {0, cur[4], cur[5]} end
+    local u = tonumber(cur[2])
+    if ARGV[9] ~= '1' and (u == 0 or u > now) then return {0, cur[4], cur[5]} end
+  end
+end
+local ends = 0
+if ARGV[1] == 'open' and tonumber(ARGV[2]) > 0 then ends = at + tonumber(ARGV[2]) end
+local epoch = cur[4] or ARGV[5]
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'until', ends, 'at', at, 'origin', ARGV[4], 'epoch', epoch)
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+redis.call('PUBLISH', ARGV[6], epoch .. ' ' .. gen .. ' ' .. ARGV[1] .. ' ' .. ends .. ' ' .. at .. ' ' .. ARGV[4] .. ' ' .. ARGV[7])
+return {1, epoch, gen}
+`)
+
+// probeScript takes the probe lock for a replica, or renews it if the
+// replica holds it already; it returns -1 then, or else how long the other
+// holder's lock still lasts, in ms.
+//
+// KEYS: probe lock. ARGV: replica id, ttl ms.
+var probeScript = redis.NewScript(`
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return -1
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then ttl = 0 end
+return ttl
+`)
+
+// releaseProbeScript deletes the probe lock if the replica holds it.
+//
+// KEYS: probe lock. ARGV: replica id.
+var releaseProbeScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+`)
+
+// breaker is the store's side of one local circuit breaker: the
+// BreakerSync the breaker calls, and what the worker knows of it.
+type breaker struct {
+	s    *Store
+	cb   *resilience.CircuitBreaker
+	key  string // EnvKey of the breaker's name
+	hkey string // the shared state
+	pkey string // the probe lock
+
+	// Set on the call path or by StateChanged.
+	probing   atomic.Bool  // this replica holds the probe lock
+	probeExp  atomic.Int64 // unix ns: when that lock expires
+	denyUntil atomic.Int64 // unix ns: another replica probes until then
+	dirty     atomic.Bool  // a local transition is not in Redis yet
+
+	// The worker's alone.
+	epoch    string // the last shared state seen
+	gen      int64
+	openedAt time.Time // when the local breaker last opened
+	announce bool      // publish the local state if it is not closed
+	expects  []expectation
+}
+
+// expectation is a transition the worker caused by applying a remote
+// state, not to be published back. Several may be pending: an open applied,
+// then a close, before the first transition's event is handled.
+type expectation struct {
+	to resilience.State
+	by time.Time
+}
+
+// event is a local transition, queued by StateChanged for the worker.
+type event struct {
+	b        *breaker
+	from, to resilience.State
+	at       time.Time
+}
+
+// shared is a breaker state as Redis holds it.
+type shared struct {
+	missing       bool
+	state         string
+	until, at     int64
+	origin, epoch string
+	gen           int64
+}
+
+// message is a state another replica published.
+type message struct {
+	key string
+	v   shared
+}
+
+// BreakerSync returns the sync for cb, and tracks cb so that states seen
+// elsewhere are applied to it with Trip and Reset. Asking again for the same
+// breaker returns the same sync. It calls nothing on cb and never waits, as
+// the Registry calls it under its own lock.
+func (s *Store) BreakerSync(cb *resilience.CircuitBreaker) resilience.BreakerSync {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if b, ok := s.breakers[cb]; ok {
+		return b
+	}
+	key := resilience.EnvKey(cb.Name())
+	hkey := s.opts.KeyPrefix + "cb:{" + key + "}"
+	b := &breaker{s: s, cb: cb, key: key, hkey: hkey, pkey: hkey + ":probe", announce: true}
+	s.breakers[cb] = b
+	s.byKey[key] = append(s.byKey[key], b)
+	s.poke() // read the shared state now, not a SyncInterval from now
+	return b
+}
+
+// StateChanged hands the transition to the worker and returns at once. When
+// the queue is full, the worker publishes the breaker's state as it then is
+// on its next poll instead.
+func (b *breaker) StateChanged(name string, from, to resilience.State) {
+	if b.s.closed.Load() {
+		return
+	}
+	select {
+	case b.s.events <- event{b, from, to, time.Now()}:
+	default:
+		b.dirty.Store(true)
+	}
+}
+
+// AllowProbe takes the half-open probe lock: true if this replica got it or
+// holds it, or if Redis did not answer within OpTimeout; false if another
+// replica holds it. A refusal is remembered for as long as the other lock
+// lasts, at most SyncInterval, so the replicas that do not probe do not ask
+// Redis on every call.
+func (b *breaker) AllowProbe(ctx context.Context, name string) bool {
+	s := b.s
+	if !s.usable() {
+		return true
+	}
+	now := time.Now().UnixNano()
+	if b.probing.Load() && now < b.probeExp.Load() {
+		return true
+	}
+	if now < b.denyUntil.Load() {
+		return false
+	}
+	take := func(ctx context.Context) (int64, error) {
+		v, err := probeScript.Run(ctx, s.client, []string{b.pkey}, s.id, s.opts.ProbeTTL.Milliseconds()).Int64()
+		if err == nil && v < 0 {
+			// Also when the caller has stopped waiting: the lock is
+			// released on the next transition out of half-open.
+			b.probeExp.Store(time.Now().Add(s.opts.ProbeTTL).UnixNano())
+			b.probing.Store(true)
+		}
+		return v, err
+	}
+	v, err := bounded(s, ctx, take, nil)
+	if err != nil {
+		if !callerGaveUp(ctx, err) {
+			s.markDown(err)
+		}
+		return true // local fallback: every replica may probe
+	}
+	s.markOK()
+	if v < 0 {
+		return true
+	}
+	wait := min(time.Duration(v)*time.Millisecond, s.opts.SyncInterval)
+	b.denyUntil.Store(time.Now().Add(wait).UnixNano())
+	return false
+}
+
+// openTimeout returns the breaker's OpenTimeout if the core exposes it, or
+// 0 (not known): then a shared open has no end time, and ends when a
+// replica publishes closed or a failed probe's new open.
+func openTimeout(cb *resilience.CircuitBreaker) time.Duration {
+	if o, ok := any(cb).(interface{ OpenTimeout() time.Duration }); ok {
+		return o.OpenTimeout()
+	}
+	return 0
+}
+
+func (b *breaker) expect(to resilience.State) {
+	b.expects = append(b.expects, expectation{to, time.Now().Add(expectWindow)})
+}
+
+// expected reports whether the transition to the state at the time was
+// caused by the worker, and forgets that expectation. A transition made
+// after its expectation's window is never taken for it, so old
+// expectations only cost memory: they are dropped after a minute.
+func (b *breaker) expected(to resilience.State, at time.Time) bool {
+	found := false
+	keep := b.expects[:0]
+	for _, e := range b.expects {
+		switch {
+		case !found && e.to == to && at.Before(e.by):
+			found = true
+		case time.Since(e.by) < time.Minute:
+			keep = append(keep, e)
+		}
+	}
+	b.expects = keep
+	return found
+}
+
+// handleEvent publishes a local transition, unless the worker caused it by
+// applying a remote state.
+func (s *Store) handleEvent(ev event) {
+	b := ev.b
+	if ev.to == resilience.StateOpen {
+		b.openedAt = ev.at
+	}
+	expected := b.expected(ev.to, ev.at)
+	if ev.to == resilience.StateHalfOpen {
+		return
+	}
+	b.denyUntil.Store(0)
+	held := b.probing.Swap(false)
+	if expected {
+		if held {
+			s.releaseProbe(b)
+		}
+		return
+	}
+	s.publish(b, ev.to, ev.from == resilience.StateHalfOpen, time.Time{})
+}
+
+// publish writes a local state to Redis; at is when the breaker entered it,
+// or zero for now by Redis's clock. A failure leaves the breaker dirty, for
+// the poll to publish once Redis is back.
+func (s *Store) publish(b *breaker, to resilience.State, leftHalfOpen bool, at time.Time) {
+	if !s.usable() {
+		b.dirty.Store(true)
+		return
+	}
+	state := "closed"
+	if to == resilience.StateOpen {
+		state = "open"
+	}
+	atArg := ""
+	if !at.IsZero() {
+		atArg = strconv.FormatInt(at.UnixMilli(), 10)
+	}
+	left := "0"
+	if leftHalfOpen {
+		left = "1"
+	}
+	ctx, cancel := s.bg()
+	defer cancel()
+	res, err := publishScript.Run(ctx, s.client, []string{b.hkey, b.pkey},
+		state, openTimeout(b.cb).Milliseconds(), atArg, s.id, newEpoch(), s.channel, b.key,
+		stateTTL.Milliseconds(), left).Slice()
+	if err != nil {
+		b.dirty.Store(true)
+		s.markDown(err)
+		return
+	}
+	s.markOK()
+	if len(res) == 3 && res[0] == int64(1) {
+		// Our own write: skip it when it comes back.
+		b.epoch, _ = res[1].(string)
+		b.gen, _ = res[2].(int64)
+	}
+}
+
+// republish publishes the breaker's current local state: after a failed or
+// dropped publish (dirty), or, if it is not closed, when the breaker is new
+// to the store or Redis is back (announce). A closed state is never
+// announced: a replica that just started must not close the others.
+func (s *Store) republish(b *breaker) {
+	dirty := b.dirty.Swap(false)
+	announce := b.announce
+	b.announce = false
+	if !dirty && !announce {
+		return
+	}
+	switch st := b.cb.State(); {
+	case st == resilience.StateHalfOpen:
+	case st == resilience.StateClosed && !dirty:
+	default:
+		s.publish(b, st, false, b.cb.Since())
+	}
+}
+
+func (s *Store) releaseProbe(b *breaker) {
+	if !s.usable() {
+		return // it expires after ProbeTTL
+	}
+	ctx, cancel := s.bg()
+	defer cancel()
+	if err := releaseProbeScript.Run(ctx, s.client, []string{b.pkey}, s.id).Err(); err != nil {
+		s.markDown(err)
+	}
+}
+
+// apply brings the local breaker in line with a shared state: an open seen
+// elsewhere trips it, a close seen elsewhere after it opened resets it.
+// Nothing is applied to a breaker held by ForceOpen or ForceClose.
+func (s *Store) apply(b *breaker, v shared, fromPoll bool) {
+	if v.missing {
+		if b.epoch != "" {
+			// Redis lost the state (restarted without its data): tell it
+			// ours again if it is not closed.
+			b.epoch, b.gen = "", 0
+			b.announce = true
+		}
+		return
+	}
+	if v.epoch == b.epoch && (v.gen == b.gen || !fromPoll && v.gen < b.gen) {
+		return // seen already, or older than what the poll read
+	}
+	b.epoch, b.gen = v.epoch, v.gen
+	if v.origin == s.id || b.cb.Forced() {
+		return
+	}
+	switch v.state {
+	case "open":
+		if v.until > 0 && v.until <= time.Now().UnixMilli() {
+			return // over already
+		}
+		if b.cb.State() == resilience.StateOpen {
+			return
+		}
+		b.expect(resilience.StateOpen)
+		b.cb.Trip()
+	case "closed":
+		st := b.cb.State()
+		if st == resilience.StateClosed {
+			return
+		}
+		opened := b.openedAt
+		if st == resilience.StateOpen {
+			opened = b.cb.Since()
+		}
+		if !opened.IsZero() && v.at < opened.UnixMilli() {
+			return // our open is newer than that close
+		}
+		b.expect(resilience.StateClosed)
+		b.cb.Reset()
+	}
+}
+
+func (s *Store) handleMessage(m *message) {
+	s.mu.Lock()
+	bs := append([]*breaker(nil), s.byKey[m.key]...)
+	s.mu.Unlock()
+	for _, b := range bs {
+		s.apply(b, m.v, false)
+	}
+}
+
+// poll reads every tracked breaker's shared state in one pipeline and
+// applies what changed, then publishes what Redis is missing. While Redis
+// is down it only checks whether it is back.
+func (s *Store) poll() {
+	if s.closed.Load() {
+		return
+	}
+	ctx, cancel := s.bg()
+	defer cancel()
+	s.mu.Lock()
+	bs := make([]*breaker, 0, len(s.breakers))
+	for _, b := range s.breakers {
+		bs = append(bs, b)
+	}
+	s.mu.Unlock()
+	if s.down.Load() {
+		if err := s.client.Ping(ctx).Err(); err != nil {
+			return
+		}
+		s.markUp()
+		s.loadScripts(ctx)
+		for _, b := range bs {
+			b.announce = true
+		}
+	}
+	if len(bs) == 0 {
+		return
+	}
+	cmds := make([]*redis.SliceCmd, len(bs))
+	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, b := range bs {
+			cmds[i] = p.HMGet(ctx, b.hkey, "state", "until", "at", "origin", "epoch", "gen")
+		}
+		return nil
+	})
+	if err != nil {
+		s.markDown(err)
+		return
+	}
+	s.markOK()
+	for i, b := range bs {
+		s.apply(b, parseHash(cmds[i].Val()), true)
+	}
+	for _, b := range bs {
+		s.republish(b)
+	}
+}
+
+func parseHash(vals []any) shared {
+	str := func(i int) string {
+		if i < len(vals) {
+			if v, ok := vals[i].(string); ok {
+				return v
+			}
+		}
+		return ""
+	}
+	v := shared{state: str(0), origin: str(3), epoch: str(4)}
+	if v.state == "" || v.epoch == "" {
+		return shared{missing: true}
+	}
+	v.until, _ = strconv.ParseInt(str(1), 10, 64)
+	v.at, _ = strconv.ParseInt(str(2), 10, 64)
+	v.gen, _ = strconv.ParseInt(str(5), 10, 64)
+	return v
+}
+
+func parseMessage(p string) (*message, bool) {
+	f := strings.SplitN(p, " ", 7)
+	if len(f) != 7 {
+		return nil, false
+	}
+	m := &message{key: f[6], v: shared{epoch: f[0], state: f[2], origin: f[5]}}
+	var err [4]error
+	m.v.gen, err[0] = strconv.ParseInt(f[1], 10, 64)
+	m.v.until, err[1] = strconv.ParseInt(f[3], 10, 64)
+	m.v.at, err[2] = strconv.ParseInt(f[4], 10, 64)
+	for _, e := range err {
+		if e != nil {
+			return nil, false
+		}
+	}
+	return m, true
+}
+
+func newEpoch() string {
+	return strconv.FormatInt(time.Now().UnixNano(), 36)
+}
