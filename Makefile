@@ -18,7 +18,7 @@ BENCHSTAT := v0.0.0-20260908200009-22c9c6c9d4da
 # The lowest total coverage of the root package that `make cover` accepts.
 COVER_MIN := 90
 
-.PHONY: all test lint cover bench bench-smoke compare fuzz demo tidy-check
+.PHONY: all test lint cover bench bench-smoke compare fuzz load chaos-fuzz demo tidy-check
 
 all: test lint
 
@@ -74,6 +74,14 @@ fuzz:
 
 # The examples, bounded, each run as a user would: outputs of llm and auth
 # are deterministic, so a second run must print the same.
+# The load scenario asserts its rate (1000 calls/s) only without -race.
+load:
+	cd internal/chaos && $(GO) test -count=1 -run '^TestLoad$$' -v .
+
+# A short fuzz of the whole stack's invariants.
+chaos-fuzz:
+	cd internal/chaos && $(GO) test -run='^$$' -fuzz='^FuzzCompose$$' -fuzztime=20s .
+
 demo:
 	$(GO) run ./examples/llm
 	$(GO) run ./examples/auth

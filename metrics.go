@@ -601,7 +601,19 @@ func top[T any](fn Func[T], s *site, fb Fallback[T], fbKind int) Func[T] {
 		if timed {
 			start = monotonic()
 		}
+		returned := false
+		defer func() {
+			if !returned {
+				// fn panicked (or called runtime.Goexit): a failed call
+				// all the same, and the panic goes on up.
+				s.counts[outcomeFailure].Add(1)
+				if timed {
+					in.callDuration.Record(ctx, (monotonic() - start).Seconds(), s.durations[outcomeFailure]...)
+				}
+			}
+		}()
 		v, err := fn(ctx)
+		returned = true
 		o := outcomeSuccess
 		if err != nil {
 			o = classify(ctx, err)

@@ -400,3 +400,21 @@ func TestSetMeterProviderWhileCalling(t *testing.T) {
 	wantPoints(t, c, "resilience.calls", "observed counter", "{call}", fmt.Sprintf("name=%s,outcome=success=%d", name, callers*calls))
 	wantPoints(t, c, "resilience.circuit_breaker.successes", "observed counter", "{call}", fmt.Sprintf("service=%s=%d", name, callers*calls))
 }
+
+// A call whose function panics is a failed call in the metrics, and the
+// panic goes on up.
+func TestMetricsCountPanics(t *testing.T) {
+	reader := withReader(t)
+	base := collect(t, reader)
+	fn := Compose(func(context.Context) (int, error) { panic("boom") }, Stack[int]{Name: "panicky"})
+	func() {
+		defer func() {
+			if r := recover(); r != "boom" {
+				t.Errorf("recovered %v; want the panic", r)
+			}
+		}()
+		fn(context.Background())
+	}()
+	c := since(base, collect(t, reader))
+	wantPoints(t, c, "resilience.calls", "observed counter", "{call}", "name=panicky,outcome=failure=1")
+}

@@ -60,6 +60,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/url"
 	"strconv"
 	"syscall"
 	"time"
@@ -194,8 +195,10 @@ func Permanent(err error) error { return backoff.Permanent(err) }
 //     and ErrStale (a value was served);
 //   - yes to ErrBulkheadFull;
 //   - what the error says, if it has a Retryable() bool method;
-//   - yes to refused, reset and aborted connections, broken pipes, an
-//     unexpected EOF and network timeouts;
+//   - yes to refused, reset and aborted connections, broken pipes, EOF
+//     and unexpected EOF (a connection closed before the answer), and
+//     network timeouts; a *url.Error, as http.Client returns, is judged by
+//     the error it wraps;
 //   - what the error says, if it has a Temporary() bool method;
 //   - yes to anything else: an error is worth retrying unless marked
 //     Permanent, which is backoff's rule.
@@ -226,8 +229,14 @@ func IsRetryable(err error) bool {
 	// refused connection is the textbook transient failure.
 	if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
 		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EPIPE) ||
-		errors.Is(err, io.ErrUnexpectedEOF) {
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
 		return true
+	}
+	// *url.Error forwards Temporary() to its inner error and says false
+	// when that has none: judge the inner error instead.
+	var ue *url.Error
+	if errors.As(err, &ue) && ue.Err != nil {
+		return IsRetryable(ue.Err)
 	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"strings"
 	"syscall"
 	"testing"
@@ -360,6 +361,9 @@ func TestIsRetryable(t *testing.T) {
 		{"aborted", syscall.ECONNABORTED, true},
 		{"broken pipe", syscall.EPIPE, true},
 		{"unexpected EOF", io.ErrUnexpectedEOF, true},
+		{"EOF through http.Client", &url.Error{Op: "Get", URL: "http://x", Err: io.EOF}, true},
+		{"client timeout through http.Client", &url.Error{Op: "Get", URL: "http://x", Err: context.DeadlineExceeded}, false},
+		{"refused through http.Client", &url.Error{Op: "Get", URL: "http://x", Err: &net.OpError{Op: "dial", Err: syscall.ECONNREFUSED}}, true},
 		{"net timeout", &net.OpError{Op: "read", Err: netTimeout{}}, true},
 		{"dns not found", &net.DNSError{Err: "no such host", Name: "x", IsNotFound: true}, false},
 	} {

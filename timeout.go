@@ -29,12 +29,12 @@ func WithTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 
 func callWithTimeout[T any](ctx context.Context, fn Func[T], d time.Duration, s *site) (T, error) {
 	tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
+	defer cancel() // on every path: a panic must not leave the timer armed
 	v, err := fn(tctx)
 	if err != nil && ownTimeout(ctx, tctx) {
 		err = timedOut(err)
 		s.timedOut(ctx, startOf(ctx, tctx, d), d)
 	}
-	cancel()
 	return v, err
 }
 
