@@ -54,10 +54,11 @@ type CircuitBreakerConfig struct {
 	// through (half-open). 0 means 60s.
 	OpenTimeout time.Duration
 
-	// HalfOpenMaxCalls is the number of probe calls let through while
-	// half-open. The breaker closes once that many probes in a row have
-	// succeeded, and any failed probe opens it again. 0 means 1: the first
-	// probe's outcome decides.
+	// HalfOpenMaxCalls is the number of probe calls let through at once
+	// while half-open. The breaker closes once that many probes in a row
+	// have succeeded, and any failed probe opens it again. A probe whose
+	// caller gave up decides nothing and frees its place for another. 0
+	// means 1: the first probe's outcome decides.
 	HalfOpenMaxCalls int
 
 	// IsFailure decides whether an error counts against the downstream;
@@ -66,15 +67,16 @@ type CircuitBreakerConfig struct {
 	// neither. nil means every other error is a failure.
 	IsFailure func(error) bool
 
-	// OnStateChange, if set, is called with every transition, in order,
-	// before the call or method that caused it returns. It is never called
-	// under a lock, so it may call the breaker's own methods. When several
-	// goroutines cause transitions at once, one of them delivers all of
-	// them, in order.
+	// OnStateChange, if set, is called with every transition, in order. It
+	// is never called under a lock, so it may call the breaker's own
+	// methods. It runs before the call or method that caused the
+	// transition returns, unless another goroutine is delivering
+	// transitions at that moment: that goroutine then delivers this one
+	// too, in order, so that callbacks never run at once.
 	OnStateChange func(name string, from, to State)
 
 	// Logger receives a structured record of every transition (service,
-	// from, to, its thresholds and its success and rejection totals): at Warn when the breaker opens,
+	// from, to, and its thresholds): at Warn when the breaker opens,
 	// at Info otherwise, outside every lock, like OnStateChange. nil means
 	// slog.Default().
 	Logger *slog.Logger
@@ -340,8 +342,7 @@ func (cb *CircuitBreaker) deliver(t transition) {
 		}
 		cb.logger.LogAttrs(context.Background(), level, "circuit breaker "+t.to.String(),
 			slog.String("service", cb.name), slog.String("from", t.from.String()), slog.String("to", t.to.String()),
-			slog.Int64("fail_max", cb.failMax.Load()), slog.Duration("open_timeout", cb.OpenTimeout()),
-			slog.Int64("successes", cb.counts.successes.Load()), slog.Int64("rejections", cb.counts.rejections.Load()))
+			slog.Int64("fail_max", cb.failMax.Load()), slog.Duration("open_timeout", cb.OpenTimeout()))
 	}
 	if sb := cb.sync.Load(); sb != nil {
 		sb.s.StateChanged(cb.name, t.from, t.to)
