@@ -1,9 +1,14 @@
 package resilience_test
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync"
 	"time"
 
 	"github.com/resilience-go/resilience"
@@ -302,4 +307,45 @@ func ExampleRetryBudget() {
 	fmt.Printf("calls: 100, attempts: %d, calls that ended on a refused retry: %d\n", attempts, refused)
 	// Output:
 	// calls: 100, attempts: 110, calls that ended on a refused retry: 100
+}
+
+// An alert on every breaker transition, posted to a webhook (here a
+// loopback server standing in for Slack or PagerDuty). OnStateChange runs
+// outside the breaker's locks, so a slow webhook delays only the call that
+// caused the transition, never other callers; a service that wants no
+// delay at all hands the alert to a goroutine or a queue, as here.
+func ExampleCircuitBreakerConfig_webhook() {
+	received := make(chan string, 10)
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var alert struct{ Service, From, To string }
+		json.NewDecoder(r.Body).Decode(&alert)
+		received <- fmt.Sprintf("alert: %s %s -> %s", alert.Service, alert.From, alert.To)
+	}))
+	defer hook.Close()
+
+	var sent sync.WaitGroup
+	cb, _ := resilience.NewCircuitBreaker(resilience.CircuitBreakerConfig{
+		Name:           "payments",
+		FailMax:        1,
+		DisableLogging: true,
+		OnStateChange: func(name string, from, to resilience.State) {
+			body, _ := json.Marshal(map[string]string{"service": name, "from": from.String(), "to": to.String()})
+			sent.Go(func() {
+				resp, err := http.Post(hook.URL, "application/json", bytes.NewReader(body))
+				if err == nil {
+					resp.Body.Close()
+				}
+			})
+		},
+	})
+	pay := resilience.WithCircuitBreaker(func(ctx context.Context) (string, error) { return "", errUnavailable }, cb)
+	pay(context.Background()) // opens it
+	sent.Wait()
+	fmt.Println(<-received)
+	cb.Reset()
+	sent.Wait()
+	fmt.Println(<-received)
+	// Output:
+	// alert: payments closed -> open
+	// alert: payments open -> closed
 }

@@ -305,6 +305,16 @@ func BenchmarkHTTP(b *testing.B) {
 		n, err := io.Copy(io.Discard, resp.Body)
 		return int(n), err
 	}
+	// The same request under a per-attempt context.WithTimeout and nothing
+	// else: what net/http itself does with a cancellable context (it
+	// watches it for the whole exchange) is a floor every stack with a
+	// timeout pays, hand-written or not.
+	withTimeout := func(ctx context.Context) (int, error) {
+		tctx, cancel := context.WithTimeout(ctx, time.Minute)
+		defer cancel()
+		return get(tctx)
+	}
 	b.Run("bare", func(b *testing.B) { run(b, get, 2, false) })
+	b.Run("timeout-only", func(b *testing.B) { run(b, withTimeout, 2, false) })
 	b.Run("resilience", func(b *testing.B) { run(b, resilienceStack(b, closed, get, false), 2, false) })
 }
