@@ -19,15 +19,6 @@ import (
 
 var errBhDown = errors.New("downstream failed")
 
-func bhMust(t testing.TB, cfg BulkheadConfig) *Bulkhead {
-	t.Helper()
-	b, err := NewBulkhead(cfg)
-	if err != nil {
-		t.Fatalf("NewBulkhead(%+v) error = %v", cfg, err)
-	}
-	return b
-}
-
 func bhWantStats(t *testing.T, b *Bulkhead, want BulkheadStats) {
 	t.Helper()
 	if got := b.Stats(); got != want {
@@ -95,7 +86,7 @@ func TestNewBulkheadLimit(t *testing.T) {
 		{64, 64},
 	}
 	for _, tt := range tests {
-		b := bhMust(t, BulkheadConfig{Name: "db", Limit: tt.limit})
+		b := mustBulkhead(t, BulkheadConfig{Name: "db", Limit: tt.limit})
 		if got := b.Limit(); got != tt.want {
 			t.Errorf("NewBulkhead(Limit: %d).Limit() = %d; want %d", tt.limit, got, tt.want)
 		}
@@ -118,7 +109,7 @@ func TestBulkheadLimitsConcurrency(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(fmt.Sprintf("Limit=%d", tt.limit), func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				b := bhMust(t, BulkheadConfig{Limit: tt.limit})
+				b := mustBulkhead(t, BulkheadConfig{Limit: tt.limit})
 				var inside, most atomic.Int64
 				gate := make(chan struct{})
 				fn := WithBulkhead(func(context.Context) (int, error) {
@@ -162,7 +153,7 @@ func TestBulkheadLimitsConcurrency(t *testing.T) {
 func TestBulkheadFailFast(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
-		b := bhMust(t, BulkheadConfig{Name: "llm", Limit: 2, FailFast: true})
+		b := mustBulkhead(t, BulkheadConfig{Name: "llm", Limit: 2, FailFast: true})
 		r1, err1 := b.Acquire(context.Background())
 		r2, err2 := b.Acquire(context.Background())
 		if err1 != nil || err2 != nil {
@@ -220,7 +211,7 @@ func TestBulkheadFailFast(t *testing.T) {
 func TestBulkheadFIFO(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
-		b := bhMust(t, BulkheadConfig{Limit: 1})
+		b := mustBulkhead(t, BulkheadConfig{Limit: 1})
 		release, err := b.Acquire(context.Background())
 		if err != nil {
 			t.Fatalf("Acquire() error = %v", err)
@@ -253,7 +244,7 @@ func TestBulkheadMaxQueue(t *testing.T) {
 	for _, maxQueue := range []int{1, 2, 5} {
 		t.Run(fmt.Sprintf("MaxQueue=%d", maxQueue), func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				b := bhMust(t, BulkheadConfig{Name: "q", Limit: 1, MaxQueue: maxQueue})
+				b := mustBulkhead(t, BulkheadConfig{Name: "q", Limit: 1, MaxQueue: maxQueue})
 				holder := bhStart(context.Background(), b)
 				synctest.Wait()
 				waiters := make([]*bhCall, maxQueue)
@@ -302,7 +293,7 @@ func TestBulkheadMaxWait(t *testing.T) {
 
 	t.Run("expires", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
-			b := bhMust(t, BulkheadConfig{Name: "slow", Limit: 1, MaxWait: maxWait})
+			b := mustBulkhead(t, BulkheadConfig{Name: "slow", Limit: 1, MaxWait: maxWait})
 			release, _ := b.Acquire(context.Background())
 			defer release()
 
@@ -331,7 +322,7 @@ func TestBulkheadMaxWait(t *testing.T) {
 
 	t.Run("still waiting just before", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
-			b := bhMust(t, BulkheadConfig{Limit: 1, MaxWait: maxWait})
+			b := mustBulkhead(t, BulkheadConfig{Limit: 1, MaxWait: maxWait})
 			release, _ := b.Acquire(context.Background())
 			c := bhStart(context.Background(), b)
 			defer close(c.leave) // lets it return if it was wrongly admitted
@@ -353,7 +344,7 @@ func TestBulkheadMaxWait(t *testing.T) {
 
 	t.Run("admitted in time", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
-			b := bhMust(t, BulkheadConfig{Limit: 1, MaxWait: maxWait})
+			b := mustBulkhead(t, BulkheadConfig{Limit: 1, MaxWait: maxWait})
 			release, _ := b.Acquire(context.Background())
 			go func() {
 				time.Sleep(2 * time.Second)
@@ -422,7 +413,7 @@ func TestBulkheadContextWhileWaiting(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				b := bhMust(t, BulkheadConfig{Limit: 1, MaxWait: tt.maxWait})
+				b := mustBulkhead(t, BulkheadConfig{Limit: 1, MaxWait: tt.maxWait})
 				release, _ := b.Acquire(context.Background())
 				ctx, cancel := tt.ctx()
 				defer cancel()
@@ -497,7 +488,7 @@ func TestBulkheadHeadWaiterGivesUp(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				b := bhMust(t, tt.cfg)
+				b := mustBulkhead(t, tt.cfg)
 				holders := make([]*bhCall, b.Limit())
 				for i := range holders {
 					holders[i] = bhStart(context.Background(), b)
@@ -541,7 +532,7 @@ func TestBulkheadHeadWaiterGivesUp(t *testing.T) {
 func TestBulkheadGrantWhileGivingUp(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
-		b := bhMust(t, BulkheadConfig{Limit: 1})
+		b := mustBulkhead(t, BulkheadConfig{Limit: 1})
 		if _, err := b.Acquire(context.Background()); err != nil {
 			t.Fatalf("Acquire() error = %v", err)
 		}
@@ -578,7 +569,7 @@ func TestBulkheadGrantWhileGivingUp(t *testing.T) {
 func TestBulkheadSetLimit(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
-		b := bhMust(t, BulkheadConfig{Limit: 1})
+		b := mustBulkhead(t, BulkheadConfig{Limit: 1})
 		for _, bad := range []int{0, -2} {
 			err := b.SetLimit(bad)
 			if !errors.Is(err, ErrInvalidConfig) {
@@ -659,7 +650,7 @@ func TestBulkheadReleasesSlot(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			// FailFast, so a leaked slot shows as a rejection, not a hang.
-			b := bhMust(t, BulkheadConfig{Limit: 1, FailFast: true})
+			b := mustBulkhead(t, BulkheadConfig{Limit: 1, FailFast: true})
 			fn := WithBulkhead(tt.fn, b)
 
 			var (
@@ -703,7 +694,7 @@ func TestBulkheadReleasesSlot(t *testing.T) {
 func TestBulkheadStatsScenario(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
-		b := bhMust(t, BulkheadConfig{Limit: 2, MaxQueue: 2, MaxWait: 10 * time.Second})
+		b := mustBulkhead(t, BulkheadConfig{Limit: 2, MaxQueue: 2, MaxWait: 10 * time.Second})
 		bhWantStats(t, b, BulkheadStats{})
 
 		a := bhStart(context.Background(), b)
@@ -749,7 +740,7 @@ func TestBulkheadAcquire(t *testing.T) {
 	t.Parallel()
 
 	t.Run("release twice frees one slot", func(t *testing.T) {
-		b := bhMust(t, BulkheadConfig{Limit: 2, FailFast: true})
+		b := mustBulkhead(t, BulkheadConfig{Limit: 2, FailFast: true})
 		r1, err := b.Acquire(context.Background())
 		if err != nil {
 			t.Fatalf("Acquire() error = %v", err)
@@ -779,7 +770,7 @@ func TestBulkheadAcquire(t *testing.T) {
 	})
 
 	t.Run("release on error is a no-op", func(t *testing.T) {
-		b := bhMust(t, BulkheadConfig{Limit: 1, FailFast: true})
+		b := mustBulkhead(t, BulkheadConfig{Limit: 1, FailFast: true})
 		held, _ := b.Acquire(context.Background())
 		release, err := b.Acquire(context.Background())
 		if !errors.Is(err, ErrBulkheadFull) {
@@ -797,7 +788,7 @@ func TestBulkheadAcquire(t *testing.T) {
 
 	t.Run("waits for a slot", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
-			b := bhMust(t, BulkheadConfig{Limit: 1})
+			b := mustBulkhead(t, BulkheadConfig{Limit: 1})
 			held, _ := b.Acquire(context.Background())
 			time.AfterFunc(time.Minute, held)
 			start := time.Now()
@@ -845,7 +836,7 @@ func TestNewBulkheadInvalidConfig(t *testing.T) {
 
 func TestWithBulkheadNilArgs(t *testing.T) {
 	t.Parallel()
-	b := bhMust(t, BulkheadConfig{})
+	b := mustBulkhead(t, BulkheadConfig{})
 	tests := []struct {
 		name  string
 		fn    Func[string]
@@ -876,7 +867,7 @@ func TestWithBulkheadNilArgs(t *testing.T) {
 
 func TestBulkheadSharedAcrossTypes(t *testing.T) {
 	t.Parallel()
-	b := bhMust(t, BulkheadConfig{Limit: 1, FailFast: true})
+	b := mustBulkhead(t, BulkheadConfig{Limit: 1, FailFast: true})
 	s := WithBulkhead(func(context.Context) (string, error) { return "s", nil }, b)
 	n := WithBulkhead(func(ctx context.Context) (int, error) {
 		// The string call shares the single slot, so it is turned away.
@@ -897,7 +888,7 @@ func TestBulkheadSharedAcrossTypes(t *testing.T) {
 // A rejection returns the bulkhead's one preallocated *Error, so turning
 // callers away under overload costs no garbage.
 func TestBulkheadRejectionAllocatesNothing(t *testing.T) {
-	b := bhMust(t, BulkheadConfig{Name: "hot", Limit: 1, FailFast: true})
+	b := mustBulkhead(t, BulkheadConfig{Name: "hot", Limit: 1, FailFast: true})
 	release, err := b.Acquire(context.Background())
 	if err != nil {
 		t.Fatalf("Acquire() error = %v", err)
@@ -929,7 +920,7 @@ func TestBulkheadStress(t *testing.T) {
 		goroutines = 50
 		calls      = 100
 	)
-	b := bhMust(t, BulkheadConfig{Limit: limit, MaxQueue: 0})
+	b := mustBulkhead(t, BulkheadConfig{Limit: limit, MaxQueue: 0})
 	var inside, most atomic.Int64
 	fn := WithBulkhead(func(context.Context) (int, error) {
 		bhRaiseMax(&most, inside.Add(1))
@@ -962,7 +953,7 @@ func TestBulkheadStress(t *testing.T) {
 }
 
 func BenchmarkWithBulkhead(b *testing.B) {
-	bh := bhMust(b, BulkheadConfig{Limit: 10})
+	bh := mustBulkhead(b, BulkheadConfig{Limit: 10})
 	fn := WithBulkhead(func(context.Context) (int, error) { return 1, nil }, bh)
 	ctx := context.Background()
 	b.ReportAllocs()
@@ -974,7 +965,7 @@ func BenchmarkWithBulkhead(b *testing.B) {
 }
 
 func BenchmarkWithBulkheadParallel(b *testing.B) {
-	bh := bhMust(b, BulkheadConfig{Limit: 10})
+	bh := mustBulkhead(b, BulkheadConfig{Limit: 10})
 	fn := WithBulkhead(func(context.Context) (int, error) { return 1, nil }, bh)
 	ctx := context.Background()
 	b.ReportAllocs()
@@ -989,7 +980,7 @@ func BenchmarkWithBulkheadParallel(b *testing.B) {
 }
 
 func BenchmarkBulkheadFull(b *testing.B) {
-	bh := bhMust(b, BulkheadConfig{Limit: 1, FailFast: true})
+	bh := mustBulkhead(b, BulkheadConfig{Limit: 1, FailFast: true})
 	release, err := bh.Acquire(context.Background())
 	if err != nil {
 		b.Fatal(err)

@@ -128,7 +128,7 @@ func mustBulkhead(t testing.TB, cfg BulkheadConfig) *Bulkhead {
 	t.Helper()
 	b, err := NewBulkhead(cfg)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("NewBulkhead(%+v) = %v", cfg, err)
 	}
 	return b
 }
