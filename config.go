@@ -195,6 +195,7 @@ type VarError struct {
 	Var, Value, Reason string
 }
 
+// Error says `NAME="value": why`, quoting a name that is not a plain key.
 func (e *VarError) Error() string {
 	name := e.Var
 	if !validKey(name) {

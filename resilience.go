@@ -15,6 +15,12 @@
 // One policy serves wrappers of any result type: one breaker per downstream
 // service is shared by its string- and int-returning calls alike.
 //
+// Around them: a [Registry] of named policies configured from environment
+// variables ([LoadConfig], [ForService], [Default]), a [Transport] that
+// protects every request of an http.Client, a [RetryBudget] that caps
+// retries at a share of calls, an [AdminHandler] for operators, and one
+// OpenTelemetry meter recording every outcome ([SetMeterProvider]).
+//
 // # Composition order
 //
 // [Compose] stacks the patterns, outermost first:

@@ -268,6 +268,7 @@ type StatusError struct {
 	StatusCode int
 }
 
+// Error says "resilience: HTTP 503 Service Unavailable".
 func (e *StatusError) Error() string {
 	return "resilience: HTTP " + strconv.Itoa(e.StatusCode) + " " + http.StatusText(e.StatusCode)
 }

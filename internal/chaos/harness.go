@@ -471,6 +471,7 @@ func jittered(d, j time.Duration) time.Duration {
 // other than 200: the downstream's own error, as opposed to the library's.
 type StatusError struct{ Code int }
 
+// Error says which status the downstream answered.
 func (e *StatusError) Error() string { return "chaos: downstream answered " + strconv.Itoa(e.Code) }
 
 // ErrDownstream is matched by every *StatusError.
