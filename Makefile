@@ -80,7 +80,7 @@ load:
 
 # A short fuzz of the whole stack's invariants.
 chaos-fuzz:
-	cd internal/chaos && $(GO) test -run='^$$' -fuzz='^FuzzCompose$$' -fuzztime=20s .
+	cd internal/chaos && $(GO) test -run='^$$' -fuzz='^FuzzCompose$$' -fuzztime=10s .
 
 demo:
 	$(GO) run ./examples/llm
