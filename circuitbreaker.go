@@ -475,10 +475,19 @@ const (
 // whose closure does not escape, so that admission allocates nothing (its
 // two-step API allocates a done func per call). call returns the outcome
 // for gobreaker: nil, errFailure or errExcluded. guard returns the
-// rejection, or nil once call has run; a panic in call counts as a failure
-// and propagates, and a runtime.Goexit, which gobreaker does not see, is
-// repaired so that no probe is lost.
-func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) error {
+// rejection, or nil once call has run, with counted false when the breaker
+// is disabled or forced closed and call ran uncounted. A panic in call
+// counts as a failure and propagates, and a runtime.Goexit, which gobreaker
+// does not see, is repaired so that no probe is lost.
+func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted bool, rejected error) {
+	if m := cb.mode.Load(); m != 0 {
+		if m&modeForcedOpen != 0 && m&modeOff == 0 {
+			cb.counts.rejections.Add(1)
+			return false, cb.errOpen
+		}
+		call() // disabled, or forced closed: not counted
+		return false, nil
+	}
 	g := cb.cur.Load()
 	stage := callNotRun
 	var panicked any
@@ -518,14 +527,14 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) error {
 	case callNotRun:
 		cb.counts.rejections.Add(1)
 		if err == gobreaker.ErrTooManyRequests {
-			return cb.errTooMany
+			return false, cb.errTooMany
 		}
-		return cb.errOpen
+		return false, cb.errOpen
 	case probeDenied:
 		cb.counts.rejections.Add(1)
-		return cb.errTooMany
+		return false, cb.errTooMany
 	}
-	return nil
+	return true, nil
 }
 
 // goexited repairs gobreaker after a call that called runtime.Goexit:
@@ -639,20 +648,17 @@ func WithCircuitBreaker[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 
 func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 	return func(ctx context.Context) (v T, err error) {
-		if m := cb.mode.Load(); m != 0 {
-			if m&modeForcedOpen != 0 && m&modeOff == 0 {
-				cb.counts.rejections.Add(1)
-				return v, cb.errOpen
-			}
-			return fn(ctx) // disabled, or forced closed: not counted
-		}
 		var o error
-		if rej := cb.guard(ctx, func() error {
+		counted, rej := cb.guard(ctx, func() error {
 			v, err = fn(ctx)
 			o = cb.outcome(ctx, err)
 			return o
-		}); rej != nil {
+		})
+		if rej != nil {
 			return v, rej
+		}
+		if !counted {
+			return v, err
 		}
 		switch o {
 		case nil:

@@ -335,115 +335,88 @@ func funcName(fn any) string {
 	return "unknown"
 }
 
-// optCache keeps the option slices of attribute sets that vary per call
-// but take few values, such as an error.type, so that recording them
-// allocates only the first time. Reads take no lock.
-type optCache struct {
+// cowMap is a map read without a lock and copied on write, for values
+// keyed by an attribute that takes few values per call site, such as an
+// error.type: a lookup per call, an allocation only for a new key, and no
+// hashing at all while the same key repeats.
+type cowMap[V any] struct {
 	mu   sync.Mutex
-	m    atomic.Pointer[map[string][]metric.AddOption]
-	last atomic.Pointer[cachedOpts] // the last key asked for: no hashing when it repeats
+	m    atomic.Pointer[map[string]V]
+	last atomic.Pointer[cowEntry[V]]
 }
 
-type cachedOpts struct {
-	key  string
-	opts []metric.AddOption
+type cowEntry[V any] struct {
+	key string
+	v   V
 }
+
+// get returns the value for key, made by newV and kept if the key is new.
+// With limit above 0, a map that holds limit keys keeps no more: the value
+// is then made afresh for each call.
+func (c *cowMap[V]) get(key string, newV func() V, limit int) V {
+	if l := c.last.Load(); l != nil && l.key == key {
+		return l.v
+	}
+	if m := c.m.Load(); m != nil {
+		if v, ok := (*m)[key]; ok {
+			return v
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.m.Load()
+	n := 0
+	if old != nil {
+		if v, ok := (*old)[key]; ok {
+			return v
+		}
+		n = len(*old)
+	}
+	v := newV()
+	if limit > 0 && n >= limit {
+		return v
+	}
+	m := make(map[string]V, n+1)
+	if old != nil {
+		maps.Copy(m, *old)
+	}
+	m[key] = v
+	c.m.Store(&m)
+	c.last.Store(&cowEntry[V]{key, v})
+	return v
+}
+
+// each calls f with every key and its value.
+func (c *cowMap[V]) each(f func(key string, v V)) {
+	if m := c.m.Load(); m != nil {
+		for k, v := range *m {
+			f(k, v)
+		}
+	}
+}
+
+// optCache keeps the option slices of attribute sets that vary per call,
+// so that recording them allocates only the first time.
+type optCache struct{ m cowMap[[]metric.AddOption] }
 
 // maxCached bounds an optCache; past it, options are built per call.
 const maxCached = 64
 
 func (c *optCache) get(key string, kvs func() []attribute.KeyValue) []metric.AddOption {
-	if l := c.last.Load(); l != nil && l.key == key {
-		return l.opts
-	}
-	if m := c.m.Load(); m != nil {
-		if opts, ok := (*m)[key]; ok {
-			return opts
-		}
-	}
-	opts := addSet(kvs()...)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	old := c.m.Load()
-	if old != nil && len(*old) >= maxCached {
-		return opts
-	}
-	m := make(map[string][]metric.AddOption, 1+lenOf(old))
-	if old != nil {
-		maps.Copy(m, *old)
-	}
-	m[key] = opts
-	c.m.Store(&m)
-	c.last.Store(&cachedOpts{key, opts})
-	return opts
+	return c.m.get(key, func() []metric.AddOption { return addSet(kvs()...) }, maxCached)
 }
 
-func lenOf(m *map[string][]metric.AddOption) int {
-	if m == nil {
-		return 0
-	}
-	return len(*m)
-}
-
-// keyedCounts counts per key, for observed counters whose attributes take
-// few values per call site, such as an error.type: an atomic add per call,
-// a map lookup without a lock, and an allocation only for a new key.
-type keyedCounts struct {
-	mu   sync.Mutex
-	m    atomic.Pointer[map[string]*atomic.Int64]
-	last atomic.Pointer[keyedCount]
-}
-
-type keyedCount struct {
-	key string
-	n   *atomic.Int64
-}
+// keyedCounts counts per key, for observed counters: an atomic add per
+// call. Every key is kept, so that no count is lost.
+type keyedCounts struct{ m cowMap[*atomic.Int64] }
 
 func (c *keyedCounts) add(key string) {
-	if l := c.last.Load(); l != nil && l.key == key {
-		l.n.Add(1)
-		return
-	}
-	if m := c.m.Load(); m != nil {
-		if n, ok := (*m)[key]; ok {
-			n.Add(1)
-			return
-		}
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	old := c.m.Load()
-	if old != nil {
-		if n, ok := (*old)[key]; ok {
-			n.Add(1)
-			return
-		}
-	}
-	m := make(map[string]*atomic.Int64, 1+lenOfCounts(old))
-	if old != nil {
-		maps.Copy(m, *old)
-	}
-	n := new(atomic.Int64)
-	n.Add(1)
-	m[key] = n
-	c.m.Store(&m)
-	c.last.Store(&keyedCount{key, n})
-}
-
-func lenOfCounts(m *map[string]*atomic.Int64) int {
-	if m == nil {
-		return 0
-	}
-	return len(*m)
+	c.m.get(key, func() *atomic.Int64 { return new(atomic.Int64) }, 0).Add(1)
 }
 
 // each calls f with every key and its count.
 func (c *keyedCounts) each(f func(key string, n int64)) {
-	if m := c.m.Load(); m != nil {
-		for k, n := range *m {
-			f(k, n.Load())
-		}
-	}
+	c.m.each(func(k string, n *atomic.Int64) { f(k, n.Load()) })
 }
 
 func addSet(kvs ...attribute.KeyValue) []metric.AddOption {
@@ -544,6 +517,13 @@ func (s *site) timedOut(ctx context.Context, start time.Time, d time.Duration) {
 	in.timeoutExceeded.Add(ctx, 1, addSet(attrFunction.String(s.name), attrOperationType.String(s.operation),
 		attrTimeoutSecs.String(strconv.FormatFloat(d.Seconds(), 'f', -1, 64)))...)
 	in.timeoutDuration.Record(ctx, time.Since(start).Seconds(), s.timeoutDuration...)
+}
+
+// retried counts a failed attempt that is about to be retried.
+func (s *site) retried(ctx context.Context, in *instruments, attempt int, et string) {
+	in.retryAttempts.Add(ctx, 1, s.retryAttempts.get(strconv.Itoa(attempt)+" "+et, func() []attribute.KeyValue {
+		return []attribute.KeyValue{attrFunction.String(s.name), attrAttempt.Int(attempt), attrErrorType.String(et)}
+	})...)
 }
 
 // The fallback kinds, the values of fallback_type.

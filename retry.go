@@ -6,12 +6,10 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"strconv"
 	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
-	"go.opentelemetry.io/otel/attribute"
 )
 
 // RetryStrategy chooses how the wait between attempts grows.
@@ -259,10 +257,7 @@ func retryAfterFailure[T any](ctx context.Context, fn Func[T], rt *Retry, s *sit
 			in.retryBudgetExhausted.Add(ctx, 1, s.function...)
 			return v, budgetExhausted(attempt, err)
 		}
-		et := errorType(err)
-		in.retryAttempts.Add(ctx, 1, s.retryAttempts.get(strconv.Itoa(attempt)+" "+et, func() []attribute.KeyValue {
-			return []attribute.KeyValue{attrFunction.String(s.name), attrAttempt.Int(attempt), attrErrorType.String(et)}
-		})...)
+		s.retried(ctx, in, attempt, errorType(err))
 		delay := bo.next(err)
 		if r.onRetry != nil {
 			r.onRetry(attempt, err, delay)

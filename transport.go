@@ -12,8 +12,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-
-	"go.opentelemetry.io/otel/attribute"
 )
 
 // Transport is an [http.RoundTripper] that runs every request through a
@@ -121,16 +119,8 @@ func (t *Transport) site(service string) *site {
 
 func (t *Transport) protected(ctx context.Context, req *http.Request, base http.RoundTripper, reg *Registry, service string, s *site) (resp *http.Response, err error) {
 	cb := reg.CircuitBreaker(service)
-	if m := cb.mode.Load(); m != 0 {
-		if m&modeForcedOpen != 0 && m&modeOff == 0 {
-			cb.counts.rejections.Add(1)
-			return nil, cb.errOpen
-		}
-		resp, _, err = t.attempts(ctx, req, base, reg, service, s) // not counted
-		return resp, err
-	}
 	var outcome error
-	rej := cb.guard(ctx, func() error {
+	counted, rej := cb.guard(ctx, func() error {
 		var failed bool
 		resp, failed, err = t.attempts(ctx, req, base, reg, service, s)
 		outcome = errFailure
@@ -146,24 +136,25 @@ func (t *Transport) protected(ctx context.Context, req *http.Request, base http.
 	if rej != nil {
 		return nil, rej
 	}
+	if !counted {
+		return resp, err
+	}
 	switch outcome {
 	case nil:
 		cb.counts.successes.Add(1)
 	case errFailure:
-		et := "http_" + strconv.Itoa(statusOf(resp))
-		if err != nil {
-			et = errorType(err)
-		}
-		cb.recordFailure(ctx, et)
+		cb.recordFailure(ctx, httpErrorType(resp, err))
 	}
 	return resp, err
 }
 
-func statusOf(resp *http.Response) int {
-	if resp == nil {
-		return 0
+// httpErrorType is the error.type of an HTTP attempt's outcome: the error's,
+// or "http_503" for a failing status.
+func httpErrorType(resp *http.Response, err error) string {
+	if err != nil || resp == nil {
+		return errorType(err)
 	}
-	return resp.StatusCode
+	return "http_" + strconv.Itoa(resp.StatusCode)
 }
 
 // attempts runs the retry loop. failed reports whether the final outcome
@@ -217,13 +208,7 @@ func (t *Transport) attempts(ctx context.Context, req *http.Request, base http.R
 			in.retryBudgetExhausted.Add(ctx, 1, s.function...)
 			return finish(resp, release), failed, err
 		}
-		et := "http_" + strconv.Itoa(statusOf(resp))
-		if err != nil {
-			et = errorType(err)
-		}
-		in.retryAttempts.Add(ctx, 1, s.retryAttempts.get(strconv.Itoa(attempt)+" "+et, func() []attribute.KeyValue {
-			return []attribute.KeyValue{attrFunction.String(s.name), attrAttempt.Int(attempt), attrErrorType.String(et)}
-		})...)
+		s.retried(ctx, in, attempt, httpErrorType(resp, err))
 		if rp.onRetry != nil {
 			cause := err
 			if cause == nil {
