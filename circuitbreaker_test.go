@@ -14,8 +14,6 @@ import (
 	"time"
 )
 
-var errBoom = errors.New("boom")
-
 // recorder collects a breaker's transitions.
 type recorder struct {
 	mu  sync.Mutex
@@ -33,18 +31,6 @@ func (r *recorder) transitions() []string {
 	defer r.mu.Unlock()
 	return append([]string(nil), r.got...)
 }
-
-func mustBreaker(t testing.TB, cfg CircuitBreakerConfig) *CircuitBreaker {
-	t.Helper()
-	cb, err := NewCircuitBreaker(cfg)
-	if err != nil {
-		t.Fatalf("NewCircuitBreaker(%+v) = %v", cfg, err)
-	}
-	return cb
-}
-
-func okFunc(context.Context) (int, error)   { return 1, nil }
-func failFunc(context.Context) (int, error) { return 0, errBoom }
 
 func TestStateString(t *testing.T) {
 	for s, want := range map[State]string{StateClosed: "closed", StateHalfOpen: "half-open", StateOpen: "open", State(7): "State(7)"} {

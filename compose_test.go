@@ -124,15 +124,6 @@ func TestComposeCallerCancellationPassesThrough(t *testing.T) {
 	}
 }
 
-func mustBulkhead(t testing.TB, cfg BulkheadConfig) *Bulkhead {
-	t.Helper()
-	b, err := NewBulkhead(cfg)
-	if err != nil {
-		t.Fatalf("NewBulkhead(%+v) = %v", cfg, err)
-	}
-	return b
-}
-
 func TestComposeEnforcedTimeout(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		release := make(chan struct{})

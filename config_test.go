@@ -263,19 +263,6 @@ func TestValidateAndNewRegistryInvalid(t *testing.T) {
 	}
 }
 
-func mustRegistry(t testing.TB, env map[string]string) *Registry {
-	t.Helper()
-	cfg, err := LoadConfigWith(LoadOptions{Environment: env})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := NewRegistry(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
-}
-
 func TestRegistrySharesInstances(t *testing.T) {
 	r := mustRegistry(t, map[string]string{"CIRCUIT_BREAKER_PAYMENTS_EU_FAIL_MAX": "2", "BULKHEAD_LLM_LIMIT": "3"})
 	if r.CircuitBreaker("payments-eu") != r.CircuitBreaker("PAYMENTS_EU") {

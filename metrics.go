@@ -3,7 +3,6 @@ package resilience
 import (
 	"context"
 	"errors"
-	"maps"
 	"reflect"
 	"runtime"
 	"strconv"
@@ -12,6 +11,7 @@ import (
 	"time"
 	"weak"
 
+	"github.com/resilience-go/resilience/internal/cowmap"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
@@ -335,88 +335,30 @@ func funcName(fn any) string {
 	return "unknown"
 }
 
-// cowMap is a map read without a lock and copied on write, for values
-// keyed by an attribute that takes few values per call site, such as an
-// error.type: a lookup per call, an allocation only for a new key, and no
-// hashing at all while the same key repeats.
-type cowMap[V any] struct {
-	mu   sync.Mutex
-	m    atomic.Pointer[map[string]V]
-	last atomic.Pointer[cowEntry[V]]
-}
-
-type cowEntry[V any] struct {
-	key string
-	v   V
-}
-
-// get returns the value for key, made by newV and kept if the key is new.
-// With limit above 0, a map that holds limit keys keeps no more: the value
-// is then made afresh for each call.
-func (c *cowMap[V]) get(key string, newV func() V, limit int) V {
-	if l := c.last.Load(); l != nil && l.key == key {
-		return l.v
-	}
-	if m := c.m.Load(); m != nil {
-		if v, ok := (*m)[key]; ok {
-			return v
-		}
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	old := c.m.Load()
-	n := 0
-	if old != nil {
-		if v, ok := (*old)[key]; ok {
-			return v
-		}
-		n = len(*old)
-	}
-	v := newV()
-	if limit > 0 && n >= limit {
-		return v
-	}
-	m := make(map[string]V, n+1)
-	if old != nil {
-		maps.Copy(m, *old)
-	}
-	m[key] = v
-	c.m.Store(&m)
-	c.last.Store(&cowEntry[V]{key, v})
-	return v
-}
-
-// each calls f with every key and its value.
-func (c *cowMap[V]) each(f func(key string, v V)) {
-	if m := c.m.Load(); m != nil {
-		for k, v := range *m {
-			f(k, v)
-		}
-	}
-}
-
 // optCache keeps the option slices of attribute sets that vary per call,
 // so that recording them allocates only the first time.
-type optCache struct{ m cowMap[[]metric.AddOption] }
+type optCache struct {
+	m cowmap.Map[[]metric.AddOption]
+}
 
 // maxCached bounds an optCache; past it, options are built per call.
 const maxCached = 64
 
 func (c *optCache) get(key string, kvs func() []attribute.KeyValue) []metric.AddOption {
-	return c.m.get(key, func() []metric.AddOption { return addSet(kvs()...) }, maxCached)
+	return c.m.Get(key, func() []metric.AddOption { return addSet(kvs()...) }, maxCached)
 }
 
 // keyedCounts counts per key, for observed counters: an atomic add per
 // call. Every key is kept, so that no count is lost.
-type keyedCounts struct{ m cowMap[*atomic.Int64] }
+type keyedCounts struct{ m cowmap.Map[*atomic.Int64] }
 
 func (c *keyedCounts) add(key string) {
-	c.m.get(key, func() *atomic.Int64 { return new(atomic.Int64) }, 0).Add(1)
+	c.m.Get(key, func() *atomic.Int64 { return new(atomic.Int64) }, 0).Add(1)
 }
 
 // each calls f with every key and its count.
 func (c *keyedCounts) each(f func(key string, n int64)) {
-	c.m.each(func(k string, n *atomic.Int64) { f(k, n.Load()) })
+	c.m.Each(func(k string, n *atomic.Int64) { f(k, n.Load()) })
 }
 
 func addSet(kvs ...attribute.KeyValue) []metric.AddOption {

@@ -14,29 +14,6 @@ import (
 	"time"
 )
 
-func mustRetry(t testing.TB, cfg RetryConfig) *Retry {
-	t.Helper()
-	r, err := NewRetry(cfg)
-	if err != nil {
-		t.Fatalf("NewRetry(%+v) = %v", cfg, err)
-	}
-	return r
-}
-
-// script returns a Func that returns errs[i] on call i (nil = success with
-// value i+1) and counts its calls.
-func script(errs ...error) (Func[int], *int) {
-	n := new(int)
-	return func(context.Context) (int, error) {
-		i := *n
-		*n++
-		if i < len(errs) && errs[i] != nil {
-			return 0, errs[i]
-		}
-		return i + 1, nil
-	}, n
-}
-
 type delayLog struct{ delays []time.Duration }
 
 func (l *delayLog) hook(attempt int, err error, d time.Duration) { l.delays = append(l.delays, d) }

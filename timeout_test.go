@@ -9,9 +9,6 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
-
-	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
-	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 )
 
 // honours waits for its context or for d, whichever comes first.
@@ -120,46 +117,6 @@ func TestWithTimeoutInvalid(t *testing.T) {
 	if !strings.Contains(err.Error(), "WithTimeout d = -1s") {
 		t.Errorf("err = %v; want it to name d and its value", err)
 	}
-}
-
-// withReader installs a ManualReader for the duration of a test.
-func withReader(t *testing.T) *sdkmetric.ManualReader {
-	t.Helper()
-	// Observed counters sum every live policy and wrapper with the same
-	// name; collect those of earlier runs (-count) first.
-	runtime.GC()
-	reader := sdkmetric.NewManualReader()
-	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
-	SetMeterProvider(mp)
-	t.Cleanup(func() {
-		SetMeterProvider(nil)
-		mp.Shutdown(context.Background())
-	})
-	return reader
-}
-
-func counterValue(t *testing.T, reader *sdkmetric.ManualReader, name string) int64 {
-	t.Helper()
-	var rm metricdata.ResourceMetrics
-	if err := reader.Collect(context.Background(), &rm); err != nil {
-		t.Fatal(err)
-	}
-	for _, sm := range rm.ScopeMetrics {
-		if sm.Scope.Name != ScopeName {
-			continue
-		}
-		for _, m := range sm.Metrics {
-			if m.Name != name {
-				continue
-			}
-			var total int64
-			for _, dp := range m.Data.(metricdata.Sum[int64]).DataPoints {
-				total += dp.Value
-			}
-			return total
-		}
-	}
-	return 0
 }
 
 func TestWithEnforcedTimeoutReturnsAtDeadline(t *testing.T) {

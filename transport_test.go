@@ -348,10 +348,6 @@ func TestTransportNetworkErrors(t *testing.T) {
 	}
 }
 
-type roundTripFunc func(*http.Request) (*http.Response, error)
-
-func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
-
 func TestTransportBreakerOpen(t *testing.T) {
 	srv := newScripted(t, 503, 503, 503)
 	reg := transportRegistry(t, map[string]string{"CIRCUIT_BREAKER_DEFAULT_FAIL_MAX": "1"})

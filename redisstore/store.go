@@ -26,8 +26,8 @@
 // with a GlobalLimit takes a slot, each bounded by [Options.OpTimeout]. When
 // Redis is slow or down, every replica keeps working on its local breakers
 // and bulkheads (a probe is allowed, a global slot is granted), says so once
-// in its log, and re-converges when Redis answers again. DISTRIBUTED.md at
-// the repository root has the design and the measurements.
+// in its log, and re-converges when Redis answers again. README.md, beside this
+// file, has the design and the measurements.
 package redisstore
 
 import (

@@ -5,7 +5,7 @@
 // dependencies never enter the library's module graph.
 //
 // Everything here listens on 127.0.0.1 only, is bounded in time and count,
-// and stops by itself. RELIABILITY.md at the repository root holds the
+// and stops by itself. docs/RELIABILITY.md holds the
 // figures of the last run and the command of each scenario.
 package chaos
 

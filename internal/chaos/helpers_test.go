@@ -27,7 +27,7 @@ var runStarted = time.Now().UTC().Format(time.RFC3339)
 
 // report logs a scenario's figures, given as name, value pairs in the order
 // to print them, and appends them as one JSON line to the file named by
-// CHAOS_RESULTS, if set, so RELIABILITY.md can be filled from a run.
+// CHAOS_RESULTS, if set, so docs/RELIABILITY.md can be filled from a run.
 func report(t testing.TB, scenario string, kv ...any) {
 	t.Helper()
 	if len(kv)%2 != 0 {

@@ -1,0 +1,251 @@
+package resilience
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Registry holds the named, shared policies of a service: one breaker per
+// downstream service, one bulkhead per resource, one retry policy and the
+// timeouts per operation type, all from one [Config]. It is the original
+// design's get_circuit_breaker, get_bulkhead and get_resilience_config.
+//
+// A Registry is safe for concurrent use by multiple goroutines. Build it with
+// [NewRegistry]; [Default] is the one built from the environment.
+type Registry struct {
+	enabled atomic.Bool
+
+	mu        sync.Mutex
+	cfg       Config
+	breakers  map[string]*CircuitBreaker
+	bulkheads map[string]*Bulkhead
+	timeouts  map[string]*atomic.Int64 // per operation key, for ForService
+	retry     *Retry
+	store     Store
+	ownsStore bool // opened from cfg.StoreURL: Close closes it
+}
+
+// Close stops the background work of a store the registry opened from its
+// StoreURL. It is safe to call more than once.
+func (r *Registry) Close() error {
+	r.mu.Lock()
+	s, owned := r.store, r.ownsStore
+	if owned {
+		r.store = nil
+		r.ownsStore = false
+	}
+	r.mu.Unlock()
+	if owned && s != nil {
+		return s.Close()
+	}
+	return nil
+}
+
+// NewRegistry returns a registry configured by cfg, or every error
+// [Config.Validate] finds in it.
+func NewRegistry(cfg Config) (*Registry, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	r := &Registry{
+		cfg:       cfg.Clone(),
+		breakers:  map[string]*CircuitBreaker{},
+		bulkheads: map[string]*Bulkhead{},
+		timeouts:  map[string]*atomic.Int64{},
+	}
+	r.retry, _ = NewRetry(cfg.Retry)
+	r.retry.off.Store(!cfg.Enabled)
+	r.enabled.Store(cfg.Enabled)
+	if cfg.StoreURL != "" {
+		s, err := openStore(cfg.StoreURL)
+		if err != nil {
+			return nil, err
+		}
+		r.store, r.ownsStore = s, true
+	}
+	return r, nil
+}
+
+// Config returns a copy of the registry's current configuration.
+func (r *Registry) Config() Config {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cfg.Clone()
+}
+
+// Enabled reports whether the registry's policies act (RESILIENCE_ENABLED).
+func (r *Registry) Enabled() bool { return r.enabled.Load() }
+
+// CircuitBreaker returns the breaker for a service, built on first use from
+// the service's configuration and shared from then on: names with the same
+// [EnvKey] ("payments-eu", "PAYMENTS_EU") share one breaker.
+func (r *Registry) CircuitBreaker(name string) *CircuitBreaker {
+	key := EnvKey(name)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cb, ok := r.breakers[key]; ok {
+		return cb
+	}
+	cb, err := NewCircuitBreaker(r.cfg.CircuitBreakerConfig(name))
+	if err != nil {
+		// Unreachable: NewRegistry and Reload validated the configuration.
+		// Were it not so, a breaker with the defaults beats a nil one.
+		cb, _ = NewCircuitBreaker(CircuitBreakerConfig{Name: name})
+	}
+	cb.setMode(modeOff, !r.cfg.Enabled)
+	r.attachBreakerLocked(cb)
+	r.breakers[key] = cb
+	return cb
+}
+
+// Bulkhead returns the bulkhead for a resource, built on first use from the
+// resource's configuration and shared from then on.
+func (r *Registry) Bulkhead(name string) *Bulkhead {
+	key := EnvKey(name)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if b, ok := r.bulkheads[key]; ok {
+		return b
+	}
+	b, err := NewBulkhead(r.cfg.BulkheadConfig(name))
+	if err != nil {
+		// Unreachable, as for breakers.
+		b, _ = NewBulkhead(BulkheadConfig{Name: name})
+	}
+	b.off.Store(!r.cfg.Enabled)
+	r.attachBulkheadLocked(b)
+	r.bulkheads[key] = b
+	return b
+}
+
+// Retry returns the registry's retry policy.
+func (r *Registry) Retry() *Retry { return r.retry }
+
+// Timeout returns the timeout for an operation type: TIMEOUT_<OP> if set,
+// else the design's default for llm, auth, db and http, else
+// TIMEOUT_DEFAULT.
+func (r *Registry) Timeout(operation string) time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cfg.Timeout(operation)
+}
+
+func (r *Registry) timeoutCell(operation string) *atomic.Int64 {
+	key := EnvKey(operation)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	c, ok := r.timeouts[key]
+	if !ok {
+		c = new(atomic.Int64)
+		c.Store(int64(r.cfg.Timeout(operation)))
+		r.timeouts[key] = c
+	}
+	return c
+}
+
+// Reload applies cfg to the live registry without dropping calls in flight:
+// breakers take their new FailMax at once (a new OpenTimeout or
+// HalfOpenMaxCalls starts them afresh, closed), bulkheads grow or shrink
+// (shrinking admits no one until enough calls have finished), the retry
+// policy and timeouts apply from the next call, and Enabled switches every
+// policy on or off. An invalid cfg changes nothing and returns every error.
+func (r *Registry) Reload(cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	cfg = cfg.Clone()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.cfg = cfg
+	r.retry.reconfigure(cfg.Retry)
+	r.retry.off.Store(!cfg.Enabled)
+	for _, cb := range r.breakers {
+		cb.reconfigure(cfg.CircuitBreakerConfig(cb.Name()))
+		cb.setMode(modeOff, !cfg.Enabled)
+	}
+	for _, b := range r.bulkheads {
+		b.SetLimit(cfg.BulkheadConfig(b.Name()).Limit)
+		b.off.Store(!cfg.Enabled)
+		r.attachBulkheadLocked(b)
+	}
+	for key, c := range r.timeouts {
+		c.Store(int64(cfg.Timeout(key)))
+	}
+	r.enabled.Store(cfg.Enabled)
+	return nil
+}
+
+// ForService returns fn protected by the registry's policies for service:
+// its breaker, the retry policy, its timeout (per attempt) and its bulkhead,
+// stacked as [Compose] does. A nil r means [Default]. Reloads apply to it
+// from the next call; while the registry is disabled, calls go straight to
+// fn.
+func ForService[T any](r *Registry, service string, fn Func[T]) Func[T] {
+	if fn == nil {
+		return failing[T](invalid("ForService fn", nil, "must not be nil"))
+	}
+	if r == nil {
+		r = Default()
+	}
+	cell := r.timeoutCell(service)
+	s := newSite(service, service)
+	attempt := bulkheadLayer(fn, r.Bulkhead(service), s)
+	timed := func(ctx context.Context) (T, error) {
+		return callWithTimeout(ctx, attempt, time.Duration(cell.Load()), s)
+	}
+	protected := top(breakerLayer(retryLayer(timed, r.Retry(), s), r.CircuitBreaker(service)), s, nil, 0)
+	return func(ctx context.Context) (T, error) {
+		if !r.enabled.Load() {
+			return fn(ctx)
+		}
+		return protected(ctx)
+	}
+}
+
+var defaultRegistry struct {
+	once sync.Once
+	r    *Registry
+}
+
+// Default returns the default registry, the package's one piece of global
+// state, built on first use from the process environment by [LoadConfig].
+//
+// If the environment is invalid, the default registry does not run with half
+// a configuration: it uses [DefaultConfig] whole, and says so once through
+// log/slog at Warn, with every bad variable in the message. Services that
+// would rather stop should call LoadConfig themselves at start-up and fail
+// on its error.
+func Default() *Registry {
+	defaultRegistry.once.Do(func() { defaultRegistry.r = newDefaultRegistry(LoadConfig) })
+	return defaultRegistry.r
+}
+
+func newDefaultRegistry(load func() (Config, error)) *Registry {
+	cfg, err := load()
+	if err != nil {
+		slog.Warn("resilience: invalid environment; using the built-in defaults for every policy", "error", err.Error())
+		cfg = DefaultConfig()
+	}
+	r, err := NewRegistry(cfg)
+	if err != nil {
+		// The store could not be opened: run on local state, and say so.
+		slog.Warn("resilience: cannot share state; every policy runs on local state", "error", err.Error())
+		cfg.StoreURL = ""
+		if r, err = NewRegistry(cfg); err != nil {
+			r, _ = NewRegistry(DefaultConfig())
+		}
+	}
+	return r
+}
+
+// GetCircuitBreaker returns the default registry's breaker for a service.
+func GetCircuitBreaker(name string) *CircuitBreaker { return Default().CircuitBreaker(name) }
+
+// GetBulkhead returns the default registry's bulkhead for a resource.
+func GetBulkhead(name string) *Bulkhead { return Default().Bulkhead(name) }
+
+// GetResilienceConfig returns the default registry's configuration.
+func GetResilienceConfig() Config { return Default().Config() }
