@@ -3,7 +3,6 @@ package resilience
 import (
 	"container/list"
 	"context"
-	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -78,11 +77,11 @@ type Bulkhead struct {
 	maxQueue int
 	maxWait  time.Duration
 	failFast bool
-	errFull  *Error      // returned on every rejection, so it allocates nothing
-	off      atomic.Bool // set by a disabled Registry: calls pass straight through
+	errFull  *Error       // returned on every rejection, so it allocates nothing
+	sw       *atomic.Bool // a registry's switch, set before the Bulkhead is shared; nil: always on
 	global   atomic.Pointer[limiterBox]
 
-	mu        sync.Mutex
+	mu        sync.Mutex // guards what follows, and maxQueue, maxWait and failFast
 	limit     int
 	active    int
 	waiters   list.List // of *waiter, oldest first
@@ -157,6 +156,25 @@ func (b *Bulkhead) SetLimit(limit int) error {
 	return nil
 }
 
+// on reports whether the bulkhead limits calls: a disabled registry's
+// bulkheads let every call through.
+func (b *Bulkhead) on() bool { return b.sw == nil || b.sw.Load() }
+
+// reconfigure applies a new configuration to a live bulkhead: the limit as
+// SetLimit does, and the queue, wait and fail-fast settings from the next
+// caller that has to wait. cfg must be valid.
+func (b *Bulkhead) reconfigure(cfg BulkheadConfig) {
+	limit := cfg.Limit
+	if limit == 0 {
+		limit = 10
+	}
+	b.mu.Lock()
+	b.maxQueue, b.maxWait, b.failFast = cfg.MaxQueue, cfg.MaxWait, cfg.FailFast
+	b.limit = limit
+	b.grantLocked()
+	b.mu.Unlock()
+}
+
 // SetGlobal adds a cluster-wide cap to the bulkhead: a call then holds a
 // local slot and a global one. nil removes it. It is safe for concurrent
 // use.
@@ -187,7 +205,13 @@ func (b *Bulkhead) Stats() BulkheadStats {
 // calling it more than once gives the slot back only once. On error, release
 // is a no-op, so `defer release()` is safe either way. The error matches
 // [ErrBulkheadFull] or is the context's error.
+//
+// A bulkhead of a disabled registry lets every caller straight through:
+// Acquire then takes nothing and returns a no-op release.
 func (b *Bulkhead) Acquire(ctx context.Context) (release func(), err error) {
+	if !b.on() {
+		return noop, nil
+	}
 	if err := b.acquire(ctx); err != nil {
 		return noop, err
 	}
@@ -250,11 +274,12 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 	}
 	w := &waiter{ready: make(chan struct{})}
 	elem := b.waiters.PushBack(w)
+	maxWait := b.maxWait
 	b.mu.Unlock()
 
 	var expired <-chan time.Time
-	if b.maxWait > 0 {
-		t := time.NewTimer(b.maxWait)
+	if maxWait > 0 {
+		t := time.NewTimer(maxWait)
 		defer t.Stop()
 		expired = t.C
 	}
@@ -323,36 +348,5 @@ func WithBulkhead[T any](fn Func[T], b *Bulkhead) Func[T] {
 	if b == nil {
 		return failing[T](invalid("WithBulkhead b", nil, "must not be nil"))
 	}
-	s := newSite(funcName(fn), "")
-	return top(bulkheadLayer(fn, b, s), s, nil, 0)
-}
-
-func bulkheadLayer[T any](fn Func[T], b *Bulkhead, s *site) Func[T] {
-	rejected := addSet(attrResourceType.String(b.name), attrFunction.String(s.name))
-	return func(ctx context.Context) (T, error) {
-		if b.off.Load() {
-			return fn(ctx)
-		}
-		if err := b.acquire(ctx); err != nil {
-			if err == b.errFull {
-				meter().bhRejections.Add(ctx, 1, rejected...)
-			}
-			var zero T
-			return zero, err
-		}
-		if b.global.Load() != nil {
-			grel, err := b.acquireGlobal(ctx)
-			if err != nil {
-				b.giveBack()
-				if errors.Is(err, ErrBulkheadFull) {
-					meter().bhRejections.Add(ctx, 1, rejected...)
-				}
-				var zero T
-				return zero, err
-			}
-			defer grel()
-		}
-		defer b.release()
-		return fn(ctx)
-	}
+	return newEdge(&pipeline{bulkhead: b}, "", "", fn, nil, 0)
 }

@@ -99,7 +99,8 @@ type CircuitBreakerConfig struct {
 type CircuitBreaker struct {
 	name          string
 	failMax       atomic.Int64
-	mode          atomic.Int32 // modeOff, modeForcedOpen, modeForcedClosed: one load on the hot path
+	mode          atomic.Int32 // modeForcedOpen, modeForcedClosed: one load on the hot path
+	sw            *atomic.Bool // a registry's switch, set before the breaker is shared; nil: always on
 	sync          atomic.Pointer[syncBox]
 	logger        *slog.Logger // nil when logging is off
 	setMu         sync.Mutex   // guards settings
@@ -131,8 +132,7 @@ type CircuitBreaker struct {
 
 // The bits of CircuitBreaker.mode.
 const (
-	modeOff          = 1 << iota // a disabled Registry: calls pass straight through
-	modeForcedOpen               // ForceOpen: every call rejected
+	modeForcedOpen   = 1 << iota // ForceOpen: every call rejected
 	modeForcedClosed             // ForceClose: every call let through, uncounted
 )
 
@@ -480,8 +480,8 @@ const (
 // counts as a failure and propagates, and a runtime.Goexit, which gobreaker
 // does not see, is repaired so that no probe is lost.
 func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted bool, rejected error) {
-	if m := cb.mode.Load(); m != 0 {
-		if m&modeForcedOpen != 0 && m&modeOff == 0 {
+	if m := cb.mode.Load(); m != 0 || !cb.on() {
+		if m&modeForcedOpen != 0 && cb.on() {
 			cb.counts.rejections.Add(1)
 			return false, cb.errOpen
 		}
@@ -643,29 +643,9 @@ func WithCircuitBreaker[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
 	if cb == nil {
 		return failing[T](invalid("WithCircuitBreaker cb", nil, "must not be nil"))
 	}
-	return top(breakerLayer(fn, cb), newSite(funcName(fn), ""), nil, 0)
+	return newEdge(&pipeline{cb: cb}, "", "", fn, nil, 0)
 }
 
-func breakerLayer[T any](fn Func[T], cb *CircuitBreaker) Func[T] {
-	return func(ctx context.Context) (v T, err error) {
-		var o error
-		counted, rej := cb.guard(ctx, func() error {
-			v, err = fn(ctx)
-			o = cb.outcome(ctx, err)
-			return o
-		})
-		if rej != nil {
-			return v, rej
-		}
-		if !counted {
-			return v, err
-		}
-		switch o {
-		case nil:
-			cb.counts.successes.Add(1)
-		case errFailure:
-			cb.recordFailure(ctx, errorType(err))
-		}
-		return v, err
-	}
-}
+// on reports whether the breaker acts: a disabled registry's breakers let
+// every call through, uncounted.
+func (cb *CircuitBreaker) on() bool { return cb.sw == nil || cb.sw.Load() }

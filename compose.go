@@ -1,7 +1,6 @@
 package resilience
 
 import (
-	"context"
 	"time"
 )
 
@@ -9,9 +8,13 @@ import (
 // field is skipped: a Stack with only a Retry is just WithRetry.
 type Stack[T any] struct {
 	// Name identifies the protected function in metrics: the name and
-	// function attributes. Empty means the name of fn's code, such as
-	// "main.(*Client).Generate-fm", computed once by Compose. Keep it to a
-	// fixed set of values: it is a metric attribute.
+	// function attributes. Keep it to a fixed set of values: it is a metric
+	// attribute. Empty means, in order: the name of fn if it is a named
+	// function or method (such as "main.(*Client).Generate-fm"), the name of
+	// the protected function fn wraps, the name of the CircuitBreaker, the
+	// name of the Bulkhead, and else "unnamed", with a warning in the log
+	// once per process. A closure's compiler-generated name is never used:
+	// it changes with inlining and is shared by unrelated stacks.
 	Name string
 	// Operation is the operation type of the timeout metrics ("llm",
 	// "auth"). Empty means "default".
@@ -43,41 +46,25 @@ type Stack[T any] struct {
 // toward the attempt's timeout, and the fallback answers only what every
 // other policy failed to save. The package documentation gives the reasons.
 //
-// The stack is built once, here; a call allocates nothing beyond what
-// context.WithTimeout needs for the timeout, and gobreaker's admission.
+// The stack is built once, here, into the same pipeline that [ForService]
+// and [Transport] run; a call allocates nothing beyond what
+// context.WithTimeout needs for the timeout. A call is recorded once in
+// resilience.calls, also when the result is wrapped again.
 func Compose[T any](fn Func[T], s Stack[T]) Func[T] {
 	if fn == nil {
 		return failing[T](invalid("Compose fn", nil, "must not be nil"))
 	}
-	name := s.Name
-	if name == "" {
-		name = funcName(fn)
-	}
-	st := newSite(name, s.Operation)
-	f := fn
-	if s.Bulkhead != nil {
-		f = bulkheadLayer(f, s.Bulkhead, st)
-	}
+	p := &pipeline{cb: s.CircuitBreaker, retry: s.Retry, bulkhead: s.Bulkhead}
 	if s.Timeout != 0 {
 		if err := checkTimeout("Stack.Timeout", false, s.Timeout); err != nil {
 			return failing[T](err)
 		}
-		if s.EnforceTimeout {
-			f = enforcedLayer(f, s.Timeout, st)
-		} else {
-			inner, d := f, s.Timeout
-			f = func(ctx context.Context) (T, error) { return callWithTimeout(ctx, inner, d, st) }
-		}
-	}
-	if s.Retry != nil {
-		f = retryLayer(f, s.Retry, st)
-	}
-	if s.CircuitBreaker != nil {
-		f = breakerLayer(f, s.CircuitBreaker)
+		p.timeout = fixedTimeout(s.Timeout)
+		p.enforce = s.EnforceTimeout
 	}
 	kind := fallbackFunction
 	if s.Fallback != nil {
 		kind = fallbackKind(s.Fallback)
 	}
-	return top(f, st, s.Fallback, kind)
+	return newEdge(p, s.Name, s.Operation, fn, s.Fallback, kind)
 }

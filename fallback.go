@@ -3,6 +3,7 @@ package resilience
 import (
 	"container/list"
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,7 +22,8 @@ func FallbackValue[T any](v T) Fallback[T] {
 // WithFallback returns fn with fb as its last resort: when fn fails, the
 // caller gets what fb makes of the failure. The caller's own cancellation is
 // passed back as it was, not replaced: a caller that gave up wants to know
-// it did. A panic in fn is not a failure fb handles; it propagates. A nil fn
+// it did. A panic in fn is not a failure fb handles; it propagates, and so
+// does a panic in fb, after the call is recorded as failed. A nil fn
 // or fb yields a function that reports [ErrInvalidConfig].
 func WithFallback[T any](fn Func[T], fb Fallback[T]) Func[T] {
 	if fn == nil {
@@ -30,33 +32,52 @@ func WithFallback[T any](fn Func[T], fb Fallback[T]) Func[T] {
 	if fb == nil {
 		return failing[T](invalid("WithFallback fb", nil, "must not be nil"))
 	}
-	return withFallback(fn, fb, fallbackKind(fb), funcName(fn))
+	return withFallback(fn, fb, fallbackKind(fb))
 }
 
-func withFallback[T any](fn Func[T], fb Fallback[T], kind int, name string) Func[T] {
+func withFallback[T any](fn Func[T], fb Fallback[T], kind int) Func[T] {
 	if fn == nil {
 		return failing[T](invalid("WithFallback fn", nil, "must not be nil"))
 	}
-	return top(fn, newSite(name, ""), fb, kind)
+	return newEdge(&pipeline{}, "", "", fn, fb, kind)
+}
+
+// applyFallback answers a failed call with fb, and reports the outcome: a
+// fallback that returns the very error it was given had nothing to offer.
+// It panics if fb does; the edge records the call as failed then.
+func applyFallback[T any](ctx context.Context, s *site, fb Fallback[T], kind int, err error) (T, error, outcome) {
+	et := errorType(err)
+	v, ferr := fb(ctx, err)
+	if ferr != nil && ferr == err {
+		return v, ferr, classify(ctx, ferr)
+	}
+	s.fbUsed[kind].add(et)
+	if kind == fallbackCached || kind == fallbackStale {
+		s.fbHits.add(et)
+	}
+	if ferr != nil && !errors.Is(ferr, ErrStale) {
+		return v, ferr, classify(ctx, ferr)
+	}
+	return v, ferr, outcomeFallback
 }
 
 // FailOpen returns fn answering true when it fails: for checks where letting
 // a request through during an outage is the lesser harm (a low-risk read).
 func FailOpen(fn Func[bool]) Func[bool] {
-	return withFallback(fn, FallbackValue(true), fallbackValue, funcName(fn))
+	return withFallback(fn, FallbackValue(true), fallbackValue)
 }
 
 // FailClosed returns fn answering false when it fails: for checks that must
 // deny when in doubt (an admin permission).
 func FailClosed(fn Func[bool]) Func[bool] {
-	return withFallback(fn, FallbackValue(false), fallbackValue, funcName(fn))
+	return withFallback(fn, FallbackValue(false), fallbackValue)
 }
 
 // EmptyOnError returns fn answering T's zero value (a nil slice or map, an
 // empty string, 0) when it fails.
 func EmptyOnError[T any](fn Func[T]) Func[T] {
 	var zero T
-	return withFallback(fn, FallbackValue(zero), fallbackEmpty, funcName(fn))
+	return withFallback(fn, FallbackValue(zero), fallbackEmpty)
 }
 
 // FallbackCacheConfig configures a [FallbackCache]. The zero value of each
@@ -227,5 +248,5 @@ func (c *FallbackCache[T]) Wrap(key string, fn Func[T]) Func[T] {
 	if fn == nil {
 		return failing[T](invalid("FallbackCache.Wrap fn", nil, "must not be nil"))
 	}
-	return withFallback(c.Record(key, fn), c.Fallback(key), fallbackCached, funcName(fn))
+	return newEdge(&pipeline{}, nameOf(fn), "", c.Record(key, fn), c.Fallback(key), fallbackCached)
 }

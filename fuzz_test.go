@@ -38,15 +38,11 @@ func FuzzRetryDelays(f *testing.F) {
 		d := r.params().newBackOff()
 		var prev time.Duration
 		for i := range 70 {
-			var cause error = errBoom
-			if retryAfter != 0 && i%3 == 2 {
-				cause = retryAfterErr{time.Duration(retryAfter)}
-			}
-			got := d.next(cause)
+			got := d.next()
 			if got < 0 || got > r.params().max {
 				t.Fatalf("retry %d: delay %v outside [0, %v] (config %+v)", i+1, got, r.params().max, *r.params())
 			}
-			if cause == errBoom && noJitter && (r.params().strategy == RetryExponential || r.params().strategy == RetryLinear) {
+			if noJitter && (r.params().strategy == RetryExponential || r.params().strategy == RetryLinear) {
 				if got < prev {
 					t.Fatalf("retry %d: delay %v shrank from %v without jitter (config %+v)", i+1, got, prev, *r.params())
 				}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"reflect"
-	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -301,6 +300,11 @@ func errorType(err error) string {
 	// Retries exhausted, stale: the type of what failed. A loop rather
 	// than errors.As, whose target escapes and costs an allocation.
 	for x := err; x != nil; x = errors.Unwrap(x) {
+		if se, ok := x.(*StatusError); ok {
+			return se.errorType() // a failing HTTP status: "http_503"
+		}
+	}
+	for x := err; x != nil; x = errors.Unwrap(x) {
 		if e, ok := x.(*Error); ok && e.Cause != nil {
 			err = e.Cause
 			break
@@ -320,19 +324,6 @@ func errorType(err error) string {
 		}
 		return reflect.TypeOf(err).String()
 	}
-}
-
-// funcName is the default "function" attribute: the name of fn's code, such
-// as "main.(*Client).Generate-fm", computed once when a wrapper is built.
-func funcName(fn any) string {
-	v := reflect.ValueOf(fn)
-	if v.Kind() != reflect.Func || v.IsNil() {
-		return "unknown"
-	}
-	if f := runtime.FuncForPC(v.Pointer()); f != nil {
-		return f.Name()
-	}
-	return "unknown"
 }
 
 // optCache keeps the option slices of attribute sets that vary per call,
@@ -510,62 +501,3 @@ var epoch = time.Now()
 // monotonic reads the monotonic clock alone: time.Since on a fixed instant
 // skips the wall clock that time.Now also reads, about half the cost.
 func monotonic() time.Duration { return time.Since(epoch) }
-
-// top makes fn a protected call: it records resilience.calls and
-// resilience.call.duration once per call, and applies fb, if any, as the
-// last resort. Every wrapper and Compose end in it, so that a call is
-// recorded once however many policies protect it.
-func top[T any](fn Func[T], s *site, fb Fallback[T], fbKind int) Func[T] {
-	return func(ctx context.Context) (T, error) {
-		in := meter()
-		timed := in.callDuration.Enabled(ctx)
-		var start time.Duration
-		if timed {
-			start = monotonic()
-		}
-		returned := false
-		defer func() {
-			if !returned {
-				// fn panicked (or called runtime.Goexit): a failed call
-				// all the same, and the panic goes on up.
-				s.counts[outcomeFailure].Add(1)
-				if timed {
-					in.callDuration.Record(ctx, (monotonic() - start).Seconds(), s.durations[outcomeFailure]...)
-				}
-			}
-		}()
-		v, err := fn(ctx)
-		returned = true
-		o := outcomeSuccess
-		if err != nil {
-			o = classify(ctx, err)
-			if fb != nil && o != outcomeCanceled {
-				// The caller's own cancellation is passed back, not
-				// replaced: a caller that gave up wants to know it did.
-				v, err = useFallback(ctx, s, fb, fbKind, err)
-				o = outcomeFallback
-				if err != nil && !errors.Is(err, ErrStale) {
-					o = classify(ctx, err)
-				}
-			}
-		}
-		s.counts[o].Add(1)
-		if timed {
-			in.callDuration.Record(ctx, (monotonic() - start).Seconds(), s.durations[o]...)
-		}
-		return v, err
-	}
-}
-
-func useFallback[T any](ctx context.Context, s *site, fb Fallback[T], kind int, err error) (T, error) {
-	et := errorType(err)
-	v, ferr := fb(ctx, err)
-	if ferr != nil && ferr == err {
-		return v, ferr // the fallback had nothing to offer
-	}
-	s.fbUsed[kind].add(et)
-	if kind == fallbackCached || kind == fallbackStale {
-		s.fbHits.add(et)
-	}
-	return v, ferr
-}

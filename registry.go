@@ -1,7 +1,6 @@
 package resilience
 
 import (
-	"context"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -16,7 +15,10 @@ import (
 // A Registry is safe for concurrent use by multiple goroutines. Build it with
 // [NewRegistry]; [Default] is the one built from the environment.
 type Registry struct {
-	enabled atomic.Bool
+	// enabled is the registry's one on/off switch (RESILIENCE_ENABLED),
+	// read by every policy it builds and every entry point that uses it.
+	enabled   atomic.Bool
+	pipelines sync.Map // pipeKey -> *pipeline
 
 	mu        sync.Mutex
 	cfg       Config
@@ -57,7 +59,7 @@ func NewRegistry(cfg Config) (*Registry, error) {
 		timeouts:  map[string]*atomic.Int64{},
 	}
 	r.retry, _ = NewRetry(cfg.Retry)
-	r.retry.off.Store(!cfg.Enabled)
+	r.retry.sw = &r.enabled
 	r.enabled.Store(cfg.Enabled)
 	if cfg.StoreURL != "" {
 		s, err := openStore(cfg.StoreURL)
@@ -95,7 +97,7 @@ func (r *Registry) CircuitBreaker(name string) *CircuitBreaker {
 		// Were it not so, a breaker with the defaults beats a nil one.
 		cb, _ = NewCircuitBreaker(CircuitBreakerConfig{Name: name})
 	}
-	cb.setMode(modeOff, !r.cfg.Enabled)
+	cb.sw = &r.enabled
 	r.attachBreakerLocked(cb)
 	r.breakers[key] = cb
 	return cb
@@ -115,7 +117,7 @@ func (r *Registry) Bulkhead(name string) *Bulkhead {
 		// Unreachable, as for breakers.
 		b, _ = NewBulkhead(BulkheadConfig{Name: name})
 	}
-	b.off.Store(!r.cfg.Enabled)
+	b.sw = &r.enabled
 	r.attachBulkheadLocked(b)
 	r.bulkheads[key] = b
 	return b
@@ -148,10 +150,18 @@ func (r *Registry) timeoutCell(operation string) *atomic.Int64 {
 
 // Reload applies cfg to the live registry without dropping calls in flight:
 // breakers take their new FailMax at once (a new OpenTimeout or
-// HalfOpenMaxCalls starts them afresh, closed), bulkheads grow or shrink
-// (shrinking admits no one until enough calls have finished), the retry
-// policy and timeouts apply from the next call, and Enabled switches every
-// policy on or off. An invalid cfg changes nothing and returns every error.
+// HalfOpenMaxCalls starts them afresh, closed), bulkheads take their new
+// limit (shrinking admits no one until enough calls have finished), queue
+// bound, wait and fail-fast setting, the retry policy and timeouts apply
+// from the next call, and Enabled switches every policy and entry point on
+// or off. An invalid cfg changes nothing and returns every error.
+//
+// Reload is a merge: settings that no variable sets, and that cfg leaves at
+// their zero value, keep their current values, so that a configuration
+// loaded from the environment does not drop what the code set. They are
+// RetryConfig's Strategy, InitialDelay, RetryIf, OnRetry and Budget, and
+// CircuitBreakerConfig's IsFailure, OnStateChange, Logger and
+// DisableLogging (of the default and of each service in both).
 func (r *Registry) Reload(cfg Config) error {
 	if err := cfg.Validate(); err != nil {
 		return err
@@ -159,16 +169,14 @@ func (r *Registry) Reload(cfg Config) error {
 	cfg = cfg.Clone()
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	cfg = keepCode(r.cfg, cfg)
 	r.cfg = cfg
 	r.retry.reconfigure(cfg.Retry)
-	r.retry.off.Store(!cfg.Enabled)
 	for _, cb := range r.breakers {
 		cb.reconfigure(cfg.CircuitBreakerConfig(cb.Name()))
-		cb.setMode(modeOff, !cfg.Enabled)
 	}
 	for _, b := range r.bulkheads {
-		b.SetLimit(cfg.BulkheadConfig(b.Name()).Limit)
-		b.off.Store(!cfg.Enabled)
+		b.reconfigure(cfg.BulkheadConfig(b.Name()))
 		r.attachBulkheadLocked(b)
 	}
 	for key, c := range r.timeouts {
@@ -178,11 +186,82 @@ func (r *Registry) Reload(cfg Config) error {
 	return nil
 }
 
+// keepCode returns next with the settings of cur that come from code, not
+// from variables, wherever next leaves them zero. next is a clone.
+func keepCode(cur, next Config) Config {
+	rc, rn := cur.Retry, &next.Retry
+	if rn.Strategy == RetryExponential {
+		rn.Strategy = rc.Strategy
+	}
+	if rn.InitialDelay == 0 && (rn.MaxDelay == 0 || rc.InitialDelay <= rn.MaxDelay) {
+		rn.InitialDelay = rc.InitialDelay
+	}
+	if rn.RetryIf == nil {
+		rn.RetryIf = rc.RetryIf
+	}
+	if rn.OnRetry == nil {
+		rn.OnRetry = rc.OnRetry
+	}
+	if rn.Budget == nil {
+		rn.Budget = rc.Budget
+	}
+	next.DefaultCircuitBreaker = keepBreakerCode(cur.DefaultCircuitBreaker, next.DefaultCircuitBreaker)
+	for k, n := range next.CircuitBreakers {
+		if c, ok := cur.CircuitBreakers[k]; ok {
+			next.CircuitBreakers[k] = keepBreakerCode(c, n)
+		}
+	}
+	return next
+}
+
+func keepBreakerCode(cur, next CircuitBreakerConfig) CircuitBreakerConfig {
+	if next.IsFailure == nil {
+		next.IsFailure = cur.IsFailure
+	}
+	if next.OnStateChange == nil {
+		next.OnStateChange = cur.OnStateChange
+	}
+	if next.Logger == nil {
+		next.Logger = cur.Logger
+	}
+	next.DisableLogging = next.DisableLogging || cur.DisableLogging
+	return next
+}
+
+// pipeKey names a registry pipeline: ForService's, or Transport's, whose
+// attempts hand their slot to the response body.
+type pipeKey struct {
+	service string
+	handoff bool
+}
+
+// pipeline returns the registry's pipeline for service, built once: its
+// breaker, the retry policy, its timeout and its bulkhead, under the
+// registry's switch.
+func (r *Registry) pipeline(service string, handoff bool) *pipeline {
+	k := pipeKey{service, handoff}
+	if p, ok := r.pipelines.Load(k); ok {
+		return p.(*pipeline)
+	}
+	p := &pipeline{
+		sw:       &r.enabled,
+		cb:       r.CircuitBreaker(service),
+		retry:    r.retry,
+		timeout:  r.timeoutCell(service),
+		bulkhead: r.Bulkhead(service),
+		handoff:  handoff,
+	}
+	p.setSite(newSite(service, service))
+	actual, _ := r.pipelines.LoadOrStore(k, p)
+	return actual.(*pipeline)
+}
+
 // ForService returns fn protected by the registry's policies for service:
 // its breaker, the retry policy, its timeout (per attempt) and its bulkhead,
-// stacked as [Compose] does. A nil r means [Default]. Reloads apply to it
-// from the next call; while the registry is disabled, calls go straight to
-// fn.
+// in the one pipeline that [Compose] and [Transport] run, named service in
+// the metrics. A nil r means [Default]. The pipeline is built once per
+// service, so wrapping per request is cheap. Reloads apply to it from the
+// next call; while the registry is disabled, calls go straight to fn.
 func ForService[T any](r *Registry, service string, fn Func[T]) Func[T] {
 	if fn == nil {
 		return failing[T](invalid("ForService fn", nil, "must not be nil"))
@@ -190,19 +269,7 @@ func ForService[T any](r *Registry, service string, fn Func[T]) Func[T] {
 	if r == nil {
 		r = Default()
 	}
-	cell := r.timeoutCell(service)
-	s := newSite(service, service)
-	attempt := bulkheadLayer(fn, r.Bulkhead(service), s)
-	timed := func(ctx context.Context) (T, error) {
-		return callWithTimeout(ctx, attempt, time.Duration(cell.Load()), s)
-	}
-	protected := top(breakerLayer(retryLayer(timed, r.Retry(), s), r.CircuitBreaker(service)), s, nil, 0)
-	return func(ctx context.Context) (T, error) {
-		if !r.enabled.Load() {
-			return fn(ctx)
-		}
-		return protected(ctx)
-	}
+	return newEdge(r.pipeline(service, false), service, service, fn, nil, 0)
 }
 
 var defaultRegistry struct {

@@ -132,7 +132,10 @@ func (timeoutError) Is(target error) bool { return target == context.DeadlineExc
 // policy, so that a rejection allocates nothing: treat an *Error as read-only.
 type Error struct {
 	// Err is the sentinel: ErrCircuitOpen, ErrBulkheadFull, ErrTimeout,
-	// ErrRetryExhausted or ErrStale.
+	// ErrRetryExhausted, ErrRetryBudgetExhausted or ErrStale; or the
+	// context's error (context.Canceled, context.DeadlineExceeded) when the
+	// caller gave up while a retry waited, with the last attempt's error
+	// as Cause.
 	Err error
 	// Name is the name of the breaker or bulkhead that rejected the call,
 	// if it has one.
@@ -144,6 +147,19 @@ type Error struct {
 	// Cause is the underlying error: the last attempt's error, the error
 	// the function returned at its deadline, or gobreaker's own error.
 	Cause error
+}
+
+// RetryAfter returns how long the downstream asked the caller to wait
+// before it tries again, when the retries ended on an error that carried
+// such a hint (an HTTP Retry-After, an error's own RetryAfter method), so
+// that the caller can pass it on, as a 429 or 503 of its own would; a hint
+// longer than the retry's MaxDelay ends the retries and is reported here.
+// It is the hint of Cause, and a negative duration when there is none.
+func (e *Error) RetryAfter() time.Duration {
+	if e.Cause == nil {
+		return -1
+	}
+	return hintOf(e.Cause)
 }
 
 // Error formats the sentinel, the policy's name and the cause on one line.

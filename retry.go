@@ -1,8 +1,6 @@
 package resilience
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -59,7 +57,8 @@ type RetryConfig struct {
 	// smaller.
 	InitialDelay time.Duration
 
-	// MaxDelay caps every delay, jitter and Retry-After included. 0 means 10s.
+	// MaxDelay caps every delay, jitter included. A Retry-After hint longer
+	// than MaxDelay ends the retries instead. 0 means 10s.
 	MaxDelay time.Duration
 
 	// Multiplier is the exponential base. 0 means 2; it must not be below 1.
@@ -89,21 +88,24 @@ type RetryConfig struct {
 // between attempts as its strategy says.
 //
 // An error with a RetryAfter() time.Duration method sets the next wait
-// itself (capped by MaxDelay), as a server's Retry-After would: 0 retries at
-// once, and a negative duration means no hint, leaving the wait to the
-// strategy. Waits end as
-// soon as the caller's context is done. When every attempt fails, the error
-// matches both [ErrRetryExhausted] and the last attempt's error, and
-// errors.As to [*Error] gives the attempt count. A non-retryable error comes
-// back as it was.
+// itself, as a server's Retry-After would: a hint no longer than MaxDelay is
+// waited exactly (0 retries at once), a longer one ends the retries at once,
+// since retrying before the server asked only earns another refusal, and a
+// negative duration means no hint, leaving the wait to the strategy. Waits
+// end as soon as the caller's context is done: the error then matches the
+// context's error and the last attempt's error. When the retries end, the
+// error matches both [ErrRetryExhausted] and the last attempt's error, and
+// errors.As to [*Error] gives the attempt count and, through
+// [Error.RetryAfter], the last hint. A non-retryable error comes back as it
+// was.
 //
 // A Retry holds only its configuration; the state of a call's backoff is
 // built per call, and only once a first attempt has failed. A Retry is safe
 // for concurrent use by multiple goroutines. Build it with [NewRetry]; the
 // zero value is not usable.
 type Retry struct {
-	p   atomic.Pointer[retryParams]
-	off atomic.Bool // set by a disabled Registry: no retries
+	p  atomic.Pointer[retryParams]
+	sw *atomic.Bool // a registry's switch, set before the Retry is shared; nil: always on
 }
 
 // retryParams is a Retry's configuration with defaults applied. It is
@@ -199,6 +201,10 @@ func (r *retryParams) retryable(err error) bool {
 	return IsRetryable(err)
 }
 
+// on reports whether the retry acts: a disabled registry's retry makes one
+// attempt.
+func (r *Retry) on() bool { return r.sw == nil || r.sw.Load() }
+
 // WithRetry returns fn protected by r. A first attempt that succeeds costs
 // one call and a nil check: no backoff state is built for it. A nil r or fn
 // yields a function that reports [ErrInvalidConfig].
@@ -209,84 +215,7 @@ func WithRetry[T any](fn Func[T], r *Retry) Func[T] {
 	if r == nil {
 		return failing[T](invalid("WithRetry r", nil, "must not be nil"))
 	}
-	s := newSite(funcName(fn), "")
-	return top(retryLayer(fn, r, s), s, nil, 0)
-}
-
-func retryLayer[T any](fn Func[T], r *Retry, s *site) Func[T] {
-	return func(ctx context.Context) (T, error) {
-		if b := r.params().budget; b != nil {
-			b.deposit()
-		}
-		v, err := fn(ctx)
-		if err == nil {
-			return v, nil
-		}
-		return retryAfterFailure(ctx, fn, r, s, v, err)
-	}
-}
-
-// retryAfterFailure runs the attempts after a failed first one. It is kept
-// out of the wrapper so the success path stays small.
-func retryAfterFailure[T any](ctx context.Context, fn Func[T], rt *Retry, s *site, v T, err error) (T, error) {
-	if rt.off.Load() {
-		return v, err
-	}
-	r := rt.params()
-	in := meter()
-	bo := r.newBackOff()
-	var timer *time.Timer
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
-	for attempt := 1; ; attempt++ {
-		if !r.retryable(err) {
-			return v, err
-		}
-		if cerr := ctx.Err(); cerr != nil {
-			var zero T
-			return zero, interrupted(cerr, attempt, err)
-		}
-		if attempt >= r.maxAttempts {
-			in.retryExhausted.Add(ctx, 1, s.function...)
-			return v, &Error{Err: ErrRetryExhausted, Attempts: attempt, Cause: err}
-		}
-		if r.budget != nil && !r.budget.withdraw() {
-			in.retryBudgetExhausted.Add(ctx, 1, s.function...)
-			return v, budgetExhausted(attempt, err)
-		}
-		s.retried(ctx, in, attempt, errorType(err))
-		delay := bo.next(err)
-		if r.onRetry != nil {
-			r.onRetry(attempt, err, delay)
-		}
-		if delay > 0 {
-			if timer == nil {
-				timer = time.NewTimer(delay)
-			} else {
-				timer.Reset(delay)
-			}
-			select {
-			case <-ctx.Done():
-				var zero T
-				return zero, interrupted(ctx.Err(), attempt, err)
-			case <-timer.C:
-			}
-		}
-		v, err = fn(ctx)
-		if err == nil {
-			in.retrySuccessAfter.Add(ctx, 1, s.function...)
-			return v, nil
-		}
-	}
-}
-
-// interrupted reports a retry cut short by the caller's context: the error
-// matches the context's error and the last attempt's error.
-func interrupted(ctxErr error, attempts int, last error) error {
-	return fmt.Errorf("resilience: retry stopped after %d attempts: %w (last error: %w)", attempts, ctxErr, last)
+	return newEdge(&pipeline{retry: r}, "", "", fn, nil, 0)
 }
 
 // delays is one call's backoff state, built on the first failure.
@@ -321,16 +250,9 @@ func (r *retryParams) newBackOff() *delays {
 	return d
 }
 
-// next returns the wait before the next attempt. A RetryAfter on the error
-// replaces the strategy's delay for this one wait, capped at MaxDelay.
-func (d *delays) next(err error) time.Duration {
+// next returns the strategy's wait before the next attempt.
+func (d *delays) next() time.Duration {
 	base := d.bo.NextBackOff()
-	var ra interface{ RetryAfter() time.Duration }
-	if errors.As(err, &ra) {
-		if hint := ra.RetryAfter(); hint >= 0 {
-			return clampDelay(hint, d.r.max)
-		}
-	}
 	switch {
 	case d.r.strategy == RetryRandom:
 		// Uint64N: the bound + 1 overflows int64 when MaxDelay is the

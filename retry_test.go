@@ -176,20 +176,48 @@ func TestRetryAfterSetsNextWait(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		log := &delayLog{}
 		r := mustRetry(t, RetryConfig{MaxAttempts: 4, DisableJitter: true, MaxDelay: 5 * time.Second, OnRetry: log.hook})
-		fn, _ := script(retryAfterErr{3 * time.Second}, retryAfterErr{-1}, retryAfterErr{time.Hour}, nil)
+		fn, _ := script(retryAfterErr{3 * time.Second}, retryAfterErr{-1}, retryAfterErr{5 * time.Second}, nil)
 		start := time.Now()
 		if _, err := WithRetry(fn, r)(context.Background()); err != nil {
 			t.Fatal(err)
 		}
-		// RetryAfter replaces the backoff for its wait, capped by MaxDelay;
-		// the backoff itself still advances (2s for the second retry, whose
-		// negative RetryAfter is no hint).
+		// A hint no longer than MaxDelay replaces the backoff for its wait,
+		// exactly, without jitter; the backoff itself still advances (2s
+		// for the second retry, whose negative RetryAfter is no hint).
 		want := []time.Duration{3 * time.Second, 2 * time.Second, 5 * time.Second}
 		if fmt.Sprint(log.delays) != fmt.Sprint(want) {
 			t.Fatalf("delays = %v; want %v", log.delays, want)
 		}
 		if got := time.Since(start); got != 10*time.Second {
 			t.Errorf("elapsed %v; want 10s", got)
+		}
+	})
+}
+
+// Bug 11 of the pipeline issue: WithRetry clamped a hint longer than
+// MaxDelay to MaxDelay and retried before the server asked, earning
+// another 429, while Transport gave up. Now a longer hint ends the retries
+// at once, and the caller gets the last error with the hint.
+func TestRetryHintLongerThanMaxDelayIsNotRetriedEarly(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		log := &delayLog{}
+		r := mustRetry(t, RetryConfig{MaxAttempts: 3, MaxDelay: 5 * time.Second, OnRetry: log.hook})
+		fn, calls := script(retryAfterErr{time.Minute}, nil)
+		start := time.Now()
+		_, err := WithRetry(fn, r)(context.Background())
+		if *calls != 1 || len(log.delays) != 0 {
+			t.Fatalf("made %d attempts and waited %v; want 1 attempt and no wait", *calls, log.delays)
+		}
+		if time.Since(start) != 0 {
+			t.Errorf("elapsed %v; want 0", time.Since(start))
+		}
+		var e *Error
+		if !errors.As(err, &e) || e.RetryAfter() != time.Minute || !errors.Is(err, ErrRetryExhausted) {
+			t.Fatalf("err = %v; want an *Error matching ErrRetryExhausted with RetryAfter() = 1m", err)
+		}
+		var ra retryAfterErr
+		if !errors.As(err, &ra) {
+			t.Errorf("err = %v does not keep the last attempt's error", err)
 		}
 	})
 }

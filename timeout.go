@@ -23,19 +23,7 @@ func WithTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 	if err := checkTimeout("WithTimeout", fn == nil, d); err != nil {
 		return failing[T](err)
 	}
-	s := newSite(funcName(fn), "")
-	return top(func(ctx context.Context) (T, error) { return callWithTimeout(ctx, fn, d, s) }, s, nil, 0)
-}
-
-func callWithTimeout[T any](ctx context.Context, fn Func[T], d time.Duration, s *site) (T, error) {
-	tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
-	defer cancel() // on every path: a panic must not leave the timer armed
-	v, err := fn(tctx)
-	if err != nil && ownTimeout(ctx, tctx) {
-		err = timedOut(err)
-		s.timedOut(ctx, startOf(ctx, tctx, d), d)
-	}
-	return v, err
+	return newEdge(&pipeline{timeout: fixedTimeout(d)}, "", "", fn, nil, 0)
 }
 
 // startOf returns when tctx, derived from ctx with timeout d, was made:
@@ -92,62 +80,59 @@ func WithEnforcedTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 	if err := checkTimeout("WithEnforcedTimeout", fn == nil, d); err != nil {
 		return failing[T](err)
 	}
-	s := newSite(funcName(fn), "")
-	return top(enforcedLayer(fn, d, s), s, nil, 0)
+	return newEdge(&pipeline{timeout: fixedTimeout(d), enforce: true}, "", "", fn, nil, 0)
 }
 
-func enforcedLayer[T any](fn Func[T], d time.Duration, s *site) Func[T] {
+// enforced runs one attempt of an enforcing pipeline: fn, and the bulkhead
+// slot around it, in a goroutine of its own, so that the caller can return
+// when ctx, the attempt's context, is done. The result is handed over by a
+// channel and written to the caller's variables only by the caller, so an
+// abandoned attempt's late result is dropped without a data race.
+func enforced[T any](ctx context.Context, p *pipeline, fn Func[T]) (T, error) {
 	type result struct {
 		v        T
 		err      error
 		panicked bool
 		panicVal any
 	}
-	return func(ctx context.Context) (T, error) {
-		tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
-		defer cancel()
-		ch := make(chan result, 1)
-		go func() {
-			returned := false
-			defer func() {
-				if !returned {
-					// A panic or runtime.Goexit: tell the caller either way.
-					ch <- result{panicked: true, panicVal: recover()}
-				}
-			}()
-			v, err := fn(tctx)
-			returned = true
-			ch <- result{v: v, err: err}
+	ch := make(chan result, 1)
+	go func() {
+		returned := false
+		defer func() {
+			if !returned {
+				// A panic or runtime.Goexit: tell the caller either way.
+				ch <- result{panicked: true, panicVal: recover()}
+			}
 		}()
 		var r result
+		r.err = p.slot(ctx, func(actx context.Context) error {
+			var err error
+			r.v, err = fn(actx)
+			return err
+		}, nil)
+		returned = true
+		ch <- r
+	}()
+	var r result
+	select {
+	case r = <-ch:
+	case <-ctx.Done():
 		select {
-		case r = <-ch:
-		case <-tctx.Done():
-			select {
-			case r = <-ch: // finished at the same moment: keep the result
-			default:
-				meter().timeoutAbandoned.Add(ctx, 1, s.function...)
-				var zero T
-				if ownTimeout(ctx, tctx) {
-					s.timedOut(ctx, startOf(ctx, tctx, d), d)
-					return zero, &Error{Err: ErrTimeout, Cause: context.DeadlineExceeded}
-				}
-				return zero, ctx.Err()
-			}
+		case r = <-ch: // finished at the same moment: keep the result
+		default:
+			meter().timeoutAbandoned.Add(ctx, 1, p.site.function...)
+			var zero T
+			return zero, ctx.Err()
 		}
-		if r.panicked {
-			if r.panicVal == nil {
-				var zero T
-				return zero, errGoexit
-			}
-			panic(r.panicVal)
-		}
-		if r.err != nil && ownTimeout(ctx, tctx) {
-			r.err = timedOut(r.err)
-			s.timedOut(ctx, startOf(ctx, tctx, d), d)
-		}
-		return r.v, r.err
 	}
+	if r.panicked {
+		if r.panicVal == nil {
+			var zero T
+			return zero, errGoexit
+		}
+		panic(r.panicVal)
+	}
+	return r.v, r.err
 }
 
 var errGoexit = errors.New("resilience: protected function called runtime.Goexit")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"strconv"
@@ -73,31 +74,15 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if reg == nil {
 		reg = Default()
 	}
-	if !reg.Enabled() {
+	p := reg.pipeline(t.serviceOf(req), true)
+	if !p.on() {
 		return base.RoundTrip(req)
 	}
-	service := t.serviceOf(req)
-	s := t.site(service)
-	ctx := req.Context()
-	in := meter()
-	timed := in.callDuration.Enabled(ctx)
-	var start time.Duration
-	if timed {
-		start = monotonic()
-	}
-	resp, err := t.protected(ctx, req, base, reg, service, s)
-	o := outcomeSuccess
-	switch {
-	case err != nil:
-		o = classify(ctx, err)
-	case isFailureStatus(resp.StatusCode):
-		o = outcomeFailure
-	}
-	s.counts[o].Add(1)
-	if timed {
-		in.callDuration.Record(ctx, (monotonic() - start).Seconds(), s.durations[o]...)
-	}
-	return resp, err
+	rt := &roundTrip{base: base, req: req}
+	rt.idempotent = isIdempotent(req) || req.Header.Get("Idempotency-Key") != ""
+	rt.hasBody = req.Body != nil && req.Body != http.NoBody
+	rt.replayable = !rt.hasBody || req.GetBody != nil
+	return rt.do(p)
 }
 
 func (t *Transport) serviceOf(req *http.Request) string {
@@ -109,148 +94,116 @@ func (t *Transport) serviceOf(req *http.Request) string {
 	return req.URL.Hostname()
 }
 
-func (t *Transport) site(service string) *site {
-	if s, ok := t.sites.Load(service); ok {
-		return s.(*site)
-	}
-	s, _ := t.sites.LoadOrStore(service, newSite(service, service))
-	return s.(*site)
+// roundTrip is one request through the pipeline: the HTTP edge. Its
+// attempts turn failing statuses into *StatusError for the pipeline to
+// classify, and keep each response open, with its slot and timeout, until
+// the pipeline says whether it is the answer.
+type roundTrip struct {
+	base                            http.RoundTripper
+	req                             *http.Request
+	idempotent, hasBody, replayable bool
+	bodyUsed                        bool           // req.Body was handed to base
+	last                            *http.Response // the last attempt's response, still open
 }
 
-func (t *Transport) protected(ctx context.Context, req *http.Request, base http.RoundTripper, reg *Registry, service string, s *site) (resp *http.Response, err error) {
-	cb := reg.CircuitBreaker(service)
-	var outcome error
-	counted, rej := cb.guard(ctx, func() error {
-		var failed bool
-		resp, failed, err = t.attempts(ctx, req, base, reg, service, s)
-		outcome = errFailure
-		switch {
-		case ctx.Err() != nil || errors.Is(err, ErrBulkheadFull):
-			// The caller gave up, or the call never left this process.
-			outcome = errExcluded
-		case err != nil && cb.isFailure != nil && !cb.isFailure(err), !failed:
-			outcome = nil
-		}
-		return outcome
-	})
-	if rej != nil {
-		return nil, rej
-	}
-	if !counted {
-		return resp, err
-	}
-	switch outcome {
-	case nil:
-		cb.counts.successes.Add(1)
-	case errFailure:
-		cb.recordFailure(ctx, httpErrorType(resp, err))
-	}
-	return resp, err
-}
-
-// httpErrorType is the error.type of an HTTP attempt's outcome: the error's,
-// or "http_503" for a failing status.
-func httpErrorType(resp *http.Response, err error) string {
-	if err != nil || resp == nil {
-		return errorType(err)
-	}
-	return "http_" + strconv.Itoa(resp.StatusCode)
-}
-
-// attempts runs the retry loop. failed reports whether the final outcome
-// counts against the breaker.
-func (t *Transport) attempts(ctx context.Context, req *http.Request, base http.RoundTripper, reg *Registry, service string, s *site) (resp *http.Response, failed bool, err error) {
-	rp := reg.Retry().params()
-	retryOff := reg.Retry().off.Load()
-	b := reg.Bulkhead(service)
-	timeout := reg.Timeout(service)
-	idempotent := isIdempotent(req)
-	replayable := req.Body == nil || req.Body == http.NoBody || req.GetBody != nil
-	if rp.budget != nil {
-		rp.budget.deposit()
-	}
-	in := meter()
-	var bo *delays
-	var timer *time.Timer
+func (rt *roundTrip) do(p *pipeline) (resp *http.Response, err error) {
+	ctx := rt.req.Context()
+	s := p.site
+	rec := s.begin(ctx)
+	o, returned := outcomeFailure, false // a panic: a failed call
 	defer func() {
-		if timer != nil {
-			timer.Stop()
+		if !returned {
+			rt.between() // give back what the last attempt holds
 		}
+		s.end(ctx, rec, o)
 	}()
-	for attempt := 1; ; attempt++ {
-		var release func()
-		var sent bool
-		resp, release, sent, err = t.attempt(ctx, req, base, b, timeout, s)
-		failed = err != nil || isFailureStatus(resp.StatusCode)
-		retryable := retryableHTTP(resp, err, idempotent || req.Header.Get("Idempotency-Key") != "", sent)
-		if !retryable || retryOff || !replayable || ctx.Err() != nil {
-			return finish(resp, release), failed, err
+	err = p.run(ctx, rt.attempt, rt.between)
+	o, returned = classify(ctx, err), true
+	if rt.last != nil {
+		var se *StatusError
+		if err == nil || (errors.As(err, &se) && se.resp == rt.last) {
+			// The answer, or a failing status whose retries ended: the
+			// caller gets the response, as from any RoundTripper.
+			return rt.last, nil
 		}
-		if attempt >= rp.maxAttempts {
-			in.retryExhausted.Add(ctx, 1, s.function...)
-			return finish(resp, release), failed, err
-		}
-		var wait time.Duration
-		if ra, ok := retryAfterHeader(resp, time.Now()); ok {
-			if ra > rp.max {
-				// The server asked for longer than we will wait: give the
-				// caller its answer rather than retry early.
-				return finish(resp, release), failed, err
-			}
-			wait = ra
-		} else {
-			if bo == nil {
-				bo = rp.newBackOff()
-			}
-			wait = bo.next(err)
-		}
-		if rp.budget != nil && !rp.budget.withdraw() {
-			in.retryBudgetExhausted.Add(ctx, 1, s.function...)
-			return finish(resp, release), failed, err
-		}
-		s.retried(ctx, in, attempt, httpErrorType(resp, err))
-		if rp.onRetry != nil {
-			cause := err
-			if cause == nil {
-				cause = &StatusError{StatusCode: resp.StatusCode}
-			}
-			rp.onRetry(attempt, cause, wait)
-		}
-		discard(resp)
-		release()
-		if wait > 0 {
-			if timer == nil {
-				timer = time.NewTimer(wait)
-			} else {
-				timer.Reset(wait)
-			}
-			select {
-			case <-ctx.Done():
-				return nil, false, ctx.Err()
-			case <-timer.C:
-			}
-		}
-		if req.GetBody != nil && req.Body != nil && req.Body != http.NoBody {
-			body, gerr := req.GetBody()
-			if gerr != nil {
-				return nil, false, gerr
-			}
-			req = req.Clone(ctx)
-			req.Body = body
-		}
-		if attempt == 1 {
-			defer func() {
-				if err == nil && !failed {
-					in.retrySuccessAfter.Add(ctx, 1, s.function...)
-				}
-			}()
-		}
+		rt.between()
+	}
+	if rt.hasBody && !rt.bodyUsed {
+		// Rejected before any attempt reached base, which would have
+		// closed it: a RoundTripper closes the body on every path.
+		rt.req.Body.Close()
+	}
+	return nil, err
+}
+
+// between gives back what the last attempt's response holds.
+func (rt *roundTrip) between() {
+	if rt.last != nil {
+		discard(rt.last)
+		rt.last = nil
 	}
 }
 
-// StatusError is the error OnRetry sees for a retried HTTP status.
+func (rt *roundTrip) attempt(ctx context.Context) error {
+	rt.between()
+	out := rt.req.WithContext(ctx)
+	if rt.hasBody {
+		if rt.bodyUsed {
+			body, err := rt.req.GetBody()
+			if err != nil {
+				return &stopRetry{err}
+			}
+			out.Body = body
+		}
+		rt.bodyUsed = true
+	}
+	resp, err := rt.base.RoundTrip(out)
+	if err != nil {
+		if !rt.replayable || (!rt.idempotent && !neverSent(err)) {
+			// Sending it again could do the work twice, or cannot be done.
+			return &stopRetry{err}
+		}
+		return err
+	}
+	rt.last = resp
+	release := holdFrom(ctx).keep(ctx)
+	switch {
+	case resp.Body == nil:
+		release()
+	case resp.StatusCode == http.StatusSwitchingProtocols:
+		// An upgraded connection: keep the body an io.Writer, as
+		// WebSocket clients and httputil.ReverseProxy need.
+		if rwc, ok := resp.Body.(io.ReadWriteCloser); ok {
+			resp.Body = &releasingRWC{releasingBody{ReadCloser: rwc, release: release}, rwc}
+		} else {
+			resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
+		}
+	default:
+		resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
+	}
+	if !isFailureStatus(resp.StatusCode) {
+		return nil
+	}
+	se := &StatusError{StatusCode: resp.StatusCode, resp: resp, hint: -1}
+	se.retryable = retryableStatus(resp.StatusCode)
+	if d, ok := retryAfterHeader(resp, time.Now()); ok {
+		se.hint = d
+	}
+	if !rt.replayable || (resp.StatusCode == http.StatusInternalServerError && !rt.idempotent) {
+		return &stopRetry{se}
+	}
+	return se
+}
+
+// StatusError is the error a failing HTTP status is to the policies: what
+// OnRetry, RetryIf and IsFailure see for a 503. Transport returns the
+// response itself to its caller, never a StatusError.
 type StatusError struct {
 	StatusCode int
+
+	resp      *http.Response
+	retryable bool
+	hint      time.Duration
 }
 
 // Error says "resilience: HTTP 503 Service Unavailable".
@@ -258,68 +211,16 @@ func (e *StatusError) Error() string {
 	return "resilience: HTTP " + strconv.Itoa(e.StatusCode) + " " + http.StatusText(e.StatusCode)
 }
 
-// attempt sends one attempt under its own timeout and bulkhead slot.
-// release gives both back; sent reports whether the request may have
-// reached the server.
-func (t *Transport) attempt(ctx context.Context, req *http.Request, base http.RoundTripper, b *Bulkhead, timeout time.Duration, s *site) (resp *http.Response, release func(), sent bool, err error) {
-	actx, cancel := context.WithTimeoutCause(ctx, timeout, ErrTimeout)
-	bypass := b.off.Load()
-	if !bypass {
-		if err := b.acquire(actx); err != nil {
-			if err == b.errFull {
-				meter().bhRejections.Add(ctx, 1, addSet(attrResourceType.String(b.name), attrFunction.String(s.name))...)
-			} else if ownTimeout(ctx, actx) {
-				s.timedOut(ctx, startOf(ctx, actx, timeout), timeout)
-				err = timedOut(err)
-			}
-			cancel()
-			return nil, noop, false, err
-		}
-	}
-	grel := noop
-	if !bypass {
-		var gerr error
-		if grel, gerr = b.acquireGlobal(actx); gerr != nil {
-			b.giveBack()
-			if ownTimeout(ctx, actx) {
-				gerr = timedOut(gerr)
-			}
-			cancel()
-			return nil, noop, false, gerr
-		}
-	}
-	var once sync.Once
-	release = func() {
-		once.Do(func() {
-			cancel()
-			if !bypass {
-				grel()
-				b.release()
-			}
-		})
-	}
-	resp, err = base.RoundTrip(req.Clone(actx))
-	if err != nil {
-		if ownTimeout(ctx, actx) {
-			s.timedOut(ctx, startOf(ctx, actx, timeout), timeout)
-			err = timedOut(err)
-		}
-		release()
-		return nil, noop, !neverSent(err), err
-	}
-	return resp, release, true, nil
-}
+// Retryable reports whether the status is worth another attempt by
+// Transport's rules, for [IsRetryable].
+func (e *StatusError) Retryable() bool { return e.retryable }
 
-// finish hands the final response to the caller with a body that gives the
-// attempt's slot and timeout back when it is closed or read to the end.
-func finish(resp *http.Response, release func()) *http.Response {
-	if resp == nil || resp.Body == nil {
-		release()
-		return resp
-	}
-	resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
-	return resp
-}
+// RetryAfter returns the wait the response asked for with Retry-After or
+// retry-after-ms, or a negative duration when it asked for none.
+func (e *StatusError) RetryAfter() time.Duration { return e.hint }
+
+// errorType is the error.type of a failing status: "http_503".
+func (e *StatusError) errorType() string { return "http_" + strconv.Itoa(e.StatusCode) }
 
 type releasingBody struct {
 	io.ReadCloser
@@ -342,6 +243,14 @@ func (b *releasingBody) Close() error {
 	}
 	return err
 }
+
+// releasingRWC is the body of a 101 response: an io.ReadWriteCloser.
+type releasingRWC struct {
+	releasingBody
+	w io.Writer
+}
+
+func (b *releasingRWC) Write(p []byte) (int, error) { return b.w.Write(p) }
 
 // discard drains and closes a failed attempt's body, up to a bound, so that
 // its connection can be reused.
@@ -372,19 +281,14 @@ func isFailureStatus(code int) bool {
 	return false
 }
 
-func retryableHTTP(resp *http.Response, err error, idempotent, sent bool) bool {
-	if err != nil {
-		if !IsRetryable(err) {
-			return false
-		}
-		return idempotent || !sent
-	}
-	switch resp.StatusCode {
+// retryableStatus reports whether a failing status is retried: those that
+// say the server did not do the work. 500 is retried for idempotent
+// requests only, which the attempt enforces.
+func retryableStatus(code int) bool {
+	switch code {
 	case http.StatusRequestTimeout, http.StatusTooManyRequests, http.StatusBadGateway,
-		http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+		http.StatusServiceUnavailable, http.StatusGatewayTimeout, http.StatusInternalServerError:
 		return true
-	case http.StatusInternalServerError:
-		return idempotent
 	}
 	return false
 }
@@ -399,11 +303,22 @@ func neverSent(err error) bool {
 	return errors.As(err, &op) && op.Op == "dial"
 }
 
-// retryAfterHeader parses a response's Retry-After: delay-seconds or an
-// HTTP date, relative to now. A past date is 0.
+// retryAfterHeader parses a response's retry-after-ms, else its
+// Retry-After: delay-seconds or an HTTP date, relative to now. A past date
+// is 0.
 func retryAfterHeader(resp *http.Response, now time.Time) (time.Duration, bool) {
 	if resp == nil {
 		return 0, false
+	}
+	if ms := strings.TrimSpace(resp.Header.Get("Retry-After-Ms")); ms != "" {
+		// LLM providers' finer hint, in milliseconds, which may be
+		// fractional.
+		if f, err := strconv.ParseFloat(ms, 64); err == nil && f >= 0 && !math.IsInf(f, 0) {
+			if f >= float64(math.MaxInt64/time.Millisecond) {
+				return math.MaxInt64, true
+			}
+			return time.Duration(f * float64(time.Millisecond)), true
+		}
 	}
 	v := strings.TrimSpace(resp.Header.Get("Retry-After"))
 	if v == "" {

@@ -1,0 +1,344 @@
+package resilience
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"time"
+
+	"go.opentelemetry.io/otel/metric"
+)
+
+// This file is the one call pipeline. Every entry point (Compose, the
+// With... wrappers, ForService, Transport) builds a pipeline once and runs
+// each call through it, adapting its own types at the edge: the pipeline
+// runs attempts of the shape func(ctx) error, and the edge keeps the typed
+// result in its closure and turns its own failure signals (an HTTP status,
+// a gRPC code) into errors the pipeline classifies. A policy added here
+// works for every entry point at once. The order, outermost first:
+//
+//	record(fallback(breaker(retry(timeout(bulkhead(attempt))))))
+//
+// The fallback is generic and applied by the edge (fallback.go); the
+// recording of resilience.calls is done once per outermost call (edge.go).
+
+// attemptFunc is one try of the protected function. The pipeline never
+// lets it escape, so an edge's closure over its typed result stays on the
+// caller's stack.
+type attemptFunc = func(ctx context.Context) error
+
+// pipeline is the chain of policies of one protected call site. It is built
+// once and is safe for concurrent use; every policy is optional.
+type pipeline struct {
+	site     *site
+	sw       *atomic.Bool // a registry's on/off switch; nil means always on
+	cb       *CircuitBreaker
+	retry    *Retry
+	timeout  *atomic.Int64 // per attempt, in nanoseconds; nil or <= 0: none
+	bulkhead *Bulkhead
+
+	// enforce makes the edge run each attempt, bulkhead slot included, in
+	// a goroutine of its own that the timeout can abandon (timeout.go).
+	enforce bool
+	// handoff lets an attempt keep its slot and timeout after it returns,
+	// as Transport does for a response body still being read.
+	handoff bool
+
+	rejected []metric.AddOption // resilience.bulkhead.rejections attributes
+}
+
+// on reports whether the pipeline's policies act: a disabled registry's
+// entry points call straight through.
+func (p *pipeline) on() bool { return p.sw == nil || p.sw.Load() }
+
+// setSite gives the pipeline its metric identity.
+func (p *pipeline) setSite(s *site) {
+	p.site = s
+	if p.bulkhead != nil {
+		p.rejected = addSet(attrResourceType.String(p.bulkhead.name), attrFunction.String(s.name))
+	}
+}
+
+// fixedTimeout returns a timeout cell holding d.
+func fixedTimeout(d time.Duration) *atomic.Int64 {
+	c := new(atomic.Int64)
+	c.Store(int64(d))
+	return c
+}
+
+// run runs one call through the breaker, the retry, the per-attempt
+// timeout and the bulkhead. between, if not nil, is called after a failed
+// attempt that is about to be retried, before the wait: an edge gives back
+// what that attempt still holds (Transport's response body).
+func (p *pipeline) run(ctx context.Context, attempt attemptFunc, between func()) error {
+	cb := p.cb
+	if cb == nil {
+		return p.retried(ctx, attempt, between)
+	}
+	var err, o error
+	counted, rej := cb.guard(ctx, func() error {
+		err = p.retried(ctx, attempt, between)
+		o = cb.outcome(ctx, err)
+		return o
+	})
+	if rej != nil {
+		return rej
+	}
+	if counted {
+		switch o {
+		case nil:
+			cb.counts.successes.Add(1)
+		case errFailure:
+			cb.recordFailure(ctx, errorType(err))
+		}
+	}
+	return err
+}
+
+// retried runs the attempts the retry policy allows. A first attempt that
+// succeeds costs a nil check: no backoff state is built for it.
+func (p *pipeline) retried(ctx context.Context, attempt attemptFunc, between func()) error {
+	rt := p.retry
+	if rt == nil {
+		err, _ := p.once(ctx, attempt)
+		return err
+	}
+	r := rt.params()
+	if r.budget != nil {
+		r.budget.deposit()
+	}
+	err, stop := p.once(ctx, attempt)
+	if err == nil || stop || !rt.on() {
+		return err
+	}
+	return p.retryAfterFailure(ctx, attempt, between, r, err)
+}
+
+// retryAfterFailure runs the attempts after a failed first one. It is kept
+// out of retried so that the success path stays small.
+func (p *pipeline) retryAfterFailure(ctx context.Context, attempt attemptFunc, between func(), r *retryParams, err error) error {
+	in := meter()
+	var bo *delays
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for n := 1; ; n++ {
+		if !r.retryable(err) {
+			return err
+		}
+		hint := hintOf(err)
+		if cerr := ctx.Err(); cerr != nil {
+			return &Error{Err: cerr, Attempts: n, Cause: err}
+		}
+		if n >= r.maxAttempts || hint > r.max {
+			// A hint longer than MaxDelay ends the retries: retrying
+			// before the server asked only earns another refusal.
+			in.retryExhausted.Add(ctx, 1, p.site.function...)
+			return &Error{Err: ErrRetryExhausted, Attempts: n, Cause: err}
+		}
+		if r.budget != nil && !r.budget.withdraw() {
+			in.retryBudgetExhausted.Add(ctx, 1, p.site.function...)
+			return &Error{Err: ErrRetryBudgetExhausted, Attempts: n, Cause: err}
+		}
+		p.site.retried(ctx, in, n, errorType(err))
+		if bo == nil {
+			bo = r.newBackOff()
+		}
+		// The strategy advances whether or not a hint replaces its wait,
+		// so that the nth retry's wait does not depend on earlier hints.
+		delay := bo.next()
+		if hint >= 0 {
+			delay = hint // no longer than MaxDelay: waited exactly
+		}
+		if between != nil {
+			between()
+		}
+		if r.onRetry != nil {
+			r.onRetry(n, err, delay)
+		}
+		if delay > 0 {
+			if timer == nil {
+				timer = time.NewTimer(delay)
+			} else {
+				timer.Reset(delay)
+			}
+			select {
+			case <-ctx.Done():
+				return &Error{Err: ctx.Err(), Attempts: n, Cause: err}
+			case <-timer.C:
+			}
+		}
+		var stop bool
+		if err, stop = p.once(ctx, attempt); err == nil {
+			in.retrySuccessAfter.Add(ctx, 1, p.site.function...)
+			return nil
+		}
+		if stop {
+			return err
+		}
+	}
+}
+
+// hintOf returns the wait an error asks for through a RetryAfter()
+// time.Duration method, or -1 when it asks for none.
+func hintOf(err error) time.Duration {
+	var ra interface{ RetryAfter() time.Duration }
+	if errors.As(err, &ra) {
+		if d := ra.RetryAfter(); d >= 0 {
+			return d
+		}
+	}
+	return -1
+}
+
+// stopRetry marks an attempt's error that must not be retried whatever the
+// retry policy says: a request that cannot be replayed, or one that may
+// have reached the server and is not idempotent. The pipeline strips it.
+type stopRetry struct{ err error }
+
+func (s *stopRetry) Error() string { return s.err.Error() }
+func (s *stopRetry) Unwrap() error { return s.err }
+
+// once runs one attempt under the per-attempt timeout. stop reports an
+// error the attempt marked as final.
+func (p *pipeline) once(ctx context.Context, attempt attemptFunc) (err error, stop bool) {
+	var d time.Duration
+	if p.timeout != nil {
+		d = time.Duration(p.timeout.Load())
+	}
+	switch {
+	case p.handoff:
+		err, stop = p.onceHandoff(ctx, attempt, d)
+	case d <= 0:
+		err, stop = unstop(p.slot(ctx, attempt, nil))
+	default:
+		tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
+		defer cancel() // on every path: a panic must not leave the timer armed
+		if p.enforce {
+			err, stop = unstop(attempt(tctx))
+		} else {
+			err, stop = unstop(p.slot(tctx, attempt, nil))
+		}
+		if err != nil && ownTimeout(ctx, tctx) {
+			err = timedOut(err)
+			p.site.timedOut(ctx, startOf(ctx, tctx, d), d)
+		}
+	}
+	return err, stop
+}
+
+func unstop(err error) (error, bool) {
+	if s, ok := err.(*stopRetry); ok {
+		return s.err, true
+	}
+	return err, false
+}
+
+// onceHandoff is once for a pipeline whose attempts may keep their slot
+// and timeout: the attempt finds a *hold in its context and keeps it with
+// hold.keep. What is not kept is given back when the attempt returns or
+// panics.
+func (p *pipeline) onceHandoff(ctx context.Context, attempt attemptFunc, d time.Duration) (err error, stop bool) {
+	tctx, cancel := context.WithCancel(ctx)
+	if d > 0 {
+		tctx, cancel = context.WithTimeoutCause(ctx, d, ErrTimeout)
+	}
+	h := &hold{cancel: cancel}
+	defer h.settle()
+	err, stop = unstop(p.slot(context.WithValue(tctx, holdKey{}, h), attempt, h))
+	if err != nil && ownTimeout(ctx, tctx) {
+		err = timedOut(err)
+		p.site.timedOut(ctx, startOf(ctx, tctx, d), d)
+	}
+	return err, stop
+}
+
+// slot runs attempt holding a bulkhead slot, if the pipeline has a
+// bulkhead, and gives the slot back when attempt returns or panics, unless
+// h is given: h then owns it.
+func (p *pipeline) slot(ctx context.Context, attempt attemptFunc, h *hold) error {
+	b := p.bulkhead
+	if b == nil || !b.on() {
+		return attempt(ctx)
+	}
+	if err := b.acquire(ctx); err != nil {
+		if err == b.errFull {
+			meter().bhRejections.Add(ctx, 1, p.rejected...)
+		}
+		return err
+	}
+	grel := noop
+	if b.global.Load() != nil {
+		g, err := b.acquireGlobal(ctx)
+		if err != nil {
+			b.giveBack()
+			if errors.Is(err, ErrBulkheadFull) {
+				meter().bhRejections.Add(ctx, 1, p.rejected...)
+			}
+			return err
+		}
+		grel = g
+	}
+	if h != nil {
+		h.b, h.grel = b, grel
+		return attempt(ctx)
+	}
+	defer func() {
+		grel()
+		b.release()
+	}()
+	return attempt(ctx)
+}
+
+type holdKey struct{}
+
+// hold is what one attempt of a handoff pipeline holds: its timeout and,
+// with a bulkhead, its slot.
+type hold struct {
+	cancel context.CancelFunc
+	b      *Bulkhead // nil: no slot
+	grel   func()
+	kept   bool // set by the attempt, in the attempt's goroutine
+	done   atomic.Bool
+}
+
+// holdFrom returns the hold of the attempt whose context is ctx.
+func holdFrom(ctx context.Context) *hold {
+	h, _ := ctx.Value(holdKey{}).(*hold)
+	return h
+}
+
+// keep hands the attempt's slot and timeout to the caller, who gives them
+// back with the returned func; they are given back anyway when the
+// attempt's context ends, so that a caller who never gives them back holds
+// them no longer than the attempt's timeout.
+func (h *hold) keep(ctx context.Context) (release func()) {
+	h.kept = true
+	stop := context.AfterFunc(ctx, h.free)
+	return func() {
+		stop()
+		h.free()
+	}
+}
+
+// settle gives back what the attempt did not keep.
+func (h *hold) settle() {
+	if !h.kept {
+		h.free()
+	}
+}
+
+// free gives the slot and the timeout back, once.
+func (h *hold) free() {
+	if !h.done.CompareAndSwap(false, true) {
+		return
+	}
+	h.cancel()
+	if h.b != nil {
+		h.grel()
+		h.b.release()
+	}
+}

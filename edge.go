@@ -1,0 +1,257 @@
+package resilience
+
+import (
+	"context"
+	"log/slog"
+	"reflect"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unsafe"
+	"weak"
+)
+
+// edge adapts a Func[T] to the pipeline: it keeps the typed result in the
+// attempt's closure, applies the fallback, and records the call once.
+// Compose, the With... wrappers and ForService all return an edge's call.
+type edge[T any] struct {
+	p      *pipeline
+	fn     Func[T]
+	fb     Fallback[T]
+	fbKind int
+	self   *edgeMeta // this edge's identity, for the edges that wrap it
+	inner  *edgeMeta // the protected Func this edge wraps, if fn is one
+}
+
+// edgeMeta is what an edge that wraps another needs to know of it.
+type edgeMeta struct {
+	name string
+	// nested is set once some edge wraps this one: only then does a call
+	// look for the wrapping edge's mark in its context.
+	nested atomic.Bool
+}
+
+// nestKey marks a context passed by an edge to the protected Func it
+// wraps; the value is that Func's *edgeMeta, so that the mark is read only
+// by the edge it was meant for, not by other protected calls made further
+// down with the same context.
+type nestKey struct{}
+
+// newEdge returns fn protected by p. name is the explicit metric name, if
+// any; stableName says what is used without one.
+func newEdge[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback[T], fbKind int) Func[T] {
+	inner := lookupEdge(fn)
+	if inner != nil {
+		inner.nested.Store(true)
+	}
+	if p.site == nil {
+		name = stableName(name, fn, inner, p.cb, p.bulkhead)
+		p.setSite(newSite(name, operation))
+	} else {
+		name = p.site.name // a registry's pipeline, shared
+	}
+	e := &edge[T]{p: p, fn: fn, fb: fb, fbKind: fbKind, self: &edgeMeta{name: name}, inner: inner}
+	f := Func[T](e.call)
+	registerEdge(f, e.self)
+	return f
+}
+
+func (e *edge[T]) call(ctx context.Context) (T, error) {
+	p := e.p
+	if !p.on() {
+		return e.fn(ctx)
+	}
+	if e.self.nested.Load() && ctx.Value(nestKey{}) == e.self {
+		// Wrapped by another edge, which records the call.
+		v, err, _ := e.protect(ctx)
+		return v, err
+	}
+	if e.inner != nil {
+		ctx = context.WithValue(ctx, nestKey{}, e.inner)
+	}
+	s := p.site
+	rec := s.begin(ctx)
+	o := outcomeFailure // a panic or runtime.Goexit, in fn or the fallback: a failed call
+	defer func() { s.end(ctx, rec, o) }()
+	v, err, oc := e.protect(ctx)
+	o = oc
+	return v, err
+}
+
+// protect runs the pipeline and the fallback, and reports the outcome.
+func (e *edge[T]) protect(ctx context.Context) (v T, err error, o outcome) {
+	var attempt attemptFunc
+	if e.p.enforce {
+		attempt = func(actx context.Context) error {
+			var err error
+			v, err = enforced(actx, e.p, e.fn)
+			return err
+		}
+	} else {
+		attempt = func(actx context.Context) error {
+			var err error
+			v, err = e.fn(actx)
+			return err
+		}
+	}
+	if err = e.p.run(ctx, attempt, nil); err == nil {
+		return v, nil, outcomeSuccess
+	}
+	o = classify(ctx, err)
+	if e.fb != nil && o != outcomeCanceled {
+		// The caller's own cancellation is passed back, not replaced: a
+		// caller that gave up wants to know it did.
+		return applyFallback(ctx, e.p.site, e.fb, e.fbKind, err)
+	}
+	return v, err, o
+}
+
+// recording is the start of one recorded call.
+type recording struct {
+	in    *instruments
+	start time.Duration
+	timed bool
+}
+
+// begin starts recording a call: resilience.call.duration reads the
+// monotonic clock only when its instrument is enabled.
+func (s *site) begin(ctx context.Context) recording {
+	in := meter()
+	r := recording{in: in, timed: in.callDuration.Enabled(ctx)}
+	if r.timed {
+		r.start = monotonic()
+	}
+	return r
+}
+
+// end records a call's outcome in resilience.calls and its duration.
+func (s *site) end(ctx context.Context, r recording, o outcome) {
+	s.counts[o].Add(1)
+	if r.timed {
+		r.in.callDuration.Record(ctx, (monotonic() - r.start).Seconds(), s.durations[o]...)
+	}
+}
+
+// unnamed is the metric name of a protected function that has no stable
+// name of its own: see stableName.
+const unnamed = "unnamed"
+
+var warnUnnamed sync.Once
+
+// stableName chooses the name a protected function has in metrics. It is
+// never derived from a compiler-generated closure name, which changes with
+// inlining (-gcflags=-l, PGO) and is shared by unrelated stacks built by
+// the same code. In order:
+//
+//   - the explicit name (Stack.Name; the service, for ForService and
+//     Transport);
+//   - the name of the protected Func this one wraps, for hand-nested
+//     wrappers;
+//   - the name of a named function or method, such as
+//     "main.(*Client).Generate-fm";
+//   - the name of the stack's circuit breaker, else of its bulkhead;
+//   - "unnamed", with one warning in the log per process.
+func stableName(explicit string, fn any, inner *edgeMeta, cb *CircuitBreaker, b *Bulkhead) string {
+	switch {
+	case explicit != "":
+		return explicit
+	case inner != nil && inner.name != unnamed:
+		return inner.name
+	}
+	if n := namedFunc(fn); n != "" {
+		return n
+	}
+	switch {
+	case cb != nil && cb.name != "":
+		return cb.name
+	case b != nil && b.name != "":
+		return b.name
+	}
+	warnUnnamed.Do(func() {
+		slog.Warn("resilience: a protected function has no stable name, so its metrics use the name " + unnamed +
+			": set Stack.Name, pass a named function or method, or name its circuit breaker or bulkhead")
+	})
+	return unnamed
+}
+
+// nameOf is the name fn gives a wrapper built around code that calls it:
+// its edge's name if it is a protected Func, else its own if it is named.
+func nameOf[T any](fn Func[T]) string {
+	if m := lookupEdge(fn); m != nil && m.name != unnamed {
+		return m.name
+	}
+	return namedFunc(fn)
+}
+
+// namedFunc returns the name of fn's code if fn is a named function or a
+// method value, and "" for a closure, whose compiler-generated name
+// ("pkg.F.func1", "pkg.glob..func2") is not stable.
+func namedFunc(fn any) string {
+	v := reflect.ValueOf(fn)
+	if v.Kind() != reflect.Func || v.IsNil() {
+		return ""
+	}
+	f := runtime.FuncForPC(v.Pointer())
+	if f == nil {
+		return ""
+	}
+	name := f.Name()
+	last := name[strings.LastIndexByte(name, '/')+1:]
+	if isClosureName(last) {
+		return ""
+	}
+	return name
+}
+
+// isClosureName reports whether a symbol name, without its package path,
+// names compiler-generated code: a func literal (".func1", ".func1.2",
+// "glob..func1") or a range-over-func body ("-range1").
+func isClosureName(s string) bool {
+	for _, marker := range []string{".func", "-range"} {
+		for i := strings.Index(s, marker); i >= 0; {
+			j := i + len(marker)
+			if j < len(s) && s[j] >= '0' && s[j] <= '9' {
+				return true
+			}
+			k := strings.Index(s[j:], marker)
+			if k < 0 {
+				break
+			}
+			i = j + k
+		}
+	}
+	return false
+}
+
+// edges maps the identity of each Func an edge returned to the edge's
+// metadata, so that a wrapper built around it knows it is wrapping a
+// protected call. Entries are weak and removed when the edge is collected,
+// so that wrappers built per request do not accumulate.
+var edges sync.Map // uintptr -> weak.Pointer[edgeMeta]
+
+// funcID is the identity of a func value: the address of its closure.
+// Go has no other way to tell two func values apart; an edge's Func is a
+// method value, a heap closure of its own, so the address is unique while
+// the Func is reachable.
+func funcID[T any](fn Func[T]) uintptr { return *(*uintptr)(unsafe.Pointer(&fn)) }
+
+func registerEdge[T any](f Func[T], m *edgeMeta) {
+	id := funcID(f)
+	wp := weak.Make(m)
+	edges.Store(id, wp)
+	runtime.AddCleanup(m, func(id uintptr) { edges.CompareAndDelete(id, wp) }, id)
+}
+
+// lookupEdge returns the metadata of fn's edge if fn is a protected Func.
+func lookupEdge[T any](fn Func[T]) *edgeMeta {
+	if fn == nil {
+		return nil
+	}
+	v, ok := edges.Load(funcID(fn))
+	if !ok {
+		return nil
+	}
+	return v.(weak.Pointer[edgeMeta]).Value()
+}
