@@ -995,3 +995,27 @@ func BenchmarkBulkheadFull(b *testing.B) {
 		}
 	}
 }
+
+// Bug 7 of the pipeline issue: with RESILIENCE_ENABLED=false, Acquire on a
+// registry bulkhead still limited and rejected callers, against "pass calls
+// straight through". One switch per registry is read by Acquire too.
+func TestDisabledRegistryBulkheadAcquirePassesThrough(t *testing.T) {
+	reg := mustRegistry(t, map[string]string{
+		"RESILIENCE_ENABLED": "false", "BULKHEAD_ONE_LIMIT": "1", "BULKHEAD_ONE_FAIL_FAST": "true",
+	})
+	b := reg.Bulkhead("one")
+	var releases []func()
+	for i := range 3 {
+		release, err := b.Acquire(context.Background())
+		if err != nil {
+			t.Fatalf("Acquire %d on a disabled registry: %v", i+1, err)
+		}
+		releases = append(releases, release)
+	}
+	for _, r := range releases {
+		r()
+	}
+	if s := b.Stats(); s.Active != 0 || s.Rejected != 0 {
+		t.Errorf("stats %+v; a disabled bulkhead takes nothing", s)
+	}
+}

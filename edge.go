@@ -63,13 +63,14 @@ func (e *edge[T]) call(ctx context.Context) (T, error) {
 	if !p.on() {
 		return e.fn(ctx)
 	}
-	if e.self.nested.Load() && ctx.Value(nestKey{}) == e.self {
-		// Wrapped by another edge, which records the call.
-		v, err, _ := e.protect(ctx)
-		return v, err
-	}
+	wrapped := e.self.nested.Load() && ctx.Value(nestKey{}) == e.self
 	if e.inner != nil {
 		ctx = context.WithValue(ctx, nestKey{}, e.inner)
+	}
+	if wrapped {
+		// Another edge wraps this one and records the call.
+		v, err, _ := e.protect(ctx)
+		return v, err
 	}
 	s := p.site
 	rec := s.begin(ctx)

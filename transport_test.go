@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
@@ -454,4 +455,235 @@ func TestTransportBulkheadFull(t *testing.T) {
 	if !errors.Is(err, ErrBulkheadFull) {
 		t.Fatalf("err = %v; want ErrBulkheadFull", err)
 	}
+}
+
+// Regression tests for the bugs the three copies of the call chain grew
+// (the pipeline issue); each failed on 76b51c8.
+
+// trackedBody records whether it was closed.
+type trackedBody struct {
+	io.Reader
+	closed atomic.Bool
+}
+
+func (b *trackedBody) Close() error { b.closed.Store(true); return nil }
+
+func okResponse(r *http.Request, code int) *http.Response {
+	return &http.Response{StatusCode: code, Header: http.Header{}, Body: io.NopCloser(strings.NewReader("body")), Request: r}
+}
+
+// Bug 1: a panic in the base RoundTripper leaked the bulkhead slot for
+// ever, so every later request got ErrBulkheadFull.
+func TestTransportPanicInBaseGivesSlotBack(t *testing.T) {
+	reg := transportRegistry(t, map[string]string{"BULKHEAD_DEFAULT_LIMIT": "1", "BULKHEAD_DEFAULT_FAIL_FAST": "true"})
+	var calls atomic.Int32
+	tr := &Transport{Registry: reg, Base: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if calls.Add(1) == 1 {
+			panic("base bug")
+		}
+		return okResponse(r, http.StatusOK), nil
+	})}
+	req, _ := http.NewRequest(http.MethodGet, "http://panics.test/", nil)
+	mustPanic(t, func() { tr.RoundTrip(req) })
+	if a := reg.Bulkhead("panics.test").Stats().Active; a != 0 {
+		t.Fatalf("%d slots held after the panic", a)
+	}
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatalf("next request: %v", err)
+	}
+	resp.Body.Close()
+}
+
+// Bug 1, the hook: a panicking OnRetry after a failing status leaked the
+// slot the response body held.
+func TestTransportPanicInOnRetryGivesSlotBack(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.DefaultBulkhead = BulkheadConfig{Limit: 1, FailFast: true}
+	var hookPanics atomic.Bool
+	hookPanics.Store(true)
+	cfg.Retry = RetryConfig{MaxAttempts: 3, MaxDelay: time.Millisecond, OnRetry: func(int, error, time.Duration) {
+		if hookPanics.Load() {
+			panic("hook bug")
+		}
+	}}
+	reg, err := NewRegistry(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body *trackedBody
+	tr := &Transport{Registry: reg, Base: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		body = &trackedBody{Reader: strings.NewReader("busy")}
+		return &http.Response{StatusCode: http.StatusServiceUnavailable, Header: http.Header{}, Body: body, Request: r}, nil
+	})}
+	req, _ := http.NewRequest(http.MethodGet, "http://hook.test/", nil)
+	mustPanic(t, func() { tr.RoundTrip(req) })
+	if a := reg.Bulkhead("hook.test").Stats().Active; a != 0 {
+		t.Fatalf("%d slots held after OnRetry panicked", a)
+	}
+	if !body.closed.Load() {
+		t.Error("the failed attempt's body was not closed")
+	}
+}
+
+// Bug 2: a request rejected by the breaker or the bulkhead never had its
+// body closed, which an http.RoundTripper must do on every path.
+func TestTransportClosesBodyOnRejection(t *testing.T) {
+	reg := transportRegistry(t, map[string]string{
+		"BULKHEAD_FULL_TEST_LIMIT": "1", "BULKHEAD_FULL_TEST_FAIL_FAST": "true", "RETRY_MAX_ATTEMPTS": "1",
+	})
+	tr := &Transport{Registry: reg, Base: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		t.Error("base called for a rejected request")
+		return nil, errBoom
+	})}
+	post := func(host string) (*trackedBody, error) {
+		body := &trackedBody{Reader: strings.NewReader("payload")}
+		req, _ := http.NewRequest(http.MethodPost, "http://"+host+"/", body)
+		_, err := tr.RoundTrip(req)
+		return body, err
+	}
+	reg.CircuitBreaker("open.test").ForceOpen()
+	if body, err := post("open.test"); !errors.Is(err, ErrCircuitOpen) || !body.closed.Load() {
+		t.Errorf("breaker open: err = %v, body closed %v; want ErrCircuitOpen and a closed body", err, body.closed.Load())
+	}
+	release, err := reg.Bulkhead("full.test").Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	if body, err := post("full.test"); !errors.Is(err, ErrBulkheadFull) || !body.closed.Load() {
+		t.Errorf("bulkhead full: err = %v, body closed %v; want ErrBulkheadFull and a closed body", err, body.closed.Load())
+	}
+}
+
+// Bug 3: a 101 Switching Protocols body was wrapped so that it was no
+// longer an io.Writer, which broke WebSocket upgrades and
+// httputil.ReverseProxy through Transport. A real upgrade on loopback.
+func TestTransportSwitchingProtocolsBodyIsWriter(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		brw.Flush()
+		line, _ := brw.ReadString('\n')
+		brw.WriteString("echo " + line)
+		brw.Flush()
+	}))
+	defer srv.Close()
+	reg := transportRegistry(t, nil)
+	req, _ := http.NewRequest(http.MethodGet, srv.URL, nil)
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "echo")
+	resp, err := client(reg, nil).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	rwc, ok := resp.Body.(io.ReadWriteCloser)
+	if !ok {
+		t.Fatalf("101 body %T is not an io.ReadWriteCloser", resp.Body)
+	}
+	if _, err := io.WriteString(rwc, "ping\n"); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len("echo ping\n"))
+	if _, err := io.ReadFull(rwc, got); err != nil || string(got) != "echo ping\n" {
+		t.Fatalf("read %q, %v; want the echo", got, err)
+	}
+	if a := reg.Bulkhead("127.0.0.1").Stats().Active; a != 1 {
+		t.Errorf("%d slots held while the upgraded connection is open; want 1", a)
+	}
+	rwc.Close()
+	if a := reg.Bulkhead("127.0.0.1").Stats().Active; a != 0 {
+		t.Errorf("%d slots held after Close; want 0", a)
+	}
+}
+
+// A response whose body is never closed held its slot for ever: one
+// caller's bug became an outage. The slot now goes back at the attempt's
+// timeout at the latest.
+func TestTransportUnclosedBodyReleasesSlotAtTimeout(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reg := transportRegistry(t, map[string]string{"TIMEOUT_LEAKY_TEST": "2", "BULKHEAD_LEAKY_TEST_LIMIT": "1", "BULKHEAD_LEAKY_TEST_FAIL_FAST": "true"})
+		tr := &Transport{Registry: reg, Base: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+			return okResponse(r, http.StatusOK), nil
+		})}
+		req, _ := http.NewRequest(http.MethodGet, "http://leaky.test/", nil)
+		if _, err := tr.RoundTrip(req); err != nil { // the body is never closed
+			t.Fatal(err)
+		}
+		b := reg.Bulkhead("leaky.test")
+		time.Sleep(time.Second)
+		if a := b.Stats().Active; a != 1 {
+			t.Fatalf("%d slots held before the timeout; want 1: the body is still the downstream's work", a)
+		}
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if a := b.Stats().Active; a != 0 {
+			t.Fatalf("%d slots held after the attempt's timeout; want 0", a)
+		}
+	})
+}
+
+// Bug 10: Transport ignored RetryConfig.RetryIf, returned the raw error when
+// the budget refused a retry, and returned a bare ctx.Err() when the caller
+// cancelled during a backoff wait. Now it runs the pipeline of ForService;
+// the table of entry points covers each point, this runs it for Transport
+// alone, by name.
+func TestTransportRetryIfBudgetAndCancellationAsForService(t *testing.T) {
+	tr := entryPoints[2]
+	if tr.name != "Transport" {
+		t.Fatalf("entryPoints[2] is %s", tr.name)
+	}
+	synctest.Test(t, func(t *testing.T) {
+		down, n := failingDown(errBoom)
+		reg := tableRegistry(t, "retryif", func(c *Config) { c.Retry.RetryIf = func(error) bool { return false } })
+		if err := tr.call(context.Background(), reg, "retryif", down); !errors.Is(err, errBoom) || n.Load() != 1 {
+			t.Errorf("RetryIf: err = %v after %d attempts; want 1", err, n.Load())
+		}
+		reg = tableRegistry(t, "budget", func(c *Config) { c.Retry.Budget = mustBudget(t, RetryBudgetConfig{Ratio: 0.1, MinPerSecond: -1}) })
+		if err := tr.call(context.Background(), reg, "budget", down); !errors.Is(err, ErrRetryBudgetExhausted) {
+			t.Errorf("budget: err = %v; want ErrRetryBudgetExhausted", err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		reg = tableRegistry(t, "cancel", func(c *Config) { c.Retry.OnRetry = func(int, error, time.Duration) { cancel() } })
+		if err := tr.call(ctx, reg, "cancel", down); !errors.Is(err, context.Canceled) || !errors.Is(err, errBoom) {
+			t.Errorf("cancel: err = %v; want context.Canceled with the last error", err)
+		}
+	})
+}
+
+// Retry-After-Ms, the millisecond hint of LLM providers, is honoured
+// exactly, and preferred to Retry-After.
+func TestTransportRetryAfterMs(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reg := transportRegistry(t, map[string]string{"RETRY_EXPONENTIAL_MAX": "10"})
+		var calls atomic.Int32
+		tr := &Transport{Registry: reg, Base: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+			if calls.Add(1) == 1 {
+				resp := okResponse(r, http.StatusTooManyRequests)
+				resp.Header.Set("Retry-After-Ms", "1250.5")
+				resp.Header.Set("Retry-After", "9")
+				return resp, nil
+			}
+			return okResponse(r, http.StatusOK), nil
+		})}
+		req, _ := http.NewRequest(http.MethodGet, "http://llm.test/", nil)
+		start := time.Now()
+		resp, err := tr.RoundTrip(req)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("resp %v, err %v", resp, err)
+		}
+		resp.Body.Close()
+		if got, want := time.Since(start), 1250*time.Millisecond+500*time.Microsecond; got != want {
+			t.Errorf("waited %v; want %v", got, want)
+		}
+	})
 }
