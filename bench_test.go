@@ -2,6 +2,9 @@ package resilience
 
 import (
 	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"testing"
 	"time"
 
@@ -178,4 +181,119 @@ func BenchmarkTimeout(b *testing.B) {
 			fn(ctx)
 		}
 	})
+}
+
+// benchRegistry has the policies of benchStack for every service: the same
+// timeout, and a bulkhead as large.
+func benchRegistry(b *testing.B) *Registry {
+	b.Helper()
+	cfg := DefaultConfig()
+	cfg.DefaultTimeout = time.Minute
+	cfg.Timeouts = nil
+	cfg.DefaultBulkhead = BulkheadConfig{Limit: 1024, MaxWait: 100 * time.Millisecond}
+	cfg.Bulkheads = nil
+	reg, err := NewRegistry(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return reg
+}
+
+// BenchmarkEntryPoints runs the success path of Compose and ForService over
+// the same policies, side by side.
+func BenchmarkEntryPoints(b *testing.B) {
+	ctx := context.Background()
+	b.Run("Compose", func(b *testing.B) {
+		reg := benchRegistry(b)
+		fn := Compose(checksCtx, Stack[int]{
+			CircuitBreaker: reg.CircuitBreaker("bench"), Retry: reg.Retry(), Timeout: time.Minute, Bulkhead: reg.Bulkhead("bench"),
+		})
+		b.ReportAllocs()
+		for b.Loop() {
+			if v, _ := fn(ctx); v != 1 {
+				b.Fatal("failed call")
+			}
+		}
+	})
+	b.Run("ForService", func(b *testing.B) {
+		fn := ForService(benchRegistry(b), "bench", checksCtx)
+		b.ReportAllocs()
+		for b.Loop() {
+			if v, _ := fn(ctx); v != 1 {
+				b.Fatal("failed call")
+			}
+		}
+	})
+	b.Run("ForService-per-call", func(b *testing.B) {
+		// Wrapping in the handler, per request: the pipeline is cached.
+		reg := benchRegistry(b)
+		b.ReportAllocs()
+		for b.Loop() {
+			if v, _ := ForService(reg, "bench", checksCtx)(ctx); v != 1 {
+				b.Fatal("failed call")
+			}
+		}
+	})
+}
+
+// deadlineTransport gives each request the per-attempt deadline Transport
+// gives it, and nothing else: the reference for Transport's own cost.
+type deadlineTransport struct{ base http.RoundTripper }
+
+func (d deadlineTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	ctx, cancel := context.WithTimeout(r.Context(), time.Minute)
+	resp, err := d.base.RoundTrip(r.WithContext(ctx))
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	resp.Body = cancelBody{resp.Body, cancel}
+	return resp, nil
+}
+
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (c cancelBody) Close() error { err := c.ReadCloser.Close(); c.cancel(); return err }
+
+// BenchmarkTransport is a GET on a loopback server: bare, with the same
+// per-attempt deadline, and through Transport.
+func BenchmarkTransport(b *testing.B) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	defer srv.Close()
+	newBase := func() *http.Transport {
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.MaxIdleConnsPerHost = 64
+		return t
+	}
+	for _, c := range []struct {
+		name string
+		rt   func(b *testing.B, base http.RoundTripper) http.RoundTripper
+	}{
+		{"bare", func(_ *testing.B, base http.RoundTripper) http.RoundTripper { return base }},
+		{"deadline", func(_ *testing.B, base http.RoundTripper) http.RoundTripper { return deadlineTransport{base} }},
+		{"Transport", func(b *testing.B, base http.RoundTripper) http.RoundTripper {
+			return &Transport{Base: base, Registry: benchRegistry(b)}
+		}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			base := newBase()
+			defer base.CloseIdleConnections()
+			client := &http.Client{Transport: c.rt(b, base)}
+			b.ReportAllocs()
+			for b.Loop() {
+				resp, err := client.Get(srv.URL)
+				if err != nil {
+					b.Fatal(err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					b.Fatalf("status %d", resp.StatusCode)
+				}
+			}
+		})
+	}
 }

@@ -41,18 +41,6 @@ type BulkheadConfig struct {
 	GlobalLimit int
 }
 
-// Limiter caps calls across processes: a cluster-wide bulkhead. The
-// redisstore module implements it with leases that expire if a process dies
-// mid-call. Acquire must wait at most a small bounded time for the shared
-// store, return an error matching ErrBulkheadFull when the cap is reached,
-// and let the call through when the store cannot be reached, so that every
-// process keeps working on its local bulkhead.
-type Limiter interface {
-	Acquire(ctx context.Context) (release func(), err error)
-}
-
-type limiterBox struct{ l Limiter }
-
 // BulkheadStats is a snapshot of a bulkhead's counters.
 type BulkheadStats struct {
 	// Active is the number of calls inside now.

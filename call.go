@@ -301,7 +301,8 @@ type hold struct {
 	cancel context.CancelFunc
 	b      *Bulkhead // nil: no slot
 	grel   func()
-	kept   bool // set by the attempt, in the attempt's goroutine
+	kept   bool        // set by the attempt, in the attempt's goroutine
+	stop   func() bool // stops the release at the end of the context, once kept
 	done   atomic.Bool
 }
 
@@ -312,16 +313,18 @@ func holdFrom(ctx context.Context) *hold {
 }
 
 // keep hands the attempt's slot and timeout to the caller, who gives them
-// back with the returned func; they are given back anyway when the
-// attempt's context ends, so that a caller who never gives them back holds
-// them no longer than the attempt's timeout.
-func (h *hold) keep(ctx context.Context) (release func()) {
+// back with release; they are given back anyway when the attempt's context
+// ends, so that a caller who never gives them back holds them no longer
+// than the attempt's timeout.
+func (h *hold) keep(ctx context.Context) {
 	h.kept = true
-	stop := context.AfterFunc(ctx, h.free)
-	return func() {
-		stop()
-		h.free()
-	}
+	h.stop = context.AfterFunc(ctx, h.free)
+}
+
+// release gives back what keep kept. It may be called more than once.
+func (h *hold) release() {
+	h.stop()
+	h.free()
 }
 
 // settle gives back what the attempt did not keep.

@@ -69,20 +69,20 @@ func (e *edge[T]) call(ctx context.Context) (T, error) {
 	}
 	if wrapped {
 		// Another edge wraps this one and records the call.
-		v, err, _ := e.protect(ctx)
+		v, _, err := e.protect(ctx)
 		return v, err
 	}
 	s := p.site
 	rec := s.begin(ctx)
 	o := outcomeFailure // a panic or runtime.Goexit, in fn or the fallback: a failed call
 	defer func() { s.end(ctx, rec, o) }()
-	v, err, oc := e.protect(ctx)
+	v, oc, err := e.protect(ctx)
 	o = oc
 	return v, err
 }
 
 // protect runs the pipeline and the fallback, and reports the outcome.
-func (e *edge[T]) protect(ctx context.Context) (v T, err error, o outcome) {
+func (e *edge[T]) protect(ctx context.Context) (v T, o outcome, err error) {
 	var attempt attemptFunc
 	if e.p.enforce {
 		attempt = func(actx context.Context) error {
@@ -98,7 +98,7 @@ func (e *edge[T]) protect(ctx context.Context) (v T, err error, o outcome) {
 		}
 	}
 	if err = e.p.run(ctx, attempt, nil); err == nil {
-		return v, nil, outcomeSuccess
+		return v, outcomeSuccess, nil
 	}
 	o = classify(ctx, err)
 	if e.fb != nil && o != outcomeCanceled {
@@ -106,7 +106,7 @@ func (e *edge[T]) protect(ctx context.Context) (v T, err error, o outcome) {
 		// caller that gave up wants to know it did.
 		return applyFallback(ctx, e.p.site, e.fb, e.fbKind, err)
 	}
-	return v, err, o
+	return v, o, err
 }
 
 // recording is the start of one recorded call.

@@ -45,20 +45,20 @@ func withFallback[T any](fn Func[T], fb Fallback[T], kind int) Func[T] {
 // applyFallback answers a failed call with fb, and reports the outcome: a
 // fallback that returns the very error it was given had nothing to offer.
 // It panics if fb does; the edge records the call as failed then.
-func applyFallback[T any](ctx context.Context, s *site, fb Fallback[T], kind int, err error) (T, error, outcome) {
+func applyFallback[T any](ctx context.Context, s *site, fb Fallback[T], kind int, err error) (T, outcome, error) {
 	et := errorType(err)
 	v, ferr := fb(ctx, err)
 	if ferr != nil && ferr == err {
-		return v, ferr, classify(ctx, ferr)
+		return v, classify(ctx, ferr), ferr
 	}
 	s.fbUsed[kind].add(et)
 	if kind == fallbackCached || kind == fallbackStale {
 		s.fbHits.add(et)
 	}
 	if ferr != nil && !errors.Is(ferr, ErrStale) {
-		return v, ferr, classify(ctx, ferr)
+		return v, classify(ctx, ferr), ferr
 	}
-	return v, ferr, outcomeFallback
+	return v, outcomeFallback, ferr
 }
 
 // FailOpen returns fn answering true when it fails: for checks where letting

@@ -319,17 +319,6 @@ func TestMetricsFallbacks(t *testing.T) {
 	}
 }
 
-func findFunction(t *testing.T, c collected, kind, contains string) string {
-	t.Helper()
-	for _, p := range c.points(t, "resilience.fallback.used", "observed counter", "{call}") {
-		if strings.Contains(p, kind) && strings.Contains(p, contains) {
-			i := strings.Index(p, "function=")
-			return strings.TrimSuffix(p[i+len("function="):], "=1")
-		}
-	}
-	t.Errorf("no %s fallback with a function containing %q", kind, contains)
-	return ""
-}
 
 func TestErrorType(t *testing.T) {
 	for _, tc := range []struct {

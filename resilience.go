@@ -27,6 +27,11 @@
 //
 //	fallback(breaker(retry(timeout(bulkhead(fn)))))
 //
+// Every entry point, [Compose], the With... wrappers, [ForService] and
+// [Transport], runs this one pipeline, built once per stack, per registry
+// service and per Transport service, and adapts only its own types at the
+// edge; hand-nested wrappers are recorded once, by the outermost.
+//
 // This is the original design's order (breaker, then retry, then timeout,
 // then bulkhead) with the fallback moved from the innermost position to the
 // outermost. The reasons:
@@ -46,9 +51,10 @@
 // # Errors
 //
 // Policies report their own decisions with the sentinels [ErrCircuitOpen],
-// [ErrBulkheadFull], [ErrTimeout], [ErrRetryExhausted] and [ErrStale], wrapped
-// in the one structured error [*Error], which carries the policy's name, the
-// attempt count and the underlying cause. Match with [errors.Is] and
+// [ErrBulkheadFull], [ErrTimeout], [ErrRetryExhausted],
+// [ErrRetryBudgetExhausted] and [ErrStale], wrapped in the one structured
+// error [*Error], which carries the policy's name, the attempt count, the
+// underlying cause and the downstream's retry hint ([Error.RetryAfter]). Match with [errors.Is] and
 // [errors.As]. [ErrTimeout] also matches [context.DeadlineExceeded]. Invalid
 // configuration is reported by the constructors with an error that matches
 // [ErrInvalidConfig] and names the field and its value; nothing panics on bad
@@ -58,7 +64,8 @@
 //
 // The caller's own cancellation or deadline is never blamed on the
 // downstream: the breaker counts it neither as success nor failure, the retry
-// stops at once, and the fallback passes it back rather than hiding it.
+// stops at once (with an [*Error] that matches the context's error and keeps
+// the last attempt's), and the fallback passes it back rather than hiding it.
 package resilience
 
 import (

@@ -1,8 +1,11 @@
 package resilience
 
 import (
+	"context"
 	"strings"
 	"sync"
+
+	"github.com/sony/gobreaker/v2"
 )
 
 // Store shares a registry's state with the other processes of a fleet:
@@ -88,3 +91,70 @@ func (r *Registry) attachBulkheadLocked(b *Bulkhead) {
 	}
 	b.SetGlobal(r.store.Limiter(b.Name(), limit))
 }
+
+// BreakerSync shares a breaker's state with other processes, so that when
+// one replica's breaker opens the others open too, and a half-open probe is
+// taken by one replica rather than all. The redisstore module implements
+// it; a Registry wires it in through its Store.
+//
+// Implementations must be safe for concurrent use and must not block the
+// hot path: StateChanged should hand the change to a background publisher,
+// and AllowProbe, asked only when a half-open probe is about to go out,
+// must answer within a small bounded wait, and say yes when the shared
+// store cannot be reached, so that every replica keeps working on its local
+// breaker.
+type BreakerSync interface {
+	// StateChanged is called after each local transition, in order,
+	// outside every lock, including transitions that Trip and Reset cause.
+	StateChanged(name string, from, to State)
+	// AllowProbe reports whether this process may send the half-open
+	// probe; false rejects the call with ErrCircuitOpen, uncounted.
+	AllowProbe(ctx context.Context, name string) bool
+}
+
+type syncBox struct{ s BreakerSync }
+
+// SetSync attaches s to the breaker, or detaches any with nil. It is safe
+// for concurrent use.
+func (cb *CircuitBreaker) SetSync(s BreakerSync) {
+	if s == nil {
+		cb.sync.Store(nil)
+		return
+	}
+	cb.sync.Store(&syncBox{s})
+}
+
+// Trip opens the breaker now, as FailMax failures in a row would: it goes
+// half-open after OpenTimeout as usual. A BreakerSync uses it to apply an
+// open seen elsewhere; an open breaker stays as it is. It is safe for
+// concurrent use.
+func (cb *CircuitBreaker) Trip() {
+	cb.tripGen(cb.cur.Load())
+	cb.flush()
+}
+
+func (cb *CircuitBreaker) tripGen(g *breakerGen) {
+	// gobreaker has no way to set a state, so feed it the failures that
+	// open it; bounded, since other calls may interleave their successes.
+	fail := func() (struct{}, error) { return struct{}{}, errFailure }
+	for range cb.failMax.Load() + 2 {
+		if g.gb.State() == gobreaker.StateOpen {
+			return
+		}
+		if _, err := g.gb.Execute(fail); err != nil && err != errFailure {
+			return // rejected: open, or its probes taken
+		}
+	}
+}
+
+// Limiter caps calls across processes: a cluster-wide bulkhead. The
+// redisstore module implements it with leases that expire if a process dies
+// mid-call. Acquire must wait at most a small bounded time for the shared
+// store, return an error matching ErrBulkheadFull when the cap is reached,
+// and let the call through when the store cannot be reached, so that every
+// process keeps working on its local bulkhead.
+type Limiter interface {
+	Acquire(ctx context.Context) (release func(), err error)
+}
+
+type limiterBox struct{ l Limiter }

@@ -9,43 +9,54 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 )
 
 // Transport is an [http.RoundTripper] that runs every request through a
 // registry's policies for its service: the breaker, the retry policy, the
-// timeout and the bulkhead, in [Compose]'s order. Put it in an
+// timeout and the bulkhead, in the one pipeline that [Compose] and
+// [ForService] run, so RetryIf, OnRetry, IsFailure, the retry budget,
+// cancellation and panics behave exactly as they do there. Put it in an
 // http.Client and every call through that client is protected, with the
 // HTTP rules below instead of each caller's own status handling.
 //
-// Statuses. 408, 429, 502, 503 and 504 count against the breaker and are
-// retried, whatever the method: they say the server did not do the work.
-// 500 counts against the breaker and is retried only for idempotent
-// methods (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) or a request that opts
-// in with an Idempotency-Key header. Other 5xx count and are not retried.
-// Other 4xx neither count nor are retried: they are the caller's bug, not
-// the downstream's illness.
+// Statuses. A failing status is a [*StatusError] to the policies, which is
+// what RetryIf, OnRetry and IsFailure see. 408, 429, 502, 503 and 504 count
+// against the breaker and are retryable, whatever the method: they say the
+// server did not do the work. 500 counts against the breaker and is retried
+// only for idempotent methods (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) or a
+// request that opts in with an Idempotency-Key header. Other 5xx count and
+// are not retryable. Other 4xx neither count nor are retried: they are the
+// caller's bug, not the downstream's illness.
 //
-// Network errors are retried when [IsRetryable] says so, and, for a request
-// that is not idempotent, only when the error shows the request never
-// reached the server (a refused or failed dial), so that a POST is never
-// sent twice. A request whose body cannot be replayed (no GetBody) is not
-// retried at all.
+// Network errors are retried when RetryIf (by default [IsRetryable]) says
+// so, and, for a request that is not idempotent, only when the error shows
+// the request never reached the server (a refused or failed dial), so that
+// a POST is never sent twice, whatever RetryIf says. A request whose body
+// cannot be replayed (no GetBody) is not retried at all.
 //
-// Retry-After, in seconds or as an HTTP date, replaces the backoff for that
-// one wait; one longer than the retry's MaxDelay ends the retries and that
-// response is returned, since retrying sooner than the server asked is rude;
-// 0 or a past date retries at once. Once retries are exhausted on a
-// retryable status, RoundTrip returns the last response, not an error.
+// Retry-After, in seconds or as an HTTP date, and retry-after-ms, the
+// finer hint of LLM providers, replace the backoff for that one wait,
+// exactly; one longer than the retry's MaxDelay ends the retries at once,
+// since retrying sooner than the server asked only earns another refusal.
+// When the retries end on a failing status, for whatever reason, RoundTrip
+// returns that last response, not an error, as any RoundTripper would; on
+// a network error it returns the pipeline's error ([ErrRetryExhausted],
+// [ErrRetryBudgetExhausted], or the caller's context error together with
+// the last attempt's).
 //
-// Bodies. The bodies of failed attempts are drained and closed, so their
-// connections are reused. The final response's body stays readable after
-// RoundTrip returns: its attempt's timeout and bulkhead slot last until the
-// body is closed or read to the end, since streaming a body is still work
-// the downstream is doing. Close every body, as net/http asks.
+// Bodies. The bodies of failed attempts are drained and closed before the
+// wait, so their connections are reused and their slots freed. The final
+// response's body stays readable after RoundTrip returns: its attempt's
+// timeout and bulkhead slot last until the body is closed or read to the
+// end, since streaming a body is still work the downstream is doing, and
+// no longer than the attempt's timeout, so that a caller who forgets to
+// close a body cannot hold a slot for ever. A 101 Switching Protocols body
+// stays an [io.ReadWriteCloser], for WebSocket upgrades and
+// httputil.ReverseProxy. A request rejected by the breaker or the bulkhead
+// has its body closed, as a RoundTripper must. Close every body, as
+// net/http asks.
 //
 // A Transport is safe for concurrent use by multiple goroutines; do not
 // copy it after first use.
@@ -60,8 +71,6 @@ type Transport struct {
 	// breaker, bulkhead and timeout in the registry. nil means the
 	// request's host without its port.
 	Service func(*http.Request) string
-
-	sites sync.Map // service -> *site
 }
 
 // RoundTrip implements [http.RoundTripper].
@@ -120,8 +129,7 @@ func (rt *roundTrip) do(p *pipeline) (resp *http.Response, err error) {
 	err = p.run(ctx, rt.attempt, rt.between)
 	o, returned = classify(ctx, err), true
 	if rt.last != nil {
-		var se *StatusError
-		if err == nil || (errors.As(err, &se) && se.resp == rt.last) {
+		if err == nil || rt.isLastStatus(err) {
 			// The answer, or a failing status whose retries ended: the
 			// caller gets the response, as from any RoundTripper.
 			return rt.last, nil
@@ -134,6 +142,13 @@ func (rt *roundTrip) do(p *pipeline) (resp *http.Response, err error) {
 		rt.req.Body.Close()
 	}
 	return nil, err
+}
+
+// isLastStatus reports whether err is, or wraps, the failing status of the
+// last attempt's response.
+func (rt *roundTrip) isLastStatus(err error) bool {
+	var se *StatusError
+	return errors.As(err, &se) && se.resp == rt.last
 }
 
 // between gives back what the last attempt's response holds.
@@ -166,20 +181,21 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 		return err
 	}
 	rt.last = resp
-	release := holdFrom(ctx).keep(ctx)
+	h := holdFrom(ctx)
+	h.keep(ctx)
 	switch {
 	case resp.Body == nil:
-		release()
+		h.release()
 	case resp.StatusCode == http.StatusSwitchingProtocols:
 		// An upgraded connection: keep the body an io.Writer, as
 		// WebSocket clients and httputil.ReverseProxy need.
 		if rwc, ok := resp.Body.(io.ReadWriteCloser); ok {
-			resp.Body = &releasingRWC{releasingBody{ReadCloser: rwc, release: release}, rwc}
+			resp.Body = &releasingRWC{releasingBody{rwc, h}, rwc}
 		} else {
-			resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
+			resp.Body = &releasingBody{resp.Body, h}
 		}
 	default:
-		resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
+		resp.Body = &releasingBody{resp.Body, h}
 	}
 	if !isFailureStatus(resp.StatusCode) {
 		return nil
@@ -222,25 +238,24 @@ func (e *StatusError) RetryAfter() time.Duration { return e.hint }
 // errorType is the error.type of a failing status: "http_503".
 func (e *StatusError) errorType() string { return "http_" + strconv.Itoa(e.StatusCode) }
 
+// releasingBody gives its attempt's slot and timeout back when it is
+// closed or read to the end.
 type releasingBody struct {
 	io.ReadCloser
-	release func()
-	done    atomic.Bool
+	h *hold
 }
 
 func (b *releasingBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
-	if err == io.EOF && b.done.CompareAndSwap(false, true) {
-		b.release()
+	if err == io.EOF {
+		b.h.release()
 	}
 	return n, err
 }
 
 func (b *releasingBody) Close() error {
 	err := b.ReadCloser.Close()
-	if b.done.CompareAndSwap(false, true) {
-		b.release()
-	}
+	b.h.release()
 	return err
 }
 
