@@ -41,18 +41,19 @@ const (
 	attemptTimeout = 250 * time.Millisecond // per attempt; the slow answer takes longer
 	openTimeout    = 200 * time.Millisecond // how long the breaker stays open
 	retryDelay     = 10 * time.Millisecond  // first backoff wait, doubling
-	maxRetryDelay  = 40 * time.Millisecond  // caps every wait, Retry-After included
+	maxRetryDelay  = 40 * time.Millisecond  // caps every wait; a longer Retry-After ends the retries
 )
 
 // plan is what the endpoint does with each request, in order of arrival.
 // Every request past its end is answered.
 func plan() []flaky.Outcome {
+	busy := flaky.Fail(529).WithRetryAfterMs(30 * time.Millisecond)
 	overloaded := flaky.Fail(529).WithRetryAfter(time.Second)
 	unavailable := flaky.Fail(http.StatusServiceUnavailable)
-	p := []flaky.Outcome{overloaded, unavailable, flaky.OK()} // call 1: saved by the retry
-	p = append(p, flaky.Repeat(unavailable, 3)...)            // call 2: retries exhausted
-	p = append(p, flaky.Repeat(overloaded, 3)...)             // call 3: exhausted again, the breaker opens
-	return append(p, flaky.Slow(10*time.Second), flaky.OK())  // call 5: one attempt times out
+	p := []flaky.Outcome{busy, unavailable, flaky.OK()}      // call 1: saved by the retry
+	p = append(p, flaky.Repeat(unavailable, 3)...)           // call 2: retries exhausted
+	p = append(p, overloaded)                                // call 3: asks for longer than we wait; the breaker opens
+	return append(p, flaky.Slow(10*time.Second), flaky.OK()) // call 5: one attempt times out
 }
 
 // run plays the demo and writes its account to w.
@@ -124,7 +125,7 @@ func run(w io.Writer) error {
 	}
 
 	fmt.Fprintln(w, "resilience demo: an LLM client against a flaky local endpoint")
-	fmt.Fprintln(w, "endpoint plan: 529, 503, ok, 503 x3, 529 x3, slow, then ok (529s carry Retry-After: 1)")
+	fmt.Fprintln(w, "endpoint plan: 529 (retry-after-ms: 30), 503, ok, 503 x3, 529 (Retry-After: 1), slow, then ok")
 	fmt.Fprintf(w, "policies: breaker opens after 2 failed calls for %v; retry 3 attempts from %v, waits capped at %v; timeout %v per attempt; bulkhead of 4\n",
 		openTimeout, retryDelay, maxRetryDelay, attemptTimeout)
 
@@ -260,13 +261,25 @@ func statusError(resp *http.Response) error {
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10)) // so the connection is reused
 	var err error = se
-	if d, ok := parseRetryAfter(resp.Header.Get("Retry-After")); ok {
+	if d, ok := parseRetryAfterMs(resp.Header.Get("Retry-After-Ms")); ok {
+		err = &retryAfter{StatusError: se, after: d}
+	} else if d, ok := parseRetryAfter(resp.Header.Get("Retry-After")); ok {
 		err = &retryAfter{StatusError: se, after: d}
 	}
 	if c := resp.StatusCode; c/100 == 4 && c != http.StatusRequestTimeout && c != http.StatusTooManyRequests {
 		return resilience.Permanent(err)
 	}
 	return err
+}
+
+// parseRetryAfterMs reads the retry-after-ms header LLM APIs send: a
+// number of milliseconds.
+func parseRetryAfterMs(v string) (time.Duration, bool) {
+	ms, err := strconv.ParseFloat(v, 64)
+	if err != nil || ms < 0 || ms > float64(time.Hour/time.Millisecond) {
+		return 0, false
+	}
+	return time.Duration(ms * float64(time.Millisecond)), true
 }
 
 // parseRetryAfter reads a Retry-After header: a number of seconds or an
@@ -304,6 +317,8 @@ func describe(err error) string {
 	switch {
 	case errors.Is(err, resilience.ErrCircuitOpen):
 		return "circuit open, the API was not called"
+	case errors.Is(err, resilience.ErrRetryExhausted) && errors.As(err, &re) && re.RetryAfter() > maxRetryDelay:
+		return fmt.Sprintf("the API asked to wait %v, longer than the retry waits; last: %s", re.RetryAfter(), describe(re.Cause))
 	case errors.Is(err, resilience.ErrRetryExhausted) && errors.As(err, &re):
 		return fmt.Sprintf("retries exhausted after %d attempts, last: %s", re.Attempts, describe(re.Cause))
 	case errors.Is(err, resilience.ErrTimeout):

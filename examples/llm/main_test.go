@@ -28,14 +28,14 @@ func TestRun(t *testing.T) {
 	out := buf.String()
 	want := []string{
 		`call 1: "What does a circuit breaker do?"`,
-		`  retry: attempt 1 failed (HTTP 529, Retry-After 1s); next attempt in 40ms`,
+		`  retry: attempt 1 failed (HTTP 529, Retry-After 30ms); next attempt in 30ms`,
 		`  retry: attempt 2 failed (HTTP 503); next attempt in 20ms`,
 		`  -> "It stops calling a failing service for a while, so that it can recover and callers fail fast."`,
 		`call 2: "Why retry with backoff?"`,
 		`  fallback: canned answer (retries exhausted after 3 attempts, last: HTTP 503)`,
 		`call 3: "What is a bulkhead for?"`,
 		`  breaker "llm": closed -> open`,
-		`  fallback: canned answer (retries exhausted after 3 attempts, last: HTTP 529, Retry-After 1s)`,
+		`  fallback: canned answer (the API asked to wait 1s, longer than the retry waits; last: HTTP 529, Retry-After 1s)`,
 		`call 4: "Why is the fallback outermost?"`,
 		`  fallback: canned answer (circuit open, the API was not called)`,
 		`call 5: "What does a timeout protect?"`,
@@ -47,9 +47,9 @@ func TestRun(t *testing.T) {
 		`call 7: ""`,
 		`  -> error: llm API: HTTP 400: messages: at least one message is required`,
 		`  calls: 7 (3 answered by the API, 3 by the fallback, 1 failed)`,
-		`  downstream requests: 13 (3 answered)`,
+		`  downstream requests: 11 (3 answered)`,
 		`  breaker "llm": closed`,
-		`  bulkhead "llm": active 0, waiting 0, rejected 0, completed 13`,
+		`  bulkhead "llm": active 0, waiting 0, rejected 0, completed 11`,
 	}
 	lines := strings.Split(out, "\n")
 	i := 0

@@ -43,6 +43,10 @@ type Outcome struct {
 	// RetryAfter, if positive, is sent with Status as a Retry-After header
 	// in whole seconds, rounded up: the header has no finer unit.
 	RetryAfter time.Duration
+
+	// RetryAfterMs, if positive, is sent with Status as a retry-after-ms
+	// header, in milliseconds, as LLM APIs send their finer hint.
+	RetryAfterMs time.Duration
 }
 
 // OK returns the Outcome that passes the request to the Handler at once.
@@ -61,6 +65,12 @@ func Hang() Outcome { return Outcome{Hang: true} }
 // WithRetryAfter returns o with a Retry-After of d.
 func (o Outcome) WithRetryAfter(d time.Duration) Outcome {
 	o.RetryAfter = d
+	return o
+}
+
+// WithRetryAfterMs returns o with a retry-after-ms of d.
+func (o Outcome) WithRetryAfterMs(d time.Duration) Outcome {
+	o.RetryAfterMs = d
 	return o
 }
 
@@ -178,6 +188,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		if o.RetryAfter > 0 {
 			secs := (o.RetryAfter + time.Second - 1) / time.Second
 			w.Header().Set("Retry-After", strconv.FormatInt(int64(secs), 10))
+		}
+		if o.RetryAfterMs > 0 {
+			w.Header().Set("Retry-After-Ms", strconv.FormatInt(o.RetryAfterMs.Milliseconds(), 10))
 		}
 		text := http.StatusText(o.Status)
 		if text == "" {
