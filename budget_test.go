@@ -3,6 +3,8 @@ package resilience
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -97,12 +99,14 @@ func TestRetryBudgetFloorAndWindow(t *testing.T) {
 	})
 }
 
-// Calls earn retries as they arrive, and old calls stop counting a slot at a
-// time as the window slides.
+// Calls earn retries as they arrive, and old calls stop counting a bucket
+// at a time as the window slides.
 func TestRetryBudgetSlidingWindow(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		budget := mustBudget(t, RetryBudgetConfig{Ratio: 0.5, MinPerSecond: -1, Window: 10 * time.Second})
-		budget.withdraw() // a first snapshot: calls count from here
+		if budget.withdraw() {
+			t.Fatal("a retry was granted with no floor and no call")
+		}
 		for range 100 {
 			budget.deposit()
 		}
@@ -194,6 +198,149 @@ func TestRetryBudgetConcurrent(t *testing.T) {
 		wg.Wait()
 		if amp := float64(downstream.Load()) / 2000; amp > 1.2+0.001 {
 			t.Fatalf("amplification %.3f under concurrency; want at most 1.2", amp)
+		}
+	})
+}
+
+// Regression: the budget used to take its snapshots only when a retry asked
+// for budget, so after a long run of successes with no retry every snapshot
+// had aged out, the base was reset to "now" and the calls of the last window
+// earned nothing (49 retries here). 2000 calls at 100/s then 100 failures
+// retried until refused: the last 10s hold 1099 calls, which at ratio 0.5
+// earn about 550 retries; the failures come as a bucket opens, so the
+// buckets cover only the last 9s and their 1000 calls earn 500.
+func TestRetryBudgetCountsCallsOfTheLastWindow(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		budget := mustBudget(t, RetryBudgetConfig{Ratio: 0.5, MinPerSecond: -1, Window: 10 * time.Second})
+		for range 2000 {
+			budget.deposit()
+			time.Sleep(10 * time.Millisecond)
+		}
+		granted := 0
+		for range 100 {
+			budget.deposit()
+			for budget.withdraw() {
+				granted++
+			}
+		}
+		if granted < 500 || granted > 560 {
+			t.Fatalf("granted %d retries after 2000 calls at 100/s and 100 failures, ratio 0.5, 10s window; want about 550 (500 to 560)", granted)
+		}
+	})
+}
+
+// Whatever the load shape, a decision of the budget agrees with some count
+// of the calls and retries between those of the last nine tenths of the
+// window and those of the whole window: nothing older than the window
+// counts, and nothing in the last nine tenths is lost. Random schedules mix
+// bursts, steady calls and pauses longer than the window.
+func TestRetryBudgetCountsOnlyItsWindow(t *testing.T) {
+	const window = 10 * time.Second
+	const recent = window * 9 / 10 // counted whatever the bucket boundaries
+	for seed := range uint64(20) {
+		synctest.Test(t, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(seed, 1))
+			ratio, floor := 0.5, 0.0
+			cfg := RetryBudgetConfig{Ratio: ratio, MinPerSecond: -1, Window: window}
+			if seed%2 == 1 {
+				cfg.MinPerSecond, floor = 0.5, 5
+			}
+			budget := mustBudget(t, cfg)
+			start := time.Now()
+			var calls, retries []time.Duration // since start, in order
+			// since counts the times at or after from, or after it if open.
+			since := func(ts []time.Duration, from time.Duration, open bool) int {
+				return len(ts) - sort.Search(len(ts), func(i int) bool {
+					return ts[i] > from || !open && ts[i] == from
+				})
+			}
+			// The share of calls among the steps changes now and then, so
+			// that buckets full of calls alternate with buckets full of
+			// retries.
+			callShare := 55
+			for range 3000 {
+				now := time.Since(start)
+				if rng.IntN(50) == 0 {
+					callShare = rng.IntN(85)
+				}
+				switch r := rng.IntN(100); {
+				case r < callShare:
+					budget.deposit()
+					calls = append(calls, now)
+				case r < 85:
+					granted := budget.withdraw()
+					minCalls, maxCalls := since(calls, now-recent, false), since(calls, now-window, true)
+					minRetries, maxRetries := since(retries, now-recent, false), since(retries, now-window, true)
+					if granted && float64(minRetries+1) > floor+ratio*float64(maxCalls) {
+						t.Fatalf("seed %d at %v: granted a retry with at least %d retries and at most %d calls in the window", seed, now, minRetries, maxCalls)
+					}
+					if !granted && float64(maxRetries+1) <= floor+ratio*float64(minCalls) {
+						t.Fatalf("seed %d at %v: refused a retry with at most %d retries and at least %d calls in the window", seed, now, maxRetries, minCalls)
+					}
+					if granted {
+						retries = append(retries, now)
+					}
+				case r < 99:
+					time.Sleep(time.Duration(rng.Int64N(int64(40 * time.Millisecond))))
+				default:
+					time.Sleep(time.Duration(rng.Int64N(int64(2 * window))))
+				}
+			}
+		})
+	}
+}
+
+// Goroutines that all make the first calls of a new period must reset its
+// bucket once between them: a second reset would drop the calls counted
+// after the first. They start together so that they race for the reset.
+func TestRetryBudgetConcurrentRotation(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		budget := mustBudget(t, RetryBudgetConfig{Ratio: 0.5, MinPerSecond: -1, Window: 100 * time.Millisecond})
+		for round := range 200 {
+			time.Sleep(100 * time.Millisecond) // a new window: every bucket is stale
+			start := make(chan struct{})
+			var wg sync.WaitGroup
+			for range 8 {
+				wg.Go(func() {
+					<-start
+					for range 50 {
+						budget.deposit()
+					}
+				})
+			}
+			close(start)
+			wg.Wait()
+			var granted atomic.Int64
+			for range 4 {
+				wg.Go(func() {
+					for budget.withdraw() {
+						granted.Add(1)
+					}
+				})
+			}
+			wg.Wait()
+			if granted.Load() != 200 {
+				t.Fatalf("round %d: granted %d retries for 400 calls at ratio 0.5; want 200", round, granted.Load())
+			}
+		}
+	})
+}
+
+// deposit runs on every call of a policy with a budget, retried or not.
+func BenchmarkRetryBudgetDeposit(b *testing.B) {
+	budget := mustBudget(b, RetryBudgetConfig{})
+	for b.Loop() {
+		budget.deposit()
+	}
+}
+
+// One budget is shared by every caller of a downstream, so its deposits
+// contend on the current bucket.
+func BenchmarkRetryBudgetDepositParallel(b *testing.B) {
+	budget := mustBudget(b, RetryBudgetConfig{})
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			budget.deposit()
 		}
 	})
 }
