@@ -47,7 +47,7 @@ const (
 // plan is what the endpoint does with each request, in order of arrival.
 // Every request past its end is answered.
 func plan() []flaky.Outcome {
-	busy := flaky.Fail(529).WithRetryAfterMs(30 * time.Millisecond)
+	busy := flaky.Fail(529).WithFineRetryAfter(30 * time.Millisecond)
 	overloaded := flaky.Fail(529).WithRetryAfter(time.Second)
 	unavailable := flaky.Fail(http.StatusServiceUnavailable)
 	p := []flaky.Outcome{busy, unavailable, flaky.OK()}      // call 1: saved by the retry

@@ -44,9 +44,9 @@ type Outcome struct {
 	// in whole seconds, rounded up: the header has no finer unit.
 	RetryAfter time.Duration
 
-	// RetryAfterMs, if positive, is sent with Status as a retry-after-ms
+	// FineRetryAfter, if positive, is sent with Status as a retry-after-ms
 	// header, in milliseconds, as LLM APIs send their finer hint.
-	RetryAfterMs time.Duration
+	FineRetryAfter time.Duration
 }
 
 // OK returns the Outcome that passes the request to the Handler at once.
@@ -68,9 +68,9 @@ func (o Outcome) WithRetryAfter(d time.Duration) Outcome {
 	return o
 }
 
-// WithRetryAfterMs returns o with a retry-after-ms of d.
-func (o Outcome) WithRetryAfterMs(d time.Duration) Outcome {
-	o.RetryAfterMs = d
+// WithFineRetryAfter returns o with a retry-after-ms header of d.
+func (o Outcome) WithFineRetryAfter(d time.Duration) Outcome {
+	o.FineRetryAfter = d
 	return o
 }
 
@@ -189,8 +189,8 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 			secs := (o.RetryAfter + time.Second - 1) / time.Second
 			w.Header().Set("Retry-After", strconv.FormatInt(int64(secs), 10))
 		}
-		if o.RetryAfterMs > 0 {
-			w.Header().Set("Retry-After-Ms", strconv.FormatInt(o.RetryAfterMs.Milliseconds(), 10))
+		if o.FineRetryAfter > 0 {
+			w.Header().Set("Retry-After-Ms", strconv.FormatInt(o.FineRetryAfter.Milliseconds(), 10))
 		}
 		text := http.StatusText(o.Status)
 		if text == "" {
