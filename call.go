@@ -238,20 +238,21 @@ func unstop(err error) (error, bool) {
 }
 
 // onceHandoff is once for a pipeline whose attempts may keep their slot
-// and timeout: the attempt finds a *hold in its context and keeps it with
-// hold.keep. What is not kept is given back when the attempt returns or
-// panics.
+// and timeout: the attempt's context is a *hold, which the attempt keeps
+// with hold.keep. What is not kept is given back when the attempt returns
+// or panics.
 func (p *pipeline) onceHandoff(ctx context.Context, attempt attemptFunc, d time.Duration) (err error, stop bool) {
-	tctx, cancel := context.WithCancel(ctx)
+	h := &hold{}
 	if d > 0 {
-		tctx, cancel = context.WithTimeoutCause(ctx, d, ErrTimeout)
+		h.Context, h.cancel = context.WithTimeoutCause(ctx, d, ErrTimeout)
+	} else {
+		h.Context, h.cancel = context.WithCancel(ctx)
 	}
-	h := &hold{cancel: cancel}
 	defer h.settle()
-	err, stop = unstop(p.slot(context.WithValue(tctx, holdKey{}, h), attempt, h))
-	if err != nil && ownTimeout(ctx, tctx) {
+	err, stop = unstop(p.slot(h, attempt, h))
+	if err != nil && ownTimeout(ctx, h.Context) {
 		err = timedOut(err)
-		p.site.timedOut(ctx, startOf(ctx, tctx, d), d)
+		p.site.timedOut(ctx, startOf(ctx, h.Context, d), d)
 	}
 	return err, stop
 }
@@ -296,14 +297,27 @@ func (p *pipeline) slot(ctx context.Context, attempt attemptFunc, h *hold) error
 type holdKey struct{}
 
 // hold is what one attempt of a handoff pipeline holds: its timeout and,
-// with a bulkhead, its slot.
+// with a bulkhead, its slot. It is the attempt's context too, so that the
+// attempt finds it without a context.WithValue of its own.
 type hold struct {
-	cancel context.CancelFunc
-	b      *Bulkhead // nil: no slot
-	grel   func()
-	kept   bool        // set by the attempt, in the attempt's goroutine
-	stop   func() bool // stops the release at the end of the context, once kept
-	done   atomic.Bool
+	context.Context // the attempt's, with its timeout
+	cancel          context.CancelFunc
+	b               *Bulkhead // nil: no slot
+	grel            func()
+	kept            bool        // set by the attempt, in the attempt's goroutine
+	timer           *time.Timer // gives a kept slot back at the timeout
+	done            atomic.Bool
+}
+
+// Value makes the hold findable from the attempt's context and what is
+// derived from it; other keys go to the attempt's context, which keeps
+// the context package's own lookups (and so its cheap propagation of
+// cancellation) working through a hold.
+func (h *hold) Value(key any) any {
+	if key == (holdKey{}) {
+		return h
+	}
+	return h.Context.Value(key)
 }
 
 // holdFrom returns the hold of the attempt whose context is ctx.
@@ -313,17 +327,22 @@ func holdFrom(ctx context.Context) *hold {
 }
 
 // keep hands the attempt's slot and timeout to the caller, who gives them
-// back with release; they are given back anyway when the attempt's context
-// ends, so that a caller who never gives them back holds them no longer
-// than the attempt's timeout.
-func (h *hold) keep(ctx context.Context) {
+// back with release; they are given back anyway at the attempt's deadline,
+// so that a caller who never gives them back holds them no longer than
+// that. A time.AfterFunc costs less than a context.AfterFunc, which would
+// also register with the context.
+func (h *hold) keep() {
 	h.kept = true
-	h.stop = context.AfterFunc(ctx, h.free)
+	if dl, ok := h.Deadline(); ok {
+		h.timer = time.AfterFunc(time.Until(dl), h.free)
+	}
 }
 
 // release gives back what keep kept. It may be called more than once.
 func (h *hold) release() {
-	h.stop()
+	if h.timer != nil {
+		h.timer.Stop()
+	}
 	h.free()
 }
 

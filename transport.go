@@ -182,7 +182,7 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 	}
 	rt.last = resp
 	h := holdFrom(ctx)
-	h.keep(ctx)
+	h.keep()
 	switch {
 	case resp.Body == nil:
 		h.release()
