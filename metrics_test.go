@@ -319,7 +319,6 @@ func TestMetricsFallbacks(t *testing.T) {
 	}
 }
 
-
 func TestErrorType(t *testing.T) {
 	for _, tc := range []struct {
 		err  error
