@@ -97,16 +97,14 @@ type CircuitBreakerConfig struct {
 // A CircuitBreaker is safe for concurrent use by multiple goroutines. Build it
 // with [NewCircuitBreaker]; the zero value is not usable.
 type CircuitBreaker struct {
-	name          string
-	failMax       atomic.Int64
-	mode          atomic.Int32 // modeForcedOpen, modeForcedClosed: one load on the hot path
-	sw            *atomic.Bool // a registry's switch, set before the breaker is shared; nil: always on
-	sync          atomic.Pointer[syncBox]
-	logger        *slog.Logger // nil when logging is off
-	setMu         sync.Mutex   // guards settings
-	settings      gobreaker.Settings
-	isFailure     func(error) bool
-	onStateChange func(name string, from, to State)
+	name     string
+	failMax  atomic.Int64
+	mode     atomic.Int32 // modeForcedOpen, modeForcedClosed: one load on the hot path
+	sw       *atomic.Bool // a registry's switch, set before the breaker is shared; nil: always on
+	sync     atomic.Pointer[syncBox]
+	setMu    sync.Mutex // guards settings
+	settings gobreaker.Settings
+	hooks    atomic.Pointer[breakerHooks]
 
 	// Rejections return these, so an open breaker allocates nothing.
 	errOpen, errTooMany *Error
@@ -195,19 +193,12 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 		return nil, err
 	}
 	cb := &CircuitBreaker{
-		name:          cfg.Name,
-		since:         time.Now(),
-		isFailure:     cfg.IsFailure,
-		onStateChange: cfg.OnStateChange,
-		errOpen:       &Error{Err: ErrCircuitOpen, Name: cfg.Name},
-		errTooMany:    &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrTooManyRequests},
+		name:       cfg.Name,
+		since:      time.Now(),
+		errOpen:    &Error{Err: ErrCircuitOpen, Name: cfg.Name},
+		errTooMany: &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrTooManyRequests},
 	}
-	if !cfg.DisableLogging {
-		cb.logger = cfg.Logger
-		if cb.logger == nil {
-			cb.logger = slog.Default()
-		}
-	}
+	cb.hooks.Store(cfg.hooks(nil))
 	cb.mService = addSet(attrService.String(cfg.Name))
 	cb.counts = countsFor(cfg.Name)
 	cb.failMax.Store(int64(failMax))
@@ -246,33 +237,6 @@ func fromGobreaker(s gobreaker.State) State {
 	return StateClosed
 }
 
-// queue runs under gobreaker's mutex, so transitions arrive in order.
-func (cb *CircuitBreaker) queue(g *breakerGen, from, to State) {
-	cb.evMu.Lock()
-	if cb.cur.Load() == g && cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
-		// From our own record rather than gobreaker's: after a Reset or a
-		// repair the new gobreaker starts closed whatever we last said.
-		cb.transitionLocked(cb.last, to)
-	}
-	cb.evMu.Unlock()
-}
-
-// transitionLocked records a transition and queues it for delivery. The
-// caller holds evMu.
-func (cb *CircuitBreaker) transitionLocked(from, to State) {
-	if from == to {
-		return
-	}
-	cb.recordTransition(from, to)
-	cb.last = to
-	cb.lastAtomic.Store(int32(to))
-	cb.since = time.Now()
-	if cb.onStateChange != nil || cb.logger != nil || cb.sync.Load() != nil {
-		cb.pending = append(cb.pending, transition{from, to})
-		cb.npending.Add(1)
-	}
-}
-
 func (cb *CircuitBreaker) recordFailure(ctx context.Context, et string) {
 	meter().cbFailures.Add(ctx, 1, cb.mFailures.get(et, func() []attribute.KeyValue {
 		return []attribute.KeyValue{attrService.String(cb.name), attrErrorType.String(et)}
@@ -298,58 +262,6 @@ func (cb *CircuitBreaker) OpenTimeout() time.Duration {
 	cb.setMu.Lock()
 	defer cb.setMu.Unlock()
 	return cb.settings.Timeout
-}
-
-// flush delivers queued transitions outside every lock. Only one goroutine
-// delivers at a time, so callbacks never run concurrently and stay in order;
-// a callback that causes a transition itself has it delivered right after
-// it returns.
-func (cb *CircuitBreaker) flush() {
-	if cb.npending.Load() == 0 {
-		return
-	}
-	cb.evMu.Lock()
-	for len(cb.pending) > 0 && !cb.delivering {
-		t := cb.pending[0]
-		cb.pending = cb.pending[1:]
-		cb.npending.Add(-1)
-		cb.delivering = true
-		cb.evMu.Unlock()
-		cb.deliver(t)
-		cb.evMu.Lock()
-		cb.delivering = false
-	}
-	if len(cb.pending) == 0 {
-		cb.pending = nil
-	}
-	cb.evMu.Unlock()
-}
-
-func (cb *CircuitBreaker) deliver(t transition) {
-	// A panicking callback must not leave delivering set for ever.
-	defer func() {
-		if r := recover(); r != nil {
-			cb.evMu.Lock()
-			cb.delivering = false
-			cb.evMu.Unlock()
-			panic(r)
-		}
-	}()
-	if cb.logger != nil {
-		level := slog.LevelInfo
-		if t.to == StateOpen {
-			level = slog.LevelWarn
-		}
-		cb.logger.LogAttrs(context.Background(), level, "circuit breaker "+t.to.String(),
-			slog.String("service", cb.name), slog.String("from", t.from.String()), slog.String("to", t.to.String()),
-			slog.Int64("fail_max", cb.failMax.Load()), slog.Duration("open_timeout", cb.OpenTimeout()))
-	}
-	if sb := cb.sync.Load(); sb != nil {
-		sb.s.StateChanged(cb.name, t.from, t.to)
-	}
-	if cb.onStateChange != nil {
-		cb.onStateChange(cb.name, t.from, t.to)
-	}
 }
 
 // Name returns the breaker's name. It is safe for concurrent use.
@@ -387,12 +299,14 @@ func (cb *CircuitBreaker) Reset() {
 // reconfigure applies a new configuration to a live breaker. FailMax takes
 // effect at once, for calls in flight too. gobreaker fixes OpenTimeout and
 // HalfOpenMaxCalls at construction, so changing either starts the breaker
-// afresh, closed, as Reset does. IsFailure and OnStateChange are kept.
+// afresh, closed, as Reset does. IsFailure, OnStateChange and Logger are
+// replaced when cfg sets them, and kept when it leaves them nil.
 func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
 	failMax, openTimeout, probes, err := cfg.resolve()
 	if err != nil {
 		return err
 	}
+	cb.hooks.Store(cfg.hooks(cb.hooks.Load()))
 	cb.failMax.Store(int64(failMax))
 	cb.setMu.Lock()
 	changed := cb.settings.Timeout != openTimeout || cb.settings.MaxRequests != uint32(probes)
@@ -569,7 +483,7 @@ func (cb *CircuitBreaker) outcome(ctx context.Context, err error) error {
 		// Local saturation: the call never reached the downstream.
 		return errExcluded
 	}
-	if cb.isFailure != nil && !cb.isFailure(err) {
+	if f := cb.hooks.Load().isFailure; f != nil && !f(err) {
 		return nil
 	}
 	return errFailure

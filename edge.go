@@ -54,18 +54,23 @@ func newEdge[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback
 	}
 	e := &edge[T]{p: p, fn: fn, fb: fb, fbKind: fbKind, self: &edgeMeta{name: name}, inner: inner}
 	f := Func[T](e.call)
-	registerEdge(f, e.self)
+	registerFunc(f, e.self, e)
 	return f
 }
 
 func (e *edge[T]) call(ctx context.Context) (T, error) {
 	p := e.p
+	wrapped := e.self.nested.Load() && ctx.Value(nestKey{}) == e.self
+	if wrapped || e.inner != nil {
+		// Pass the mark on to the Func this edge wraps, or clear it, so
+		// that a protected call further down with this context (a
+		// recursive call, a fallback calling fn again) is not taken for
+		// the wrapped one. An edge nobody wraps, around a plain function,
+		// pays nothing.
+		ctx = context.WithValue(ctx, nestKey{}, e.inner)
+	}
 	if !p.on() {
 		return e.fn(ctx)
-	}
-	wrapped := e.self.nested.Load() && ctx.Value(nestKey{}) == e.self
-	if e.inner != nil {
-		ctx = context.WithValue(ctx, nestKey{}, e.inner)
 	}
 	if wrapped {
 		// Another edge wraps this one and records the call.
@@ -200,7 +205,9 @@ func namedFunc(fn any) string {
 	}
 	name := f.Name()
 	last := name[strings.LastIndexByte(name, '/')+1:]
-	if isClosureName(last) {
+	if isClosureName(last) || strings.HasPrefix(name, ScopeName+".(*edge[") || strings.HasPrefix(name, ScopeName+".(*cacheRecorder[") {
+		// A closure, or this package's own adapters, which name nothing
+		// of the caller's.
 		return ""
 	}
 	return name
@@ -228,21 +235,33 @@ func isClosureName(s string) bool {
 
 // edges maps the identity of each Func an edge returned to the edge's
 // metadata, so that a wrapper built around it knows it is wrapping a
-// protected call. Entries are weak and removed when the edge is collected,
-// so that wrappers built per request do not accumulate.
-var edges sync.Map // uintptr -> weak.Pointer[edgeMeta]
+// protected call. Entries are weak and removed when their owner is
+// collected, so that wrappers built per request do not accumulate.
+var edges sync.Map // uintptr -> *edgeEntry
+
+// edgeEntry is valid while both its metadata and its owner, the object the
+// Func's closure holds, are alive: an address whose Func was collected may
+// be reused by another closure before the cleanup removes the entry.
+type edgeEntry struct {
+	m     weak.Pointer[edgeMeta]
+	alive func() bool
+}
 
 // funcID is the identity of a func value: the address of its closure.
-// Go has no other way to tell two func values apart; an edge's Func is a
-// method value, a heap closure of its own, so the address is unique while
-// the Func is reachable.
+// Go has no other way to tell two func values apart; the Funcs registered
+// here are method values, heap closures of their own, so the address is
+// unique while the Func is reachable.
 func funcID[T any](fn Func[T]) uintptr { return *(*uintptr)(unsafe.Pointer(&fn)) }
 
-func registerEdge[T any](f Func[T], m *edgeMeta) {
+// registerFunc records f, a method value of owner, as a protected Func
+// with metadata m: an edge's own, or for a Func that only passes calls on
+// to a protected one (FallbackCache.Record), that one's.
+func registerFunc[T, O any](f Func[T], m *edgeMeta, owner *O) {
 	id := funcID(f)
-	wp := weak.Make(m)
-	edges.Store(id, wp)
-	runtime.AddCleanup(m, func(id uintptr) { edges.CompareAndDelete(id, wp) }, id)
+	wo := weak.Make(owner)
+	e := &edgeEntry{m: weak.Make(m), alive: func() bool { return wo.Value() != nil }}
+	edges.Store(id, e)
+	runtime.AddCleanup(owner, func(id uintptr) { edges.CompareAndDelete(id, e) }, id)
 }
 
 // lookupEdge returns the metadata of fn's edge if fn is a protected Func.
@@ -254,5 +273,9 @@ func lookupEdge[T any](fn Func[T]) *edgeMeta {
 	if !ok {
 		return nil
 	}
-	return v.(weak.Pointer[edgeMeta]).Value()
+	e := v.(*edgeEntry)
+	if !e.alive() {
+		return nil
+	}
+	return e.m.Value()
 }

@@ -158,3 +158,82 @@ func TestStableNameRule(t *testing.T) {
 		}
 	}
 }
+
+// Found in review of the pipeline change; it failed before the fix.
+// A disabled registry's ForService passes the call straight to fn, but
+// not the nesting mark: when an outer wrapper records the call and fn is a
+// protected Func, fn records it a second time.
+func TestDisabledEdgePassesNestingMarkOn(t *testing.T) {
+	const name = "disabled-nested"
+	reg := mustRegistry(t, map[string]string{"RESILIENCE_ENABLED": "false"})
+	inner := Compose(func(context.Context) (int, error) { return 1, nil }, Stack[int]{Name: name, Timeout: time.Minute})
+	fn := WithFallback(ForService(reg, name, inner), func(context.Context, error) (int, error) { return 0, nil })
+	before := callsRecorded(name)["success"]
+	if _, err := fn(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := callsRecorded(name)["success"] - before; got != 1 {
+		t.Errorf("one call through WithFallback(ForService(disabled, Compose(...))) recorded %d times; want 1", got)
+	}
+}
+
+// Found in review of the pipeline change; it failed before the fix.
+// The nesting mark an outer edge leaves for the Func it wraps is still in
+// the context that Func passes to its own fn, so a call of the same
+// protected Func made from inside it (a paginating or re-authenticating
+// client) is taken for the wrapped call and not recorded at all. The same
+// code without the outer wrapper records it.
+func TestRecursiveProtectedCallIsRecorded(t *testing.T) {
+	const name = "recursive"
+	var page Func[int]
+	depth := 0
+	page = Compose(func(ctx context.Context) (int, error) {
+		if depth == 0 {
+			depth++
+			return page(ctx) // the next page, through the same protected call
+		}
+		return 1, nil
+	}, Stack[int]{Name: name})
+
+	before := callsRecorded(name)["success"]
+	if _, err := page(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	plain := callsRecorded(name)["success"] - before
+
+	depth = 0
+	wrapped := WithTimeout(page, time.Minute)
+	before = callsRecorded(name)["success"]
+	if _, err := wrapped(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	nested := callsRecorded(name)["success"] - before
+	if plain != 2 || nested != plain {
+		t.Errorf("two protected calls recorded %d times on their own and %d times under WithTimeout; want 2 both ways", plain, nested)
+	}
+}
+
+// A wrapper around a protected Func whose own name is "unnamed" falls
+// through to namedFunc(fn), and fn is the inner edge's method value: the
+// metric name becomes the compiler's wrapper name
+// "github.com/resilience-go/resilience.(*edge[...]).call-fm", shared by
+// every such stack, instead of the breaker's name or "unnamed".
+func TestNestedNamesNeverAdapterMethods(t *testing.T) {
+	cb := mustBreaker(t, CircuitBreakerConfig{Name: "payments"})
+	closure := func(context.Context) (int, error) { return 1, nil }
+	for _, tc := range []struct {
+		fn   Func[int]
+		want string
+	}{
+		{WithTimeout(WithRetry(closure, mustRetry(t, RetryConfig{})), time.Minute), unnamed},
+		{Compose(WithTimeout(closure, time.Minute), Stack[int]{CircuitBreaker: cb}), "payments"},
+	} {
+		m := lookupEdge(tc.fn)
+		if m == nil {
+			t.Fatal("not an edge")
+		}
+		if m.name != tc.want {
+			t.Errorf("metric name %q; want %q", m.name, tc.want)
+		}
+	}
+}

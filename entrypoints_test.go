@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -350,5 +351,41 @@ func TestEntryPointsDisabled(t *testing.T) {
 		}
 		close(block)
 		synctest.Wait()
+	})
+}
+
+// runtime.Goexit in the downstream (a test double calling t.FailNow, say)
+// through every entry point: the slot and the half-open probe come back,
+// and the call is recorded once, as a failure.
+func TestEntryPointsGoexit(t *testing.T) {
+	eachEntryPoint(t, func(t *testing.T, ep entryPoint, svc string) {
+		reg := tableRegistry(t, svc, func(c *Config) {
+			c.DefaultCircuitBreaker = CircuitBreakerConfig{FailMax: 1, OpenTimeout: time.Second}
+		})
+		goexit := func(context.Context) error { runtime.Goexit(); return nil }
+		callInGoroutine := func(down func(context.Context) error) {
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				ep.call(context.Background(), reg, svc, down)
+			}()
+			<-done
+		}
+		callInGoroutine(goexit)
+		if got := callsRecorded(svc); fmt.Sprint(got) != "map[failure:1]" {
+			t.Errorf("resilience.calls = %v; want one failure", got)
+		}
+		if a := reg.Bulkhead(svc).Stats().Active; a != 0 {
+			t.Fatalf("%d slots held after Goexit", a)
+		}
+		if st := reg.CircuitBreaker(svc).State(); st != StateOpen {
+			t.Fatalf("breaker %v after a Goexit with FailMax 1; want open", st)
+		}
+		time.Sleep(time.Second + time.Millisecond)
+		callInGoroutine(goexit) // the probe
+		time.Sleep(time.Second + time.Millisecond)
+		if err := ep.call(context.Background(), reg, svc, func(context.Context) error { return nil }); err != nil {
+			t.Fatalf("after the Goexit probe: %v", err)
+		}
 	})
 }

@@ -4,6 +4,7 @@ import (
 	"container/list"
 	"context"
 	"errors"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -42,13 +43,38 @@ func withFallback[T any](fn Func[T], fb Fallback[T], kind int) Func[T] {
 	return newEdge(&pipeline{}, "", "", fn, fb, kind)
 }
 
+// sameError reports whether a and b are the same non-nil error value. An
+// error of an uncomparable type (a slice of errors, say) would panic with
+// ==: a slice, map or func is the same when it refers to the same data,
+// and anything else uncomparable is taken as different.
+func sameError(a, b error) bool {
+	if a == nil || b == nil {
+		return false
+	}
+	t := reflect.TypeOf(a)
+	if t != reflect.TypeOf(b) {
+		return false
+	}
+	if t.Comparable() {
+		return a == b
+	}
+	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
+	switch t.Kind() {
+	case reflect.Slice:
+		return va.Pointer() == vb.Pointer() && va.Len() == vb.Len()
+	case reflect.Map, reflect.Func:
+		return va.Pointer() == vb.Pointer()
+	}
+	return false
+}
+
 // applyFallback answers a failed call with fb, and reports the outcome: a
 // fallback that returns the very error it was given had nothing to offer.
 // It panics if fb does; the edge records the call as failed then.
 func applyFallback[T any](ctx context.Context, s *site, fb Fallback[T], kind int, err error) (T, outcome, error) {
 	et := errorType(err)
 	v, ferr := fb(ctx, err)
-	if ferr != nil && ferr == err {
+	if sameError(ferr, err) {
 		return v, classify(ctx, ferr), ferr
 	}
 	s.fbUsed[kind].add(et)
@@ -194,13 +220,30 @@ func (c *FallbackCache[T]) Record(key string, fn Func[T]) Func[T] {
 	if fn == nil {
 		return failing[T](invalid("FallbackCache.Record fn", nil, "must not be nil"))
 	}
-	return func(ctx context.Context) (T, error) {
-		v, err := fn(ctx)
-		if err == nil {
-			c.Store(key, v)
-		}
-		return v, err
+	r := &cacheRecorder[T]{c: c, key: key, fn: fn}
+	f := Func[T](r.call)
+	if m := lookupEdge(fn); m != nil {
+		// f only passes calls on to a protected Func: a wrapper built
+		// around f wraps that one, and must record the call once, by
+		// that one's name.
+		registerFunc(f, m, r)
 	}
+	return f
+}
+
+// cacheRecorder is the Func that Record returns.
+type cacheRecorder[T any] struct {
+	c   *FallbackCache[T]
+	key string
+	fn  Func[T]
+}
+
+func (r *cacheRecorder[T]) call(ctx context.Context) (T, error) {
+	v, err := r.fn(ctx)
+	if err == nil {
+		r.c.Store(r.key, v)
+	}
+	return v, err
 }
 
 // Fallback returns a Fallback that answers a failure with the last good

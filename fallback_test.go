@@ -867,3 +867,93 @@ func TestPanickingFallbackIsRecorded(t *testing.T) {
 		t.Errorf("resilience.calls = %v; want the call recorded once, as a failure", got)
 	}
 }
+
+// Found in review of the pipeline change; it failed before the fix.
+// FallbackCache.Wrap around a protected Func wraps a closure (Record's), so
+// the edge registry never sees that it nests a protected call: the call is
+// recorded by both edges.
+func TestFallbackCacheWrapOfProtectedFuncRecordsOnce(t *testing.T) {
+	const name = "cache-wrap"
+	cache, err := NewFallbackCache[int](FallbackCacheConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner := Compose(func(context.Context) (int, error) { return 7, nil }, Stack[int]{Name: name})
+	fn := cache.Wrap("k", inner)
+	before := callsRecorded(name)["success"]
+	if _, err := fn(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := callsRecorded(name)["success"] - before; got != 1 {
+		t.Errorf("one call through cache.Wrap(Compose(...)) recorded %d times in resilience.calls; want 1", got)
+	}
+}
+
+// Found in review of the pipeline change; it failed before the fix.
+// The package's own FallbackCache example, WithFallback(cache.Record(key,
+// fn), cache.StaleFallback(key)), with fn a protected Func: Record's
+// closure hides fn from the edge registry, so the call is recorded twice,
+// once under fn's name and once under "unnamed" (the outer edge cannot
+// see fn's name either). Under a retry, the inner is recorded once per
+// attempt, bug 8 of the issue again.
+func TestFallbackCacheRecordOfProtectedFuncRecordsOnce(t *testing.T) {
+	const name = "record"
+	cache, err := NewFallbackCache[int](FallbackCacheConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	inner := Compose(func(context.Context) (int, error) {
+		n++
+		if n%3 != 0 {
+			return 0, errBoom
+		}
+		return 1, nil
+	}, Stack[int]{Name: name})
+	r := mustRetry(t, RetryConfig{MaxAttempts: 3, Strategy: RetryFixed, InitialDelay: time.Nanosecond, MaxDelay: time.Nanosecond})
+	for _, tc := range []struct {
+		how string
+		fn  Func[int]
+	}{
+		{"WithFallback(cache.Record(k, Compose(...)), cache.StaleFallback(k)) then WithRetry", WithRetry(WithFallback(cache.Record("k", inner), cache.StaleFallback("k")), r)},
+		{"Compose(cache.Record(k, Compose(...)), Stack{Name, Retry})", Compose(cache.Record("k", inner), Stack[int]{Name: name, Retry: r})},
+	} {
+		n = 0
+		before := callsRecorded(name)
+		beforeU := callsRecorded(unnamed)
+		if _, err := tc.fn(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		after, afterU := callsRecorded(name), callsRecorded(unnamed)
+		got := fmt.Sprintf("%s success:%d failure:%d, unnamed:%d", name, after["success"]-before["success"], after["failure"]-before["failure"],
+			afterU["success"]+afterU["failure"]-beforeU["success"]-beforeU["failure"])
+		if want := name + " success:1 failure:0, unnamed:0"; got != want {
+			t.Errorf("%s: one call (3 attempts) recorded as %q; want %q", tc.how, got, want)
+		}
+	}
+}
+
+// sliceErrors is an error of an uncomparable type, as slice-typed
+// validation errors are (go-playground's ValidationErrors).
+type sliceErrors []error
+
+func (e sliceErrors) Error() string { return "invalid" }
+
+// Found in review: applyFallback compared the fallback's error with the
+// call's by ==, which panics for an error of an uncomparable type that the
+// fallback hands back (a cache miss does).
+func TestFallbackUncomparableErrorDoesNotPanic(t *testing.T) {
+	cache, err := NewFallbackCache[int](FallbackCacheConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fn := WithFallback(func(context.Context) (int, error) { return 0, sliceErrors{errBoom} }, cache.Fallback("missing"))
+	defer func() {
+		if r := recover(); r != nil {
+			t.Fatalf("a cache miss on an uncomparable error panicked: %v", r)
+		}
+	}()
+	if _, err := fn(context.Background()); fmt.Sprintf("%T", err) != "resilience.sliceErrors" {
+		t.Errorf("err = %v (%T); want the original error back", err, err)
+	}
+}

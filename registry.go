@@ -170,6 +170,10 @@ func (r *Registry) Reload(cfg Config) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	cfg = keepCode(r.cfg, cfg)
+	if err := cfg.Validate(); err != nil {
+		// Unreachable: keepCode keeps only what fits the new values.
+		return err
+	}
 	r.cfg = cfg
 	r.retry.reconfigure(cfg.Retry)
 	for _, cb := range r.breakers {
@@ -193,7 +197,11 @@ func keepCode(cur, next Config) Config {
 	if rn.Strategy == RetryExponential {
 		rn.Strategy = rc.Strategy
 	}
-	if rn.InitialDelay == 0 && (rn.MaxDelay == 0 || rc.InitialDelay <= rn.MaxDelay) {
+	maxDelay := rn.MaxDelay
+	if maxDelay == 0 {
+		maxDelay = 10 * time.Second // RetryConfig's default
+	}
+	if rn.InitialDelay == 0 && rc.InitialDelay <= maxDelay {
 		rn.InitialDelay = rc.InitialDelay
 	}
 	if rn.RetryIf == nil {

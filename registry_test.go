@@ -99,3 +99,53 @@ func TestReloadKeepsRetryBudgetRetryIfAndOnRetry(t *testing.T) {
 		t.Error("the live retry policy lost its budget")
 	}
 }
+
+// Found in review of the pipeline change; it failed before the fix.
+// Reload merges the code's InitialDelay into a configuration whose
+// MaxDelay is left at 0 (10s) without checking the result: with a code
+// InitialDelay over 10s the merged retry is invalid, reconfigure fails
+// silently, Reload returns nil, Config() reports the new MaxAttempts, and
+// the live retry keeps the old one.
+func TestReloadKeptInitialDelayFitsDefaultMaxDelay(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Retry = RetryConfig{MaxAttempts: 2, InitialDelay: 20 * time.Second, MaxDelay: 30 * time.Second}
+	reg, err := NewRegistry(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := DefaultConfig()
+	next.Retry = RetryConfig{MaxAttempts: 5}
+	if err := reg.Reload(next); err != nil {
+		t.Fatalf("Reload: %v", err)
+	}
+	if got, reported := reg.Retry().MaxAttempts(), reg.Config().Retry.MaxAttempts; got != reported {
+		t.Errorf("after Reload the live retry makes %d attempts; Config() reports %d", got, reported)
+	}
+	if err := reg.Config().Validate(); err != nil {
+		t.Errorf("Config() after a successful Reload is invalid: %v", err)
+	}
+}
+
+// Found in review of the pipeline change; it failed before the fix.
+// Reload with a new IsFailure stores it in Config() but the live breaker
+// keeps the one it was built with (reconfigure ignores the hooks): the
+// same "reported but not used" as bug 5, for code-set settings.
+func TestReloadAppliesNewIsFailure(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.DefaultCircuitBreaker = CircuitBreakerConfig{FailMax: 1, OpenTimeout: time.Minute,
+		IsFailure: func(err error) bool { return !errors.Is(err, errBoom) }}
+	reg, err := NewRegistry(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb := reg.CircuitBreaker("isfailure")
+	next := reg.Config()
+	next.DefaultCircuitBreaker.IsFailure = func(error) bool { return true }
+	if err := reg.Reload(next); err != nil {
+		t.Fatal(err)
+	}
+	WithCircuitBreaker(failFunc, cb)(context.Background())
+	if st := cb.State(); st != StateOpen {
+		t.Errorf("breaker %v after a failure the reloaded IsFailure counts, with FailMax 1; want open", st)
+	}
+}

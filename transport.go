@@ -3,6 +3,7 @@ package resilience
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math"
 	"net"
@@ -122,7 +123,10 @@ func (rt *roundTrip) do(p *pipeline) (resp *http.Response, err error) {
 	o, returned := outcomeFailure, false // a panic: a failed call
 	defer func() {
 		if !returned {
-			rt.between() // give back what the last attempt holds
+			// A panic: give back what the last attempt holds, and close
+			// a body no attempt handed to base.
+			rt.between()
+			rt.closeUnsent()
 		}
 		s.end(ctx, rec, o)
 	}()
@@ -136,12 +140,17 @@ func (rt *roundTrip) do(p *pipeline) (resp *http.Response, err error) {
 		}
 		rt.between()
 	}
+	rt.closeUnsent()
+	return nil, err
+}
+
+// closeUnsent closes the request's body if no attempt handed it to base,
+// which would have closed it: a RoundTripper closes the body on every path.
+func (rt *roundTrip) closeUnsent() {
 	if rt.hasBody && !rt.bodyUsed {
-		// Rejected before any attempt reached base, which would have
-		// closed it: a RoundTripper closes the body on every path.
+		rt.bodyUsed = true
 		rt.req.Body.Close()
 	}
-	return nil, err
 }
 
 // isLastStatus reports whether err is, or wraps, the failing status of the
@@ -173,6 +182,12 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 		rt.bodyUsed = true
 	}
 	resp, err := rt.base.RoundTrip(out)
+	if err == nil && resp == nil {
+		// The base broke the RoundTripper contract; say so, as
+		// http.Client does, rather than fail on the nil response.
+		err = fmt.Errorf("resilience: RoundTripper %T returned a nil *http.Response with a nil error", rt.base)
+		return &stopRetry{err}
+	}
 	if err != nil {
 		if !rt.replayable || (!rt.idempotent && !neverSent(err)) {
 			// Sending it again could do the work twice, or cannot be done.

@@ -687,3 +687,116 @@ func TestTransportRetryAfterMs(t *testing.T) {
 		}
 	})
 }
+
+// Found in review of the pipeline change; it failed before the fix.
+// A panic in OnRetry after the bulkhead turned the first attempt away
+// (so base never got the request body) leaves the request body open:
+// do() closes it only on the returning path.
+func TestTransportPanicClosesUnsentBody(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.DefaultBulkhead = BulkheadConfig{Limit: 1, FailFast: true}
+	cfg.Retry = RetryConfig{MaxAttempts: 3, MaxDelay: time.Millisecond, OnRetry: func(int, error, time.Duration) { panic("hook bug") }}
+	reg, err := NewRegistry(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release, err := reg.Bulkhead("unsent.test").Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	tr := &Transport{Registry: reg, Base: roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		t.Error("base called")
+		return nil, errBoom
+	})}
+	body := &trackedBody{Reader: strings.NewReader("payload")}
+	req, _ := http.NewRequest(http.MethodPost, "http://unsent.test/", body)
+	mustPanic(t, func() { tr.RoundTrip(req) })
+	if !body.closed.Load() {
+		t.Error("request body not closed after the panic; a RoundTripper closes it on every path")
+	}
+}
+
+// Loopback: a POST with an Idempotency-Key that gets two 503s is replayed
+// through GetBody with its whole body each time, the 503 bodies are
+// drained so that every attempt reuses the one connection, and the last
+// body holds its slot until it is read to the end.
+func TestTransportLoopbackReplayAndReuse(t *testing.T) {
+	var n atomic.Int32
+	var bodies []string
+	var mu sync.Mutex
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		bodies = append(bodies, string(b))
+		mu.Unlock()
+		if n.Add(1) < 3 {
+			w.Header().Set("Retry-After", "0")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, strings.Repeat("x", 4096))
+			return
+		}
+		io.WriteString(w, "done")
+	}))
+	var conns atomic.Int32
+	srv.Config.ConnState = func(c net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	defer srv.Close()
+	reg := transportRegistry(t, nil)
+	c := client(reg, nil)
+	defer c.CloseIdleConnections()
+	req, _ := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader("payload"))
+	req.Header.Set("Idempotency-Key", "k1")
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	if a := reg.Bulkhead("127.0.0.1").Stats().Active; a != 1 {
+		t.Errorf("%d slots held while the body is unread; want 1", a)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if string(b) != "done" {
+		t.Errorf("body %q", b)
+	}
+	if a := reg.Bulkhead("127.0.0.1").Stats().Active; a != 0 {
+		t.Errorf("%d slots held after EOF; want 0", a)
+	}
+	resp.Body.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	if strings.Join(bodies, ",") != "payload,payload,payload" {
+		t.Errorf("server saw bodies %q", bodies)
+	}
+	if conns.Load() != 1 {
+		t.Errorf("%d connections for 3 attempts; want 1: failed bodies drained", conns.Load())
+	}
+}
+
+// Found in review of the pipeline change; it failed before the fix.
+// A base RoundTripper that breaks the contract with (nil, nil) makes
+// Transport dereference the nil response after keep(): the caller gets a
+// nil-pointer panic where http.Client would give an error, and the slot
+// stays held until the attempt's timeout.
+func TestTransportNilResponseFromBaseIsAnError(t *testing.T) {
+	reg := transportRegistry(t, map[string]string{"BULKHEAD_NILRESP_TEST_LIMIT": "1", "BULKHEAD_NILRESP_TEST_FAIL_FAST": "true"})
+	tr := &Transport{Registry: reg, Base: roundTripFunc(func(*http.Request) (*http.Response, error) { return nil, nil })}
+	req, _ := http.NewRequest(http.MethodGet, "http://nilresp.test/", nil)
+	var panicked any
+	func() {
+		defer func() { panicked = recover() }()
+		tr.RoundTrip(req)
+	}()
+	if panicked != nil {
+		t.Errorf("RoundTrip panicked: %v; want an error, as http.Client gives for (nil, nil)", panicked)
+	}
+	if a := reg.Bulkhead("nilresp.test").Stats().Active; a != 0 {
+		t.Errorf("%d slots held after the call returned", a)
+	}
+}

@@ -1,0 +1,121 @@
+package resilience
+
+import (
+	"context"
+	"log/slog"
+	"time"
+)
+
+// A breaker's transitions and the callbacks they are delivered to: queued
+// under gobreaker's mutex, delivered outside every lock, one at a time and
+// in order.
+
+// breakerHooks are a breaker's callbacks, replaced whole by a reload.
+type breakerHooks struct {
+	isFailure     func(error) bool
+	onStateChange func(name string, from, to State)
+	logger        *slog.Logger // nil when logging is off
+}
+
+// hooks returns cfg's callbacks; with cur, those cfg leaves nil are cur's.
+func (cfg CircuitBreakerConfig) hooks(cur *breakerHooks) *breakerHooks {
+	h := &breakerHooks{isFailure: cfg.IsFailure, onStateChange: cfg.OnStateChange, logger: cfg.Logger}
+	if cur != nil {
+		if h.isFailure == nil {
+			h.isFailure = cur.isFailure
+		}
+		if h.onStateChange == nil {
+			h.onStateChange = cur.onStateChange
+		}
+		if h.logger == nil {
+			h.logger = cur.logger
+		}
+	}
+	switch {
+	case cfg.DisableLogging:
+		h.logger = nil
+	case h.logger == nil:
+		h.logger = slog.Default()
+	}
+	return h
+}
+
+// queue runs under gobreaker's mutex, so transitions arrive in order.
+func (cb *CircuitBreaker) queue(g *breakerGen, from, to State) {
+	cb.evMu.Lock()
+	if cb.cur.Load() == g && cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
+		// From our own record rather than gobreaker's: after a Reset or a
+		// repair the new gobreaker starts closed whatever we last said.
+		cb.transitionLocked(cb.last, to)
+	}
+	cb.evMu.Unlock()
+}
+
+// transitionLocked records a transition and queues it for delivery. The
+// caller holds evMu.
+func (cb *CircuitBreaker) transitionLocked(from, to State) {
+	if from == to {
+		return
+	}
+	cb.recordTransition(from, to)
+	cb.last = to
+	cb.lastAtomic.Store(int32(to))
+	cb.since = time.Now()
+	if h := cb.hooks.Load(); h.onStateChange != nil || h.logger != nil || cb.sync.Load() != nil {
+		cb.pending = append(cb.pending, transition{from, to})
+		cb.npending.Add(1)
+	}
+}
+
+// flush delivers queued transitions outside every lock. Only one goroutine
+// delivers at a time, so callbacks never run concurrently and stay in order;
+// a callback that causes a transition itself has it delivered right after
+// it returns.
+func (cb *CircuitBreaker) flush() {
+	if cb.npending.Load() == 0 {
+		return
+	}
+	cb.evMu.Lock()
+	for len(cb.pending) > 0 && !cb.delivering {
+		t := cb.pending[0]
+		cb.pending = cb.pending[1:]
+		cb.npending.Add(-1)
+		cb.delivering = true
+		cb.evMu.Unlock()
+		cb.deliver(t)
+		cb.evMu.Lock()
+		cb.delivering = false
+	}
+	if len(cb.pending) == 0 {
+		cb.pending = nil
+	}
+	cb.evMu.Unlock()
+}
+
+func (cb *CircuitBreaker) deliver(t transition) {
+	// A panicking callback must not leave delivering set for ever.
+	defer func() {
+		if r := recover(); r != nil {
+			cb.evMu.Lock()
+			cb.delivering = false
+			cb.evMu.Unlock()
+			panic(r)
+		}
+	}()
+	h := cb.hooks.Load()
+	if h.logger != nil {
+		level := slog.LevelInfo
+		if t.to == StateOpen {
+			level = slog.LevelWarn
+		}
+		h.logger.LogAttrs(context.Background(), level, "circuit breaker "+t.to.String(),
+			slog.String("service", cb.name), slog.String("from", t.from.String()), slog.String("to", t.to.String()),
+			slog.Int64("fail_max", cb.failMax.Load()), slog.Duration("open_timeout", cb.OpenTimeout()))
+	}
+	if sb := cb.sync.Load(); sb != nil {
+		sb.s.StateChanged(cb.name, t.from, t.to)
+	}
+	if h.onStateChange != nil {
+		h.onStateChange(cb.name, t.from, t.to)
+	}
+}
