@@ -1,10 +1,14 @@
 package resilience
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 )
 
@@ -103,4 +107,111 @@ func FuzzParseDuration(f *testing.F) {
 			}
 		}
 	})
+}
+
+// fuzzService names each fuzz case's policies and metrics afresh.
+var fuzzService atomic.Int64
+
+// FuzzEntryPointsAgree plays one script of downstream outcomes through
+// Compose, ForService and Transport over the same policies, and checks that
+// they agree call by call (result, error kind, attempts made) and that each
+// leaves nothing behind: no slot held, every call recorded once. A byte of
+// the script is one attempt's outcome: success, a retryable error, a
+// permanent one, a short or a long retry hint, or a panic.
+func FuzzEntryPointsAgree(f *testing.F) {
+	f.Add([]byte{1, 1, 0}, uint8(2))
+	f.Add([]byte{3, 0, 4, 2}, uint8(2))
+	f.Add([]byte{5, 1, 5, 0}, uint8(1))
+	f.Add([]byte{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0}, uint8(0))
+	f.Fuzz(func(t *testing.T, script []byte, attempts uint8) {
+		if len(script) > 24 {
+			script = script[:24]
+		}
+		maxAttempts := int(attempts%4) + 1
+		var runs []string
+		for _, ep := range entryPoints {
+			synctest.Test(t, func(t *testing.T) {
+				svc := "fuzz-" + strconv.FormatInt(fuzzService.Add(1), 10)
+				reg := tableRegistry(t, svc, func(c *Config) {
+					c.Retry.MaxAttempts = maxAttempts
+					c.DefaultCircuitBreaker = CircuitBreakerConfig{FailMax: 3, OpenTimeout: time.Second}
+				})
+				next := 0
+				down := func(context.Context) error {
+					b := byte(0)
+					if next < len(script) {
+						b = script[next] % 6
+					}
+					next++
+					switch b {
+					case 1:
+						return errBoom
+					case 2:
+						return Permanent(errBoom)
+					case 3:
+						return retryAfterErr{time.Second}
+					case 4:
+						return retryAfterErr{time.Hour}
+					case 5:
+						panic("downstream bug")
+					}
+					return nil
+				}
+				var got []string
+				calls := 0
+				for calls < 8 && next < len(script) {
+					calls++
+					before := next
+					var err error
+					panicked := func() (p bool) {
+						defer func() { p = recover() != nil }()
+						err = ep.call(context.Background(), reg, svc, down)
+						return false
+					}()
+					got = append(got, fmt.Sprintf("%s/%d", fuzzKind(err, panicked), next-before))
+					time.Sleep(1500 * time.Millisecond) // past the breaker's open timeout, sometimes
+				}
+				if a := reg.Bulkhead(svc).Stats().Active; a != 0 {
+					t.Errorf("%s: %d slots held after every call returned", ep.name, a)
+				}
+				var recorded int64
+				for _, n := range callsRecorded(svc) {
+					recorded += n
+				}
+				if recorded != int64(calls) {
+					t.Errorf("%s: %d calls recorded for %d made", ep.name, recorded, calls)
+				}
+				runs = append(runs, strings.Join(got, " "))
+			})
+		}
+		for i, r := range runs[1:] {
+			if r != runs[0] {
+				t.Fatalf("%s and %s disagree on script %v (MaxAttempts %d):\n%s\n%s",
+					entryPoints[0].name, entryPoints[i+1].name, script, maxAttempts, runs[0], r)
+			}
+		}
+	})
+}
+
+// fuzzKind names the outcome of a call for FuzzEntryPointsAgree.
+func fuzzKind(err error, panicked bool) string {
+	switch {
+	case panicked:
+		return "panic"
+	case err == nil:
+		return "ok"
+	case errors.Is(err, ErrCircuitOpen):
+		return "open"
+	case errors.Is(err, ErrRetryBudgetExhausted):
+		return "budget"
+	case errors.Is(err, ErrRetryExhausted):
+		var e *Error
+		errors.As(err, &e)
+		return fmt.Sprintf("exhausted(%d,%v)", e.Attempts, e.RetryAfter())
+	case errors.Is(err, errBoom):
+		return "boom"
+	case errors.As(err, new(retryAfterErr)):
+		return "hinted"
+	}
+	return "other:" + err.Error()
 }
