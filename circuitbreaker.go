@@ -198,7 +198,7 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 		errOpen:    &Error{Err: ErrCircuitOpen, Name: cfg.Name},
 		errTooMany: &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrTooManyRequests},
 	}
-	cb.hooks.Store(cfg.hooks(nil))
+	cb.hooks.Store(cfg.hooks())
 	cb.mService = addSet(attrService.String(cfg.Name))
 	cb.counts = countsFor(cfg.Name)
 	cb.failMax.Store(int64(failMax))
@@ -306,7 +306,7 @@ func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
 	if err != nil {
 		return err
 	}
-	cb.hooks.Store(cfg.hooks(cb.hooks.Load()))
+	cb.hooks.Store(keepBreakerCode(cb.hooks.Load().config(), cfg).hooks())
 	cb.failMax.Store(int64(failMax))
 	cb.setMu.Lock()
 	changed := cb.settings.Timeout != openTimeout || cb.settings.MaxRequests != uint32(probes)

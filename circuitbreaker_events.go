@@ -17,20 +17,9 @@ type breakerHooks struct {
 	logger        *slog.Logger // nil when logging is off
 }
 
-// hooks returns cfg's callbacks; with cur, those cfg leaves nil are cur's.
-func (cfg CircuitBreakerConfig) hooks(cur *breakerHooks) *breakerHooks {
+// hooks returns cfg's callbacks.
+func (cfg CircuitBreakerConfig) hooks() *breakerHooks {
 	h := &breakerHooks{isFailure: cfg.IsFailure, onStateChange: cfg.OnStateChange, logger: cfg.Logger}
-	if cur != nil {
-		if h.isFailure == nil {
-			h.isFailure = cur.isFailure
-		}
-		if h.onStateChange == nil {
-			h.onStateChange = cur.onStateChange
-		}
-		if h.logger == nil {
-			h.logger = cur.logger
-		}
-	}
 	switch {
 	case cfg.DisableLogging:
 		h.logger = nil
@@ -38,6 +27,11 @@ func (cfg CircuitBreakerConfig) hooks(cur *breakerHooks) *breakerHooks {
 		h.logger = slog.Default()
 	}
 	return h
+}
+
+// config returns h as the settings of a CircuitBreakerConfig.
+func (h *breakerHooks) config() CircuitBreakerConfig {
+	return CircuitBreakerConfig{IsFailure: h.isFailure, OnStateChange: h.onStateChange, Logger: h.logger, DisableLogging: h.logger == nil}
 }
 
 // queue runs under gobreaker's mutex, so transitions arrive in order.
