@@ -3,6 +3,7 @@ package resilience
 import (
 	"container/list"
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -78,7 +79,25 @@ type Bulkhead struct {
 }
 
 type waiter struct {
-	ready chan struct{} // closed when the slot is handed over
+	ready  chan struct{} // closed when the slot is handed over, or the waiter let through
+	bypass bool          // set under mu before ready is closed: let through without a slot
+}
+
+// errBypassed is what acquire returns to a waiter let through without a
+// slot because its registry was switched off while it waited.
+var errBypassed = errors.New("resilience: bulkhead switched off")
+
+// bypassWaiters lets every queued caller through without a slot: the
+// registry was switched off, and later callers pass straight through.
+func (b *Bulkhead) bypassWaiters() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for e := b.waiters.Front(); e != nil; e = b.waiters.Front() {
+		b.waiters.Remove(e)
+		w := e.Value.(*waiter)
+		w.bypass = true
+		close(w.ready)
+	}
 }
 
 // validate reports the first invalid field of cfg, without building a
@@ -201,6 +220,9 @@ func (b *Bulkhead) Acquire(ctx context.Context) (release func(), err error) {
 		return noop, nil
 	}
 	if err := b.acquire(ctx); err != nil {
+		if err == errBypassed {
+			return noop, nil
+		}
 		return noop, err
 	}
 	grel, err := b.acquireGlobal(ctx)
@@ -274,6 +296,9 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 	var err error
 	select {
 	case <-w.ready:
+		if w.bypass {
+			return errBypassed
+		}
 		return nil
 	case <-ctx.Done():
 		err = ctx.Err()
@@ -291,8 +316,10 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 	select {
 	case <-w.ready:
 		// The slot was handed over as we gave up: pass it on.
-		b.active--
-		b.grantLocked()
+		if !w.bypass {
+			b.active--
+			b.grantLocked()
+		}
 	default:
 		b.waiters.Remove(elem)
 		// Leaving the head of the queue may unblock those behind.

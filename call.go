@@ -261,17 +261,39 @@ func (p *pipeline) onceHandoff(ctx context.Context, attempt attemptFunc, d time.
 // bulkhead, and gives the slot back when attempt returns or panics, unless
 // h is given: h then owns it.
 func (p *pipeline) slot(ctx context.Context, attempt attemptFunc, h *hold) error {
-	b := p.bulkhead
-	if b == nil || !b.on() {
-		return attempt(ctx)
-	}
-	if err := b.acquire(ctx); err != nil {
-		if err == b.errFull {
-			meter().bhRejections.Add(ctx, 1, p.rejected...)
-		}
+	b, grel, err := p.take(ctx)
+	if err != nil {
 		return err
 	}
-	grel := noop
+	if b == nil {
+		return attempt(ctx)
+	}
+	if h != nil {
+		h.b, h.grel = b, grel
+		return attempt(ctx)
+	}
+	defer give(b, grel)
+	return attempt(ctx)
+}
+
+// take waits for the pipeline's bulkhead slot, and its global one, as the
+// bulkhead's settings allow. b is nil when no slot was taken: the pipeline
+// has no bulkhead, or it is switched off.
+func (p *pipeline) take(ctx context.Context) (b *Bulkhead, grel func(), err error) {
+	b = p.bulkhead
+	if b == nil || !b.on() {
+		return nil, noop, nil
+	}
+	if err := b.acquire(ctx); err != nil {
+		switch err {
+		case errBypassed:
+			return nil, noop, nil
+		case b.errFull:
+			meter().bhRejections.Add(ctx, 1, p.rejected...)
+		}
+		return nil, noop, err
+	}
+	grel = noop
 	if b.global.Load() != nil {
 		g, err := b.acquireGlobal(ctx)
 		if err != nil {
@@ -279,19 +301,19 @@ func (p *pipeline) slot(ctx context.Context, attempt attemptFunc, h *hold) error
 			if errors.Is(err, ErrBulkheadFull) {
 				meter().bhRejections.Add(ctx, 1, p.rejected...)
 			}
-			return err
+			return nil, noop, err
 		}
 		grel = g
 	}
-	if h != nil {
-		h.b, h.grel = b, grel
-		return attempt(ctx)
-	}
-	defer func() {
+	return b, grel, nil
+}
+
+// give gives back what take took.
+func give(b *Bulkhead, grel func()) {
+	if b != nil {
 		grel()
 		b.release()
-	}()
-	return attempt(ctx)
+	}
 }
 
 type holdKey struct{}

@@ -217,11 +217,13 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 	return cb, nil
 }
 
+// newGen returns a fresh gobreaker with the current settings. The caller
+// holds setMu until it has stored the generation, so that a generation
+// built from settings another goroutine is replacing cannot be stored over
+// the one built from the new settings.
 func (cb *CircuitBreaker) newGen() *breakerGen {
 	g := &breakerGen{}
-	cb.setMu.Lock()
 	st := cb.settings
-	cb.setMu.Unlock()
 	st.OnStateChange = func(_ string, from, to gobreaker.State) { cb.queue(g, fromGobreaker(from), fromGobreaker(to)) }
 	g.gb = gobreaker.NewCircuitBreaker[struct{}](st)
 	return g
@@ -287,12 +289,14 @@ func (cb *CircuitBreaker) State() State {
 // already let through finish without affecting the new state. It is safe for
 // concurrent use.
 func (cb *CircuitBreaker) Reset() {
+	cb.setMu.Lock()
 	g := cb.newGen()
 	cb.evMu.Lock()
 	cb.cur.Store(g)
 	cb.setMode(modeForcedOpen|modeForcedClosed, false)
 	cb.transitionLocked(cb.last, StateClosed)
 	cb.evMu.Unlock()
+	cb.setMu.Unlock()
 	cb.flush()
 }
 
@@ -300,7 +304,9 @@ func (cb *CircuitBreaker) Reset() {
 // effect at once, for calls in flight too. gobreaker fixes OpenTimeout and
 // HalfOpenMaxCalls at construction, so changing either starts the breaker
 // afresh, closed, as Reset does. IsFailure, OnStateChange and Logger are
-// replaced when cfg sets them, and kept when it leaves them nil.
+// replaced when cfg sets them, and kept when it leaves them nil. The
+// transition it may cause is queued, not delivered: the caller, which may
+// hold a lock of its own (Registry.Reload), calls flush once it has let go.
 func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
 	failMax, openTimeout, probes, err := cfg.resolve()
 	if err != nil {
@@ -309,21 +315,20 @@ func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
 	cb.hooks.Store(keepBreakerCode(cb.hooks.Load().config(), cfg).hooks())
 	cb.failMax.Store(int64(failMax))
 	cb.setMu.Lock()
-	changed := cb.settings.Timeout != openTimeout || cb.settings.MaxRequests != uint32(probes)
-	cb.settings.Timeout, cb.settings.MaxRequests = openTimeout, uint32(probes)
-	cb.setMu.Unlock()
-	if changed {
-		// A fresh gobreaker with the new settings, closed; a state an
-		// operator forced stays forced.
-		g := cb.newGen()
-		cb.evMu.Lock()
-		cb.cur.Store(g)
-		if cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
-			cb.transitionLocked(cb.last, StateClosed)
-		}
-		cb.evMu.Unlock()
-		cb.flush()
+	defer cb.setMu.Unlock()
+	if cb.settings.Timeout == openTimeout && cb.settings.MaxRequests == uint32(probes) {
+		return nil
 	}
+	cb.settings.Timeout, cb.settings.MaxRequests = openTimeout, uint32(probes)
+	// A fresh gobreaker with the new settings, closed; a state an operator
+	// forced stays forced.
+	g := cb.newGen()
+	cb.evMu.Lock()
+	cb.cur.Store(g)
+	if cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
+		cb.transitionLocked(cb.last, StateClosed)
+	}
+	cb.evMu.Unlock()
 	return nil
 }
 
@@ -460,10 +465,12 @@ func (cb *CircuitBreaker) goexited(g *breakerGen) {
 		return
 	}
 	if g.gb.State() == gobreaker.StateHalfOpen {
+		cb.setMu.Lock()
 		n := cb.newGen()
 		cb.evMu.Lock()
 		cb.cur.Store(n)
 		cb.evMu.Unlock()
+		cb.setMu.Unlock()
 		cb.tripGen(n)
 		return
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"runtime"
 	"strings"
 	"sync"
@@ -627,4 +628,42 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
+}
+
+// gbTimeout reads the OpenTimeout the breaker's live gobreaker generation
+// really uses (gobreaker fixes it at construction).
+func gbTimeout(cb *CircuitBreaker) time.Duration {
+	v := reflect.ValueOf(cb.cur.Load().gb).Elem().FieldByName("timeout")
+	return time.Duration(v.Int())
+}
+
+// Found in the second review of the pipeline change (concurrency); it
+// failed before the fix.
+// Reset racing a Reload that changes OpenTimeout: Reset builds its new
+// gobreaker generation from the settings before it takes evMu, so it can
+// store a generation with the old OpenTimeout after reconfigure stored one
+// with the new: OpenTimeout() (and a BreakerSync) then say one thing and
+// the breaker does another, until the next change.
+func TestResetRacingReloadKeepsNewOpenTimeout(t *testing.T) {
+	reg := mustRegistry(t, nil)
+	cb := reg.CircuitBreaker("reset-race")
+	cfg := reg.Config()
+	for i := range 2000 {
+		d := time.Duration(1+i%2) * time.Minute
+		cfg.DefaultCircuitBreaker.OpenTimeout = d
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		wg.Go(func() { <-start; cb.Reset() })
+		wg.Go(func() {
+			<-start
+			if err := reg.Reload(cfg); err != nil {
+				t.Error(err)
+			}
+		})
+		close(start)
+		wg.Wait()
+		if got, want := gbTimeout(cb), cb.OpenTimeout(); got != want {
+			t.Fatalf("iteration %d: after Reset raced Reload, OpenTimeout() = %v but the breaker runs with %v", i, want, got)
+		}
+	}
 }

@@ -61,6 +61,14 @@ func newEdge[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback
 func (e *edge[T]) call(ctx context.Context) (T, error) {
 	p := e.p
 	wrapped := e.self.nested.Load() && ctx.Value(nestKey{}) == e.self
+	if !p.on() {
+		// Straight through, recording nothing: the Func this edge wraps
+		// records the call unless an edge around this one does.
+		if wrapped {
+			ctx = context.WithValue(ctx, nestKey{}, e.inner)
+		}
+		return e.fn(ctx)
+	}
 	if wrapped || e.inner != nil {
 		// Pass the mark on to the Func this edge wraps, or clear it, so
 		// that a protected call further down with this context (a
@@ -68,9 +76,6 @@ func (e *edge[T]) call(ctx context.Context) (T, error) {
 		// the wrapped one. An edge nobody wraps, around a plain function,
 		// pays nothing.
 		ctx = context.WithValue(ctx, nestKey{}, e.inner)
-	}
-	if !p.on() {
-		return e.fn(ctx)
 	}
 	if wrapped {
 		// Another edge wraps this one and records the call.

@@ -237,3 +237,30 @@ func TestNestedNamesNeverAdapterMethods(t *testing.T) {
 		}
 	}
 }
+
+// Found in the second review of the pipeline change (concurrency); it
+// failed before the fix.
+// A disabled registry's ForService around a Compose stack: ForService
+// passes the call straight through but leaves its nesting mark in the
+// context, so the Compose stack, whose own policies act (its retry ran
+// three attempts here), takes itself for a wrapped call and records
+// nothing. The call disappears from resilience.calls; without ForService
+// around it, or with the registry enabled, it is recorded once.
+func TestDisabledEdgeAroundStackRecordsTheCall(t *testing.T) {
+	const name = "disabled-outer"
+	reg := mustRegistry(t, map[string]string{"RESILIENCE_ENABLED": "false"})
+	attempts := 0
+	inner := Compose(func(context.Context) (int, error) {
+		attempts++
+		return 0, errBoom
+	}, Stack[int]{Name: name, Retry: mustRetry(t, RetryConfig{MaxAttempts: 3, InitialDelay: time.Nanosecond, MaxDelay: time.Nanosecond})})
+	fn := ForService(reg, "disabled-svc", inner)
+	before := callsRecorded(name)["failure"]
+	if _, err := fn(context.Background()); err == nil {
+		t.Fatal("want an error")
+	}
+	got := callsRecorded(name)["failure"] - before
+	if attempts != 3 || got != 1 {
+		t.Errorf("one call through ForService(disabled, Compose(retry)) made %d attempts and was recorded %d times; want 3 attempts, recorded once", attempts, got)
+	}
+}

@@ -107,7 +107,7 @@ func eachEntryPoint(t *testing.T, f func(t *testing.T, ep entryPoint, svc string
 	for _, ep := range entryPoints {
 		t.Run(ep.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				f(t, ep, strings.ToLower(t.Name()))
+				f(t, ep, uniqueName(strings.ToLower(t.Name())))
 			})
 		})
 	}

@@ -859,11 +859,12 @@ func BenchmarkWithFallback(b *testing.B) {
 // Bug 12 of the pipeline issue: when a fallback panicked, the call
 // disappeared from resilience.calls.
 func TestPanickingFallbackIsRecorded(t *testing.T) {
-	fn := Compose(failFunc, Stack[int]{Name: "fallback-panics", Fallback: func(context.Context, error) (int, error) {
+	name := uniqueName("fallback-panics")
+	fn := Compose(failFunc, Stack[int]{Name: name, Fallback: func(context.Context, error) (int, error) {
 		panic("fallback bug")
 	}})
 	mustPanic(t, func() { fn(context.Background()) })
-	if got := callsRecorded("fallback-panics"); got["failure"] != 1 || len(got) != 1 {
+	if got := callsRecorded(name); got["failure"] != 1 || len(got) != 1 {
 		t.Errorf("resilience.calls = %v; want the call recorded once, as a failure", got)
 	}
 }

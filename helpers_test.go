@@ -5,6 +5,8 @@ import (
 	"errors"
 	"net/http"
 	"runtime"
+	"strconv"
+	"sync/atomic"
 	"testing"
 
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
@@ -116,3 +118,12 @@ func counterValue(t *testing.T, reader *sdkmetric.ManualReader, name string) int
 type roundTripFunc func(*http.Request) (*http.Response, error)
 
 func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+var nameSeq atomic.Int64
+
+// uniqueName returns prefix with a number no other call returned: metric
+// sites live as long as the process, so a test that counts a site's calls
+// needs a name of its own under -count.
+func uniqueName(prefix string) string {
+	return prefix + "-" + strconv.FormatInt(nameSeq.Add(1), 10)
+}

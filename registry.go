@@ -168,16 +168,18 @@ func (r *Registry) Reload(cfg Config) error {
 	}
 	cfg = cfg.Clone()
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	cfg = keepCode(r.cfg, cfg)
 	if err := cfg.Validate(); err != nil {
 		// Unreachable: keepCode keeps only what fits the new values.
+		r.mu.Unlock()
 		return err
 	}
 	r.cfg = cfg
 	r.retry.reconfigure(cfg.Retry)
+	breakers := make([]*CircuitBreaker, 0, len(r.breakers))
 	for _, cb := range r.breakers {
 		cb.reconfigure(cfg.CircuitBreakerConfig(cb.Name()))
+		breakers = append(breakers, cb)
 	}
 	for _, b := range r.bulkheads {
 		b.reconfigure(cfg.BulkheadConfig(b.Name()))
@@ -186,7 +188,20 @@ func (r *Registry) Reload(cfg Config) error {
 	for key, c := range r.timeouts {
 		c.Store(int64(cfg.Timeout(key)))
 	}
-	r.enabled.Store(cfg.Enabled)
+	wasOn := r.enabled.Swap(cfg.Enabled)
+	if wasOn && !cfg.Enabled {
+		// Callers queued for a slot pass through too, as every later
+		// caller does.
+		for _, b := range r.bulkheads {
+			b.bypassWaiters()
+		}
+	}
+	r.mu.Unlock()
+	// Transitions the new settings caused are delivered outside the
+	// registry's lock, so that a callback may call the registry.
+	for _, cb := range breakers {
+		cb.flush()
+	}
 	return nil
 }
 

@@ -83,11 +83,14 @@ func WithEnforcedTimeout[T any](fn Func[T], d time.Duration) Func[T] {
 	return newEdge(&pipeline{timeout: fixedTimeout(d), enforce: true}, "", "", fn, nil, 0)
 }
 
-// enforced runs one attempt of an enforcing pipeline: fn, and the bulkhead
-// slot around it, in a goroutine of its own, so that the caller can return
-// when ctx, the attempt's context, is done. The result is handed over by a
-// channel and written to the caller's variables only by the caller, so an
-// abandoned attempt's late result is dropped without a data race.
+// enforced runs one attempt of an enforcing pipeline: it waits for the
+// bulkhead slot here, so that a wait cut short by the deadline is the
+// bulkhead's rejection as in every other pipeline, then runs fn in a
+// goroutine of its own, which gives the slot back when fn really returns,
+// so that the caller can return when ctx, the attempt's context, is done.
+// The result is handed over by a channel and written to the caller's
+// variables only by the caller, so an abandoned attempt's late result is
+// dropped without a data race.
 func enforced[T any](ctx context.Context, p *pipeline, fn Func[T]) (T, error) {
 	type result struct {
 		v        T
@@ -95,21 +98,23 @@ func enforced[T any](ctx context.Context, p *pipeline, fn Func[T]) (T, error) {
 		panicked bool
 		panicVal any
 	}
+	b, grel, err := p.take(ctx)
+	if err != nil {
+		var zero T
+		return zero, err
+	}
 	ch := make(chan result, 1)
 	go func() {
 		returned := false
 		defer func() {
+			give(b, grel)
 			if !returned {
 				// A panic or runtime.Goexit: tell the caller either way.
 				ch <- result{panicked: true, panicVal: recover()}
 			}
 		}()
 		var r result
-		r.err = p.slot(ctx, func(actx context.Context) error {
-			var err error
-			r.v, err = fn(actx)
-			return err
-		}, nil)
+		r.v, r.err = fn(ctx)
 		returned = true
 		ch <- r
 	}()

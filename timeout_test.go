@@ -3,6 +3,7 @@ package resilience
 import (
 	"context"
 	"errors"
+	"fmt"
 	"runtime"
 	"strings"
 	"sync/atomic"
@@ -251,4 +252,52 @@ func TestTimeoutContext(t *testing.T) {
 			t.Errorf("cause = %v; want ErrTimeout", context.Cause(ctx))
 		}
 	})
+}
+
+// Found in the second review of the pipeline change (concurrency); it
+// failed before the fix.
+// An attempt that times out while still queued for the bulkhead never
+// reached the downstream: with a cooperative timeout the breaker excludes
+// it (ErrBulkheadFull is in the error). With an enforced one, the caller's
+// select and the attempt's goroutine wake on the same deadline; when the
+// caller wins (about half the time) it returns the bare context error, counts
+// the attempt as abandoned, and the breaker counts a failure against a
+// downstream nobody called. Repeated, since which goroutine wins is chance.
+func TestEnforcedTimeoutQueueWaitIsARejection(t *testing.T) {
+	for _, enforce := range []bool{false, true} {
+		t.Run(fmt.Sprintf("enforce=%v", enforce), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				blamed := 0
+				for range 20 {
+					b := mustBulkhead(t, BulkheadConfig{Name: "q", Limit: 1})
+					cb := mustBreaker(t, CircuitBreakerConfig{Name: "q", FailMax: 1})
+					release, err := b.Acquire(context.Background()) // another user holds the only slot
+					if err != nil {
+						t.Fatal(err)
+					}
+					var called atomic.Bool
+					fn := Compose(func(context.Context) (int, error) { called.Store(true); return 1, nil },
+						Stack[int]{Name: "enforced-queue", CircuitBreaker: cb, Bulkhead: b, Timeout: 10 * time.Millisecond, EnforceTimeout: enforce})
+					_, err = fn(context.Background())
+					release()
+					synctest.Wait()
+					if called.Load() || !errors.Is(err, ErrTimeout) {
+						t.Fatalf("called %v, err = %v; want the downstream not called, ErrTimeout", called.Load(), err)
+					}
+					if s := b.Stats(); s.Active != 0 || s.Waiting != 0 {
+						t.Fatalf("%+v", s)
+					}
+					if st := cb.State(); st != StateClosed || !errors.Is(err, ErrBulkheadFull) {
+						blamed++
+						if blamed == 1 {
+							t.Errorf("a call that timed out in the bulkhead's queue, never reaching the downstream: err = %v, breaker %v; want an error matching ErrBulkheadFull and the breaker closed, as without EnforceTimeout", err, st)
+						}
+					}
+				}
+				if blamed > 0 {
+					t.Errorf("the breaker blamed the downstream in %d of 20 calls", blamed)
+				}
+			})
+		})
+	}
 }

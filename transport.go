@@ -199,8 +199,6 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 	h := holdFrom(ctx)
 	h.keep()
 	switch {
-	case resp.Body == nil:
-		h.release()
 	case resp.StatusCode == http.StatusSwitchingProtocols:
 		// An upgraded connection: keep the body an io.Writer, as
 		// WebSocket clients and httputil.ReverseProxy need.
@@ -209,6 +207,11 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 		} else {
 			resp.Body = &releasingBody{resp.Body, h}
 		}
+	case resp.Body == nil || resp.Body == http.NoBody || resp.ContentLength == 0 ||
+		rt.req.Method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified:
+		// Nothing left to stream: the downstream's work is done, as
+		// net/http's own bookkeeping for the connection says.
+		h.release()
 	default:
 		resp.Body = &releasingBody{resp.Body, h}
 	}

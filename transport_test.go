@@ -469,7 +469,7 @@ type trackedBody struct {
 func (b *trackedBody) Close() error { b.closed.Store(true); return nil }
 
 func okResponse(r *http.Request, code int) *http.Response {
-	return &http.Response{StatusCode: code, Header: http.Header{}, Body: io.NopCloser(strings.NewReader("body")), Request: r}
+	return &http.Response{StatusCode: code, Header: http.Header{}, Body: io.NopCloser(strings.NewReader("body")), ContentLength: -1, Request: r}
 }
 
 // Bug 1: a panic in the base RoundTripper leaked the bulkhead slot for
