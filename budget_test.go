@@ -149,7 +149,7 @@ func TestRetryBudgetError(t *testing.T) {
 		if !errors.As(err, &e) || e.Attempts != 1 {
 			t.Fatalf("errors.As = %+v; want Attempts 1", e)
 		}
-		if want := "resilience: retry budget exhausted after 1 attempts: boom"; err.Error() != want {
+		if want := "resilience: retry budget exhausted after 1 attempt: boom"; err.Error() != want {
 			t.Errorf("Error() = %q; want %q", err.Error(), want)
 		}
 		if n := counterValue(t, reader, "resilience.retry.budget_exhausted"); n != 1 {

@@ -349,3 +349,35 @@ func ExampleCircuitBreakerConfig_webhook() {
 	// alert: payments closed -> open
 	// alert: payments open -> closed
 }
+
+// rateLimited is a provider's 429 with the wait it asked for, as an LLM
+// client might report it.
+type rateLimited struct{ after time.Duration }
+
+func (e rateLimited) Error() string             { return "429 too many requests" }
+func (e rateLimited) RetryAfter() time.Duration { return e.after }
+
+// A hint no longer than MaxDelay is waited exactly; a longer one ends the
+// retries at once, and the caller gets the hint to pass on, for example as
+// its own Retry-After.
+func ExampleError_RetryAfter() {
+	r, err := resilience.NewRetry(resilience.RetryConfig{MaxAttempts: 3, MaxDelay: 2 * time.Second})
+	if err != nil {
+		panic(err)
+	}
+	attempts := 0
+	generate := resilience.WithRetry(func(context.Context) (string, error) {
+		attempts++
+		return "", rateLimited{after: time.Minute}
+	}, r)
+
+	_, err = generate(context.Background())
+	var e *resilience.Error
+	if errors.As(err, &e) {
+		fmt.Printf("gave up after %d attempt: %v\n", attempts, err)
+		fmt.Printf("Retry-After: %.0f\n", e.RetryAfter().Seconds())
+	}
+	// Output:
+	// gave up after 1 attempt: resilience: retries exhausted after 1 attempt: 429 too many requests
+	// Retry-After: 60
+}

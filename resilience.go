@@ -185,7 +185,10 @@ func (e *Error) Error() string {
 	if e.Attempts > 0 {
 		b = append(b, " after "...)
 		b = strconv.AppendInt(b, int64(e.Attempts), 10)
-		b = append(b, " attempts"...)
+		b = append(b, " attempt"...)
+		if e.Attempts > 1 {
+			b = append(b, 's')
+		}
 	}
 	if e.Age > 0 {
 		b = append(b, " (age "...)
