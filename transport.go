@@ -231,7 +231,8 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 
 // StatusError is the error a failing HTTP status is to the policies: what
 // OnRetry, RetryIf and IsFailure see for a 503. Transport returns the
-// response itself to its caller, never a StatusError.
+// response itself to its caller, never a StatusError. It is not modified
+// once made, so any goroutine may read it.
 type StatusError struct {
 	StatusCode int
 
