@@ -31,6 +31,7 @@ var entryPoints = []entryPoint{
 	{"Compose", func(ctx context.Context, reg *Registry, svc string, down func(context.Context) error) error {
 		fn := Compose(func(ctx context.Context) (int, error) { return 1, down(ctx) }, Stack[int]{
 			Name:           svc,
+			Operation:      svc, // as ForService and Transport name it
 			CircuitBreaker: reg.CircuitBreaker(svc),
 			Retry:          reg.Retry(),
 			Timeout:        reg.Timeout(svc),
@@ -388,4 +389,78 @@ func TestEntryPointsGoexit(t *testing.T) {
 			t.Fatalf("after the Goexit probe: %v", err)
 		}
 	})
+}
+
+// pointsOf returns the points of a counter that name svc.
+func pointsOf(t *testing.T, c collected, name, svc string) []string {
+	t.Helper()
+	var out []string
+	for _, p := range c.points(t, name, "counter", c[name].Unit) {
+		if strings.Contains(p, "="+svc+",") || strings.Contains(p, "="+svc+"=") {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// The same scenario records the same metrics through every entry point:
+// retried attempts with their number and error.type, a success after
+// retries, a timed-out attempt, a bulkhead rejection and the breaker's
+// failure.
+func TestEntryPointsMetrics(t *testing.T) {
+	for _, ep := range entryPoints {
+		t.Run(ep.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				reader := withReader(t)
+				svc := uniqueName("metrics")
+				reg := tableRegistry(t, svc, func(c *Config) {
+					c.Timeouts[EnvKey(svc)] = time.Second
+					c.Retry.MaxAttempts = 3
+				})
+				var n atomic.Int64
+				down := func(ctx context.Context) error {
+					switch n.Add(1) {
+					case 1:
+						return errBoom
+					case 2:
+						<-ctx.Done() // the attempt's own timeout
+						return ctx.Err()
+					}
+					return nil
+				}
+				if err := ep.call(context.Background(), reg, svc, down); err != nil {
+					t.Fatal(err)
+				}
+				release, err := reg.Bulkhead(svc).Acquire(context.Background())
+				if err != nil {
+					t.Fatal(err)
+				}
+				reg.Retry().reconfigure(RetryConfig{MaxAttempts: 1})
+				if err := ep.call(context.Background(), reg, svc, down); !errors.Is(err, ErrBulkheadFull) {
+					t.Fatalf("err = %v; want ErrBulkheadFull", err)
+				}
+				release()
+				fail, _ := failingDown(errBoom)
+				ep.call(context.Background(), reg, svc, fail)
+
+				c := collect(t, reader)
+				check := func(name string, want ...string) {
+					t.Helper()
+					if got := pointsOf(t, c, name, svc); strings.Join(got, " ") != strings.Join(want, " ") {
+						t.Errorf("%s:\n got  %q\n want %q", name, got, want)
+					}
+				}
+				et := "error.type=*errors.errorString"
+				check("resilience.retry.attempts",
+					"attempt_number=1,"+et+",function="+svc+"=1",
+					"attempt_number=2,error.type=timeout,function="+svc+"=1")
+				check("resilience.retry.success_after_retry", "function="+svc+"=1")
+				check("resilience.timeout.exceeded", "function="+svc+",operation_type="+svc+",timeout_seconds=1=1")
+				check("resilience.bulkhead.rejections", "function="+svc+",resource_type="+svc+"=1")
+				check("resilience.circuit_breaker.failures", et+",service="+svc+"=1")
+				wantPoints(t, c, "resilience.calls", "observed counter", "{call}",
+					"name="+svc+",outcome=failure=1", "name="+svc+",outcome=rejected=1", "name="+svc+",outcome=success=1")
+			})
+		})
+	}
 }
