@@ -9,6 +9,9 @@ import (
 	"time"
 )
 
+// defaultBulkheadLimit is BulkheadConfig.Limit when it is 0.
+const defaultBulkheadLimit = 10
+
 // BulkheadConfig configures a [Bulkhead]. The zero value of each field means
 // its documented default; the zero BulkheadConfig lets 10 calls in at once
 // and makes others wait, in arrival order, for as long as their context
@@ -131,7 +134,7 @@ func NewBulkhead(cfg BulkheadConfig) (*Bulkhead, error) {
 		errFull:  &Error{Err: ErrBulkheadFull, Name: cfg.Name},
 	}
 	if b.limit == 0 {
-		b.limit = 10
+		b.limit = defaultBulkheadLimit
 	}
 	observeBulkhead(b)
 	return b, nil
@@ -173,7 +176,7 @@ func (b *Bulkhead) on() bool { return b.sw == nil || b.sw.Load() }
 func (b *Bulkhead) reconfigure(cfg BulkheadConfig) {
 	limit := cfg.Limit
 	if limit == 0 {
-		limit = 10
+		limit = defaultBulkheadLimit
 	}
 	b.mu.Lock()
 	b.maxQueue, b.maxWait, b.failFast = cfg.MaxQueue, cfg.MaxWait, cfg.FailFast

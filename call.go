@@ -222,12 +222,19 @@ func (p *pipeline) once(ctx context.Context, attempt attemptFunc) (err error, st
 		} else {
 			err, stop = unstop(p.slot(tctx, attempt, nil))
 		}
-		if err != nil && ownTimeout(ctx, tctx) {
-			err = timedOut(err)
-			p.site.timedOut(ctx, startOf(ctx, tctx, d), d)
-		}
+		err = p.timedOut(ctx, tctx, d, err)
 	}
 	return err, stop
+}
+
+// timedOut marks err as the attempt's own timeout, and records it, when
+// tctx, the attempt's context with timeout d, expired by its own deadline.
+func (p *pipeline) timedOut(ctx, tctx context.Context, d time.Duration, err error) error {
+	if err == nil || !ownTimeout(ctx, tctx) {
+		return err
+	}
+	p.site.timedOut(ctx, startOf(ctx, tctx, d), d)
+	return timedOut(err)
 }
 
 func unstop(err error) (error, bool) {
@@ -250,11 +257,7 @@ func (p *pipeline) onceHandoff(ctx context.Context, attempt attemptFunc, d time.
 	}
 	defer h.settle()
 	err, stop = unstop(p.slot(h, attempt, h))
-	if err != nil && ownTimeout(ctx, h.Context) {
-		err = timedOut(err)
-		p.site.timedOut(ctx, startOf(ctx, h.Context, d), d)
-	}
-	return err, stop
+	return p.timedOut(ctx, h.Context, d, err), stop
 }
 
 // slot runs attempt holding a bulkhead slot, if the pipeline has a

@@ -214,7 +214,7 @@ func keepCode(cur, next Config) Config {
 	}
 	maxDelay := rn.MaxDelay
 	if maxDelay == 0 {
-		maxDelay = 10 * time.Second // RetryConfig's default
+		maxDelay = defaultMaxDelay
 	}
 	if rn.InitialDelay == 0 && rc.InitialDelay <= maxDelay {
 		rn.InitialDelay = rc.InitialDelay

@@ -10,6 +10,9 @@ import (
 	"github.com/cenkalti/backoff/v4"
 )
 
+// defaultMaxDelay is RetryConfig.MaxDelay when it is 0.
+const defaultMaxDelay = 10 * time.Second
+
 // RetryStrategy chooses how the wait between attempts grows.
 type RetryStrategy int
 
@@ -158,7 +161,7 @@ func NewRetry(cfg RetryConfig) (*Retry, error) {
 		r.maxAttempts = 3
 	}
 	if r.max == 0 {
-		r.max = 10 * time.Second
+		r.max = defaultMaxDelay
 	}
 	if r.initial == 0 {
 		r.initial = min(time.Second, r.max)

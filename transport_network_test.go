@@ -323,12 +323,18 @@ func TestTransportExpectContinueAndBodies(t *testing.T) {
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPut, srv.URL+"?fail=1", strings.NewReader("the payload"))
 	req.Header.Set("Expect", "100-continue")
-	resp, err := c.Do(req)
-	if err != nil {
-		t.Fatal(err)
+	// send does req and reads its body to the end.
+	send := func(req *http.Request) *http.Response {
+		t.Helper()
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp
 	}
-	io.ReadAll(resp.Body)
-	resp.Body.Close()
+	resp := send(req)
 	if v, _ := got.Load("fail=1"); resp.StatusCode != 200 || v != "the payload" || n.Load() != 2 {
 		t.Fatalf("status %d, body at server %q after %d requests; want 200, the payload, 2", resp.StatusCode, v, n.Load())
 	}
@@ -336,12 +342,7 @@ func TestTransportExpectContinueAndBodies(t *testing.T) {
 	// http.NoBody: no body, retried like a GET would be.
 	n.Store(0)
 	req, _ = http.NewRequestWithContext(ctx, http.MethodPut, srv.URL+"?fail=1&nobody=1", http.NoBody)
-	resp, err = c.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.ReadAll(resp.Body)
-	resp.Body.Close()
+	resp = send(req)
 	if resp.StatusCode != 200 || n.Load() != 2 {
 		t.Fatalf("NoBody: status %d after %d requests; want 200 after 2", resp.StatusCode, n.Load())
 	}
@@ -350,12 +351,7 @@ func TestTransportExpectContinueAndBodies(t *testing.T) {
 	n.Store(0)
 	tb := &trackedBody{Reader: strings.NewReader("once")}
 	req, _ = http.NewRequestWithContext(ctx, http.MethodPut, srv.URL+"?fail=1&once=1", tb)
-	resp, err = c.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.ReadAll(resp.Body)
-	resp.Body.Close()
+	resp = send(req)
 	if resp.StatusCode != 503 || n.Load() != 1 {
 		t.Fatalf("no GetBody: status %d after %d requests; want 503 after 1", resp.StatusCode, n.Load())
 	}
