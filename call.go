@@ -79,6 +79,11 @@ func (p *pipeline) run(ctx context.Context, attempt attemptFunc, between func())
 	counted, rej := cb.guard(ctx, func() error {
 		err = p.retried(ctx, attempt, between)
 		o = cb.outcome(ctx, err)
+		if o == errFailure {
+			// Before gobreaker counts it: an open it causes lasts as
+			// long as the downstream asked.
+			cb.noteHint(err)
+		}
 		return o
 	})
 	if rej != nil {

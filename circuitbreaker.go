@@ -47,12 +47,57 @@ type CircuitBreakerConfig struct {
 	Name string
 
 	// FailMax is the number of consecutive failures that opens the
-	// breaker. 0 means 5.
+	// breaker. 0 means 5, unless FailureRatio is set: then 0 means no
+	// consecutive trigger, and a FailMax set beside a ratio opens the
+	// breaker too, whichever comes first.
 	FailMax int
+
+	// FailureRatio, in (0, 1], opens the breaker when, over the last
+	// SamplingWindow, at least MinimumThroughput calls were counted and
+	// failures/calls >= FailureRatio. 0 means no ratio trigger. A ratio
+	// suits a downstream called more than about once a second; below that
+	// a window rarely holds MinimumThroughput calls, and FailMax is the
+	// better trigger.
+	FailureRatio float64
+
+	// MinimumThroughput is the number of calls the window must hold before
+	// a ratio can open the breaker. 0 means 20.
+	MinimumThroughput int
+
+	// SamplingWindow is the rolling window the ratios are counted over, in
+	// buckets of a tenth of it (gobreaker's own rolling counts). 0 means
+	// 30s; it must be at least 10ms. It is used only when FailureRatio or
+	// SlowCallDuration is set.
+	SamplingWindow time.Duration
+
+	// SlowCallDuration makes a call that succeeds but takes longer than it
+	// slow: an LLM that degrades by slowing down opens the breaker before
+	// it fails. 0 means no call is slow.
+	SlowCallDuration time.Duration
+
+	// SlowCallRatio, in (0, 1], opens the breaker when, over the window
+	// and with MinimumThroughput calls, slow calls/calls >= SlowCallRatio.
+	// 0 means 1 when SlowCallDuration is set.
+	SlowCallRatio float64
 
 	// OpenTimeout is how long the breaker stays open before it lets probes
 	// through (half-open). 0 means 60s.
 	OpenTimeout time.Duration
+
+	// MaxOpenTimeout, when longer than OpenTimeout, doubles the open period
+	// after each failed probe, up to MaxOpenTimeout; closing returns it to
+	// OpenTimeout. It also caps the open period a retry hint asks for
+	// (which is otherwise capped at 10x OpenTimeout). 0 means OpenTimeout:
+	// every open period is the same.
+	MaxOpenTimeout time.Duration
+
+	// Shadow runs the breaker in shadow mode: it counts, changes state,
+	// logs and records metrics as usual, but never rejects a call, so that
+	// thresholds can be tried on a critical path without the risk of a
+	// wrong open. Calls it would have rejected run uncounted, and show in
+	// resilience.circuit_breaker.rejections with mode "shadow". ForceOpen
+	// still rejects: it is an operator's decision, not the breaker's.
+	Shadow bool
 
 	// HalfOpenMaxCalls is the number of probe calls let through at once
 	// while half-open. The breaker closes once that many probes in a row
@@ -88,22 +133,26 @@ type CircuitBreakerConfig struct {
 // CircuitBreaker stops calling a failing downstream for a while, so that it
 // can recover and so that callers fail fast instead of waiting on it.
 //
-// It opens after FailMax consecutive failures, rejects calls with
-// [ErrCircuitOpen] while open, lets HalfOpenMaxCalls probes through after
-// OpenTimeout, and closes again when they succeed. It is built on
-// sony/gobreaker v2 and, unlike gobreaker's own type, is not generic: one
-// breaker serves wrappers of any result type.
+// It opens after FailMax consecutive failures, or when a failure or
+// slow-call ratio over a rolling window is reached; rejects calls with
+// [ErrCircuitOpen] while open; lets HalfOpenMaxCalls probes through after
+// the open period; and closes again when they succeed. A failed probe opens
+// it again, for twice as long up to MaxOpenTimeout. A failure that carries
+// a retry hint (an HTTP 429's Retry-After) and opens it keeps it open at
+// least that long. It is built on sony/gobreaker v2 and, unlike gobreaker's
+// own type, is not generic: one breaker serves wrappers of any result type.
 //
 // A CircuitBreaker is safe for concurrent use by multiple goroutines. Build it
 // with [NewCircuitBreaker]; the zero value is not usable.
 type CircuitBreaker struct {
 	name     string
-	failMax  atomic.Int64
+	rule     atomic.Pointer[breakerRule]
 	mode     atomic.Int32 // modeForcedOpen, modeForcedClosed: one load on the hot path
 	sw       *atomic.Bool // a registry's switch, set before the breaker is shared; nil: always on
 	sync     atomic.Pointer[syncBox]
-	setMu    sync.Mutex // guards settings
+	setMu    sync.Mutex // guards settings and shape
 	settings gobreaker.Settings
+	shape    breakerShape
 	hooks    atomic.Pointer[breakerHooks]
 
 	// Rejections return these, so an open breaker allocates nothing.
@@ -116,6 +165,16 @@ type CircuitBreaker struct {
 	// calls already admitted by the old one finish against it, and the old
 	// one's transitions are no longer reported.
 	cur atomic.Pointer[breakerGen]
+
+	// The open period. gobreaker's is fixed at OpenTimeout; a longer one
+	// (a failed probe's, a retry hint's) is held here, on the monotonic
+	// clock: calls are rejected before gobreaker is asked until hold.
+	hold      atomic.Int64 // when a longer open period ends; 0: none
+	openEnd   atomic.Int64 // when the current open period ends
+	period    atomic.Int64 // the length of the current or last open period
+	hintUntil atomic.Int64 // the latest end a failure's retry hint asked for
+	tripMin   atomic.Int64 // the open period TripFor asks for
+	streak    int          // failed probes in a row; guarded by evMu
 
 	// Transitions are queued by gobreaker's hook, which runs under
 	// gobreaker's mutex, and delivered by flush once that mutex is released.
@@ -148,7 +207,10 @@ func (cb *CircuitBreaker) setMode(bits int32, on bool) {
 }
 
 type breakerGen struct {
-	gb *gobreaker.CircuitBreaker[struct{}]
+	gb      *gobreaker.CircuitBreaker[struct{}]
+	timeout time.Duration // gobreaker's open period
+	slow    *slowWindow   // nil without a sampling window
+	force   atomic.Int32  // > 0: the next failure opens, whatever the counts
 }
 
 type transition struct{ from, to State }
@@ -159,62 +221,38 @@ var (
 	errExcluded = errors.New("excluded")
 )
 
-// resolve validates cfg and applies its defaults, without building a
-// breaker: a breaker built only to validate would show in the metrics.
-func (cfg CircuitBreakerConfig) resolve() (failMax int, openTimeout time.Duration, probes int, err error) {
-	switch {
-	case cfg.FailMax < 0:
-		return 0, 0, 0, invalid("CircuitBreakerConfig.FailMax", cfg.FailMax, "must not be negative")
-	case cfg.OpenTimeout < 0:
-		return 0, 0, 0, invalid("CircuitBreakerConfig.OpenTimeout", cfg.OpenTimeout, "must not be negative")
-	case cfg.HalfOpenMaxCalls < 0:
-		return 0, 0, 0, invalid("CircuitBreakerConfig.HalfOpenMaxCalls", cfg.HalfOpenMaxCalls, "must not be negative")
-	case uint64(cfg.HalfOpenMaxCalls) > 1<<32-1:
-		return 0, 0, 0, invalid("CircuitBreakerConfig.HalfOpenMaxCalls", cfg.HalfOpenMaxCalls, "must fit in 32 bits")
-	}
-	failMax, openTimeout, probes = cfg.FailMax, cfg.OpenTimeout, cfg.HalfOpenMaxCalls
-	if failMax == 0 {
-		failMax = 5
-	}
-	if openTimeout == 0 {
-		openTimeout = 60 * time.Second
-	}
-	if probes == 0 {
-		probes = 1
-	}
-	return failMax, openTimeout, probes, nil
-}
-
 // NewCircuitBreaker returns a circuit breaker configured by cfg, or an error
 // that names the first invalid field and its value.
 func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
-	failMax, openTimeout, probes, err := cfg.resolve()
+	rule, shape, err := cfg.resolve()
 	if err != nil {
 		return nil, err
 	}
-	cb := &CircuitBreaker{
-		name:       cfg.Name,
-		since:      time.Now(),
-		errOpen:    &Error{Err: ErrCircuitOpen, Name: cfg.Name},
-		errTooMany: &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrTooManyRequests},
-	}
+	cb := &CircuitBreaker{name: cfg.Name, since: time.Now()}
+	cb.errOpen = &Error{Err: ErrCircuitOpen, Name: cfg.Name, cb: cb}
+	cb.errTooMany = &Error{Err: ErrCircuitOpen, Name: cfg.Name, Cause: gobreaker.ErrTooManyRequests, cb: cb}
 	cb.hooks.Store(cfg.hooks())
 	cb.mService = addSet(attrService.String(cfg.Name))
 	cb.counts = countsFor(cfg.Name)
-	cb.failMax.Store(int64(failMax))
+	cb.rule.Store(rule)
+	cb.period.Store(int64(rule.open))
 	cb.settings = gobreaker.Settings{
-		Name:        cfg.Name,
-		MaxRequests: uint32(probes),
-		Timeout:     openTimeout,
-		ReadyToTrip: func(c gobreaker.Counts) bool {
-			return int64(c.ConsecutiveFailures) >= cb.failMax.Load()
-		},
+		Name:         cfg.Name,
 		IsSuccessful: func(err error) bool { return err == nil },
 		IsExcluded:   func(err error) bool { return err == errExcluded },
 	}
+	cb.setShape(shape)
 	cb.cur.Store(cb.newGen())
 	observeBreaker(cb)
 	return cb, nil
+}
+
+// setShape sets what gobreaker fixes at construction. setMu is held, or
+// the breaker is not shared yet.
+func (cb *CircuitBreaker) setShape(sh breakerShape) {
+	cb.shape = sh
+	cb.settings.Timeout, cb.settings.MaxRequests = sh.open, sh.probes
+	cb.settings.Interval, cb.settings.BucketPeriod = sh.window, sh.window/windowBuckets
 }
 
 // newGen returns a fresh gobreaker with the current settings. The caller
@@ -222,9 +260,23 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 // built from settings another goroutine is replacing cannot be stored over
 // the one built from the new settings.
 func (cb *CircuitBreaker) newGen() *breakerGen {
-	g := &breakerGen{}
+	g := &breakerGen{timeout: cb.settings.Timeout}
+	if cb.shape.window > 0 {
+		g.slow = newSlowWindow(cb.shape.window)
+	}
 	st := cb.settings
 	st.OnStateChange = func(_ string, from, to gobreaker.State) { cb.queue(g, fromGobreaker(from), fromGobreaker(to)) }
+	st.ReadyToTrip = func(c gobreaker.Counts) bool {
+		if g.force.Load() > 0 {
+			return true
+		}
+		r := cb.rule.Load()
+		var slow uint32
+		if r.slowRatio > 0 {
+			slow = g.slow.sum(monotonic())
+		}
+		return r.trips(c, slow)
+	}
 	g.gb = gobreaker.NewCircuitBreaker[struct{}](st)
 	return g
 }
@@ -257,20 +309,21 @@ func (cb *CircuitBreaker) lastState() State {
 	return State(cb.lastAtomic.Load())
 }
 
-// OpenTimeout returns how long the breaker stays open before it lets a
-// probe through: a BreakerSync shares it so that other processes know when
-// an open ends. It is safe for concurrent use.
+// OpenTimeout returns the breaker's OpenTimeout, the shortest open period.
+// It is safe for concurrent use.
 func (cb *CircuitBreaker) OpenTimeout() time.Duration {
-	cb.setMu.Lock()
-	defer cb.setMu.Unlock()
-	return cb.settings.Timeout
+	return cb.rule.Load().open
 }
 
 // Name returns the breaker's name. It is safe for concurrent use.
 func (cb *CircuitBreaker) Name() string { return cb.name }
 
-// State returns the breaker's current state; an open breaker whose
-// OpenTimeout has passed reports (and becomes) half-open. It is safe for
+// Shadow reports whether the breaker runs in shadow mode, never rejecting
+// a call. It is safe for concurrent use.
+func (cb *CircuitBreaker) Shadow() bool { return cb.rule.Load().shadow }
+
+// State returns the breaker's current state; an open breaker whose open
+// period has passed reports (and becomes) half-open. It is safe for
 // concurrent use.
 func (cb *CircuitBreaker) State() State {
 	switch m := cb.mode.Load(); {
@@ -279,9 +332,25 @@ func (cb *CircuitBreaker) State() State {
 	case m&modeForcedClosed != 0:
 		return StateClosed
 	}
-	s := cb.cur.Load().gb.State()
+	s := cb.gbState(cb.cur.Load())
 	cb.flush()
-	return fromGobreaker(s)
+	return s
+}
+
+// gbState returns g's state, moving it on as gobreaker does when its time
+// has come, except while a longer open period holds it open: gobreaker
+// would go half-open after OpenTimeout.
+func (cb *CircuitBreaker) gbState(g *breakerGen) State {
+	if cb.held() {
+		return StateOpen
+	}
+	return fromGobreaker(g.gb.State())
+}
+
+// held reports whether a longer open period holds the breaker open now.
+func (cb *CircuitBreaker) held() bool {
+	h := cb.hold.Load()
+	return h != 0 && int64(monotonic()) < h
 }
 
 // Reset returns the breaker to closed with all counts zeroed, and reports
@@ -294,37 +363,42 @@ func (cb *CircuitBreaker) Reset() {
 	cb.evMu.Lock()
 	cb.cur.Store(g)
 	cb.setMode(modeForcedOpen|modeForcedClosed, false)
+	cb.closedLocked()
 	cb.transitionLocked(cb.last, StateClosed)
 	cb.evMu.Unlock()
 	cb.setMu.Unlock()
 	cb.flush()
 }
 
-// reconfigure applies a new configuration to a live breaker. FailMax takes
-// effect at once, for calls in flight too. gobreaker fixes OpenTimeout and
-// HalfOpenMaxCalls at construction, so changing either starts the breaker
-// afresh, closed, as Reset does. IsFailure, OnStateChange and Logger are
-// replaced when cfg sets them, and kept when it leaves them nil. The
-// transition it may cause is queued, not delivered: the caller, which may
-// hold a lock of its own (Registry.Reload), calls flush once it has let go.
+// reconfigure applies a new configuration to a live breaker. The
+// thresholds (FailMax, the ratios, MinimumThroughput, SlowCallDuration,
+// MaxOpenTimeout, Shadow) take effect at once, for calls in flight too,
+// and keep the window's counts. gobreaker fixes OpenTimeout,
+// HalfOpenMaxCalls and the sampling window at construction, so changing
+// one of them starts the breaker afresh, closed, as Reset does. IsFailure,
+// OnStateChange and Logger are replaced when cfg sets them, and kept when
+// it leaves them nil. The transition it may cause is queued, not
+// delivered: the caller, which may hold a lock of its own
+// (Registry.Reload), calls flush once it has let go.
 func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
-	failMax, openTimeout, probes, err := cfg.resolve()
+	rule, shape, err := cfg.resolve()
 	if err != nil {
 		return err
 	}
 	cb.hooks.Store(keepBreakerCode(cb.hooks.Load().config(), cfg).hooks())
-	cb.failMax.Store(int64(failMax))
+	cb.rule.Store(rule)
 	cb.setMu.Lock()
 	defer cb.setMu.Unlock()
-	if cb.settings.Timeout == openTimeout && cb.settings.MaxRequests == uint32(probes) {
+	if cb.shape == shape {
 		return nil
 	}
-	cb.settings.Timeout, cb.settings.MaxRequests = openTimeout, uint32(probes)
+	cb.setShape(shape)
 	// A fresh gobreaker with the new settings, closed; a state an operator
 	// forced stays forced.
 	g := cb.newGen()
 	cb.evMu.Lock()
 	cb.cur.Store(g)
+	cb.closedLocked()
 	if cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
 		cb.transitionLocked(cb.last, StateClosed)
 	}
@@ -367,19 +441,48 @@ func (cb *CircuitBreaker) Since() time.Time {
 }
 
 // BreakerCounts are a breaker's counts since it last changed state (or, in
-// the closed state, since it was built or reset).
+// the closed state, since it was built or reset). A breaker with a ratio
+// trigger counts over its sampling window: calls older than the window
+// are forgotten.
 type BreakerCounts struct {
 	Requests             uint32 `json:"requests"`
 	TotalSuccesses       uint32 `json:"total_successes"`
 	TotalFailures        uint32 `json:"total_failures"`
 	ConsecutiveSuccesses uint32 `json:"consecutive_successes"`
 	ConsecutiveFailures  uint32 `json:"consecutive_failures"`
+
+	// WindowCalls, WindowFailures and WindowSlowCalls are the finished
+	// calls the ratios are taken over, the failures among them and the
+	// slow successes: over the sampling window, or without one since the
+	// last transition.
+	WindowCalls     uint32 `json:"window_calls"`
+	WindowFailures  uint32 `json:"window_failures"`
+	WindowSlowCalls uint32 `json:"window_slow_calls"`
+}
+
+// FailureRatio returns WindowFailures/WindowCalls, or 0 without calls.
+func (c BreakerCounts) FailureRatio() float64 { return ratio(c.WindowFailures, c.WindowCalls) }
+
+// SlowCallRatio returns WindowSlowCalls/WindowCalls, or 0 without calls.
+func (c BreakerCounts) SlowCallRatio() float64 { return ratio(c.WindowSlowCalls, c.WindowCalls) }
+
+func ratio(n, of uint32) float64 {
+	if of == 0 {
+		return 0
+	}
+	return float64(n) / float64(of)
 }
 
 // Counts returns the breaker's counts. It is safe for concurrent use.
 func (cb *CircuitBreaker) Counts() BreakerCounts {
-	c := cb.cur.Load().gb.Counts()
-	return BreakerCounts{c.Requests, c.TotalSuccesses, c.TotalFailures, c.ConsecutiveSuccesses, c.ConsecutiveFailures}
+	g := cb.cur.Load()
+	cb.gbState(g) // rolls the window to now
+	cb.flush()
+	c := g.gb.Counts()
+	return BreakerCounts{
+		c.Requests, c.TotalSuccesses, c.TotalFailures, c.ConsecutiveSuccesses, c.ConsecutiveFailures,
+		c.TotalSuccesses + c.TotalFailures, c.TotalFailures, g.slow.sum(monotonic()),
+	}
 }
 
 // The stages of a call through guard.
@@ -395,9 +498,9 @@ const (
 // two-step API allocates a done func per call). call returns the outcome
 // for gobreaker: nil, errFailure or errExcluded. guard returns the
 // rejection, or nil once call has run, with counted false when the breaker
-// is disabled or forced closed and call ran uncounted. A panic in call
-// counts as a failure and propagates, and a runtime.Goexit, which gobreaker
-// does not see, is repaired so that no probe is lost.
+// is disabled, forced closed or in shadow mode and call ran uncounted. A
+// panic in call counts as a failure and propagates, and a runtime.Goexit,
+// which gobreaker does not see, is repaired so that no probe is lost.
 func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted bool, rejected error) {
 	if m := cb.mode.Load(); m != 0 || !cb.on() {
 		if m&modeForcedOpen != 0 && cb.on() {
@@ -407,9 +510,14 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted
 		call() // disabled, or forced closed: not counted
 		return false, nil
 	}
+	r := cb.rule.Load()
+	if h := cb.hold.Load(); h != 0 && int64(monotonic()) < h {
+		return cb.reject(r, call, cb.errOpen)
+	}
 	g := cb.cur.Load()
 	stage := callNotRun
 	var panicked any
+	var began, ended time.Duration // for a slow call: when it ran
 	defer func() {
 		if stage != callRunning {
 			return
@@ -437,23 +545,41 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted
 				}
 			}
 		}()
+		if r.slow > 0 {
+			began = monotonic()
+		}
 		o := call()
 		stage = callReturned
+		if o == nil && r.slow > 0 {
+			ended = monotonic()
+		}
 		return struct{}{}, o
 	})
 	cb.flush()
 	switch stage {
 	case callNotRun:
-		cb.counts.rejections.Add(1)
 		if err == gobreaker.ErrTooManyRequests {
-			return false, cb.errTooMany
+			return cb.reject(r, call, cb.errTooMany)
 		}
-		return false, cb.errOpen
+		return cb.reject(r, call, cb.errOpen)
 	case probeDenied:
-		cb.counts.rejections.Add(1)
-		return false, cb.errTooMany
+		return cb.reject(r, call, cb.errTooMany)
+	}
+	if ended-began > r.slow && ended != 0 {
+		cb.slowCall(g, r, began, ended)
 	}
 	return true, nil
+}
+
+// reject rejects a call with err, or in shadow mode runs it uncounted.
+func (cb *CircuitBreaker) reject(r *breakerRule, call func() error, err error) (bool, error) {
+	if r.shadow {
+		cb.counts.shadowRejections.Add(1)
+		call()
+		return false, nil
+	}
+	cb.counts.rejections.Add(1)
+	return false, err
 }
 
 // goexited repairs gobreaker after a call that called runtime.Goexit:
@@ -464,7 +590,7 @@ func (cb *CircuitBreaker) goexited(g *breakerGen) {
 	if cb.cur.Load() != g {
 		return
 	}
-	if g.gb.State() == gobreaker.StateHalfOpen {
+	if cb.gbState(g) == StateHalfOpen {
 		cb.setMu.Lock()
 		n := cb.newGen()
 		cb.evMu.Lock()

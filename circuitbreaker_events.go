@@ -37,7 +37,16 @@ func (h *breakerHooks) config() CircuitBreakerConfig {
 // queue runs under gobreaker's mutex, so transitions arrive in order.
 func (cb *CircuitBreaker) queue(g *breakerGen, from, to State) {
 	cb.evMu.Lock()
+	if g.slow != nil {
+		g.slow.reset(monotonic()) // as gobreaker clears its counts
+	}
 	if cb.cur.Load() == g && cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
+		switch to {
+		case StateOpen:
+			cb.openedLocked(g)
+		case StateClosed:
+			cb.closedLocked()
+		}
 		// From our own record rather than gobreaker's: after a Reset or a
 		// repair the new gobreaker starts closed whatever we last said.
 		cb.transitionLocked(cb.last, to)
@@ -102,9 +111,13 @@ func (cb *CircuitBreaker) deliver(t transition) {
 		if t.to == StateOpen {
 			level = slog.LevelWarn
 		}
-		h.logger.LogAttrs(context.Background(), level, "circuit breaker "+t.to.String(),
+		attrs := append([]slog.Attr{
 			slog.String("service", cb.name), slog.String("from", t.from.String()), slog.String("to", t.to.String()),
-			slog.Int64("fail_max", cb.failMax.Load()), slog.Duration("open_timeout", cb.OpenTimeout()))
+		}, cb.rule.Load().attrs()...)
+		if t.to == StateOpen {
+			attrs = append(attrs, slog.Duration("open_period", cb.OpenPeriod()))
+		}
+		h.logger.LogAttrs(context.Background(), level, "circuit breaker "+t.to.String(), attrs...)
 	}
 	if sb := cb.sync.Load(); sb != nil {
 		sb.s.StateChanged(cb.name, t.from, t.to)

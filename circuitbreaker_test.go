@@ -580,7 +580,7 @@ func TestCircuitBreakerSinceAndCounts(t *testing.T) {
 		}
 		WithCircuitBreaker(okFunc, cb)(context.Background())
 		WithCircuitBreaker(failFunc, cb)(context.Background())
-		if c := cb.Counts(); c != (BreakerCounts{Requests: 2, TotalSuccesses: 1, TotalFailures: 1, ConsecutiveFailures: 1}) {
+		if c := cb.Counts(); c != (BreakerCounts{Requests: 2, TotalSuccesses: 1, TotalFailures: 1, ConsecutiveFailures: 1, WindowCalls: 2, WindowFailures: 1}) {
 			t.Errorf("Counts() = %+v", c)
 		}
 		time.Sleep(time.Minute)

@@ -149,11 +149,11 @@ func (c Config) Validate() error {
 			errs = append(errs, invalid("Config.Timeouts["+k+"]", d, "must be positive"))
 		}
 	}
-	if _, _, _, err := c.DefaultCircuitBreaker.resolve(); err != nil {
+	if _, _, err := c.DefaultCircuitBreaker.resolve(); err != nil {
 		errs = append(errs, err)
 	}
 	for _, k := range slices.Sorted(maps.Keys(c.CircuitBreakers)) {
-		if _, _, _, err := c.CircuitBreakers[k].resolve(); err != nil {
+		if _, _, err := c.CircuitBreakers[k].resolve(); err != nil {
 			errs = append(errs, fmt.Errorf("circuit breaker %s: %w", k, err))
 		}
 	}

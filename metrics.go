@@ -255,6 +255,8 @@ func observe(in *instruments, o metric.Observer) error {
 // (Prometheus would read a fall as a counter reset).
 type serviceCounts struct {
 	successes, rejections atomic.Int64
+	shadowRejections      atomic.Int64 // calls a shadow breaker would have rejected
+	slowCalls             atomic.Int64
 }
 
 var serviceCountsMap sync.Map // service name -> *serviceCounts

@@ -154,6 +154,8 @@ type Error struct {
 	// Cause is the underlying error: the last attempt's error, the error
 	// the function returned at its deadline, or gobreaker's own error.
 	Cause error
+
+	cb *CircuitBreaker // the breaker that rejected the call, for RetryAfter
 }
 
 // RetryAfter returns how long the downstream asked the caller to wait
@@ -162,7 +164,15 @@ type Error struct {
 // that the caller can pass it on, as a 429 or 503 of its own would; a hint
 // longer than the retry's MaxDelay ends the retries and is reported here.
 // It is the hint of Cause, and a negative duration when there is none.
+//
+// For a call a circuit breaker rejected ([ErrCircuitOpen]) it is how long,
+// as of the moment it is asked, until the breaker lets a probe through: 0
+// when it is half-open, and negative when an operator holds it open. A
+// service can pass it on as a Retry-After of its own.
 func (e *Error) RetryAfter() time.Duration {
+	if e.cb != nil {
+		return e.cb.untilProbe()
+	}
 	if e.Cause == nil {
 		return -1
 	}

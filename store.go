@@ -4,8 +4,6 @@ import (
 	"context"
 	"strings"
 	"sync"
-
-	"github.com/sony/gobreaker/v2"
 )
 
 // Store shares a registry's state with the other processes of a fleet:
@@ -122,29 +120,6 @@ func (cb *CircuitBreaker) SetSync(s BreakerSync) {
 		return
 	}
 	cb.sync.Store(&syncBox{s})
-}
-
-// Trip opens the breaker now, as FailMax failures in a row would: it goes
-// half-open after OpenTimeout as usual. A BreakerSync uses it to apply an
-// open seen elsewhere; an open breaker stays as it is. It is safe for
-// concurrent use.
-func (cb *CircuitBreaker) Trip() {
-	cb.tripGen(cb.cur.Load())
-	cb.flush()
-}
-
-func (cb *CircuitBreaker) tripGen(g *breakerGen) {
-	// gobreaker has no way to set a state, so feed it the failures that
-	// open it; bounded, since other calls may interleave their successes.
-	fail := func() (struct{}, error) { return struct{}{}, errFailure }
-	for range cb.failMax.Load() + 2 {
-		if g.gb.State() == gobreaker.StateOpen {
-			return
-		}
-		if _, err := g.gb.Execute(fail); err != nil && err != errFailure {
-			return // rejected: open, or its probes taken
-		}
-	}
 }
 
 // Limiter caps calls across processes: a cluster-wide bulkhead. The

@@ -150,8 +150,13 @@ func run(w io.Writer) error {
 	do("Why retry with backoff?")
 	do("What is a bulkhead for?")
 	do("Why is the fallback outermost?")
-	fmt.Fprintf(w, "\n(waiting out the breaker's open timeout of %v)\n", openTimeout)
-	time.Sleep(openTimeout + 50*time.Millisecond)
+	// The 529 that opened the breaker asked for 1s: the breaker stays open
+	// that long, not just its OpenTimeout, so that the API is not probed
+	// before it said it would be ready.
+	period := breaker.OpenPeriod()
+	fmt.Fprintf(w, "\n(waiting out the breaker's open period of %v: the Retry-After of the 529 that opened it, not the %v open timeout)\n",
+		period.Round(100*time.Millisecond), openTimeout)
+	time.Sleep(period + 50*time.Millisecond)
 	do("What does a timeout protect?")
 	do("Is the service back?")
 	do("") // an empty prompt: the API refuses it

@@ -38,6 +38,7 @@ func TestRun(t *testing.T) {
 		`  fallback: canned answer (the API asked to wait 1s, longer than the retry waits; last: HTTP 529, Retry-After 1s)`,
 		`call 4: "Why is the fallback outermost?"`,
 		`  fallback: canned answer (circuit open, the API was not called)`,
+		`(waiting out the breaker's open period of 1s: the Retry-After of the 529 that opened it, not the 200ms open timeout)`,
 		`call 5: "What does a timeout protect?"`,
 		`  breaker "llm": open -> half-open`,
 		`  retry: attempt 1 failed (timed out); next attempt in 10ms`,
