@@ -28,6 +28,8 @@ const Version = "0.1.0"
 // OpenTelemetry's.
 const (
 	attrService       = attribute.Key("service")
+	attrMode          = attribute.Key("mode")
+	attrTrigger       = attribute.Key("trigger")
 	attrFrom          = attribute.Key("from")
 	attrTo            = attribute.Key("to")
 	attrErrorType     = attribute.Key("error.type")
@@ -47,6 +49,8 @@ const (
 type instruments struct {
 	cbTransitions, cbFailures                        metric.Int64Counter
 	cbSuccesses, cbRejections, calls                 metric.Int64ObservableCounter
+	cbSlowCalls                                      metric.Int64ObservableCounter
+	cbThreshold                                      metric.Float64ObservableGauge
 	retryAttempts, retryExhausted, retrySuccessAfter metric.Int64Counter
 	retryBudgetExhausted                             metric.Int64Counter
 	timeoutExceeded, timeoutAbandoned                metric.Int64Counter
@@ -127,7 +131,13 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.cbTransitions = counter("resilience.circuit_breaker.transitions", "Circuit breaker state transitions.", "{transition}")
 	in.cbFailures = counter("resilience.circuit_breaker.failures", "Calls a circuit breaker counted as failures.", "{call}")
 	in.cbSuccesses = observedCounter("resilience.circuit_breaker.successes", "Calls a circuit breaker counted as successes.", "{call}")
-	in.cbRejections = observedCounter("resilience.circuit_breaker.rejections", "Calls a circuit breaker rejected while open or half-open.", "{call}")
+	in.cbRejections = observedCounter("resilience.circuit_breaker.rejections", "Calls a circuit breaker rejected while open or half-open; with mode shadow, calls a shadow breaker would have rejected and let through.", "{call}")
+	in.cbSlowCalls = observedCounter("resilience.circuit_breaker.slow_calls", "Calls that succeeded but took longer than the breaker's SlowCallDuration.", "{call}")
+	var err error
+	in.cbThreshold, err = m.Float64ObservableGauge("resilience.circuit_breaker.threshold",
+		metric.WithDescription("The ratio of failed (trigger failure_ratio) or slow (trigger slow_call_ratio) calls that opens a circuit breaker."),
+		metric.WithUnit("1"))
+	errs = append(errs, err)
 	in.retryAttempts = counter("resilience.retry.attempts", "Failed attempts that were retried.", "{attempt}")
 	in.retryExhausted = counter("resilience.retry.exhausted", "Calls whose every attempt failed.", "{call}")
 	in.retryBudgetExhausted = counter("resilience.retry.budget_exhausted", "Retries a retry budget refused.", "{call}")
@@ -142,7 +152,7 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.fbCacheHits = observedCounter("resilience.fallback.cache_hits", "Failed calls answered from a fallback cache.", "{call}")
 	in.calls = observedCounter("resilience.calls", "Protected calls, by outcome.", "{call}")
 	in.callDuration = histogram("resilience.call.duration", "Duration of protected calls, retries and waits included.")
-	reg, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error { return observe(in, o) }, in.cbState, in.bhActive, in.bhQueue, in.cbSuccesses, in.cbRejections, in.calls, in.fbUsed, in.fbCacheHits)
+	reg, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error { return observe(in, o) }, in.cbState, in.bhActive, in.bhQueue, in.cbSuccesses, in.cbRejections, in.cbSlowCalls, in.cbThreshold, in.calls, in.fbUsed, in.fbCacheHits)
 	errs = append(errs, err)
 	in.reg = reg
 	// An SDK reports these to otel's error handler too and leaves a working
@@ -206,8 +216,20 @@ func observe(in *instruments, o metric.Observer) error {
 
 	observed.mu.Lock()
 	observed.breakers = prune(observed.breakers, func(cb *CircuitBreaker) {
+		r := cb.rule.Load()
 		attrs := metric.WithAttributeSet(attribute.NewSet(attrService.String(cb.name)))
+		if r.shadow {
+			attrs = metric.WithAttributeSet(attribute.NewSet(attrService.String(cb.name), attrMode.String("shadow")))
+		}
 		o.ObserveInt64(in.cbState, int64(cb.lastState()), attrs)
+		if r.ratio > 0 {
+			o.ObserveFloat64(in.cbThreshold, r.ratio, metric.WithAttributeSet(attribute.NewSet(
+				attrService.String(cb.name), attrTrigger.String("failure_ratio"))))
+		}
+		if r.slowRatio > 0 {
+			o.ObserveFloat64(in.cbThreshold, r.slowRatio, metric.WithAttributeSet(attribute.NewSet(
+				attrService.String(cb.name), attrTrigger.String("slow_call_ratio"))))
+		}
 	})
 	observed.bulkheads = prune(observed.bulkheads, func(b *Bulkhead) {
 		s := b.Stats()
@@ -233,6 +255,13 @@ func observe(in *instruments, o metric.Observer) error {
 		attrs := metric.WithAttributeSet(attribute.NewSet(attrService.String(k.(string))))
 		o.ObserveInt64(in.cbSuccesses, c.successes.Load(), attrs)
 		o.ObserveInt64(in.cbRejections, c.rejections.Load(), attrs)
+		if n := c.shadowRejections.Load(); n > 0 {
+			o.ObserveInt64(in.cbRejections, n, metric.WithAttributeSet(attribute.NewSet(
+				attrService.String(k.(string)), attrMode.String("shadow"))))
+		}
+		if n := c.slowCalls.Load(); n > 0 {
+			o.ObserveInt64(in.cbSlowCalls, n, attrs)
+		}
 		return true
 	})
 	for k, n := range used {
