@@ -350,7 +350,7 @@ func (cb *CircuitBreaker) gbState(g *breakerGen) State {
 // held reports whether a longer open period holds the breaker open now.
 func (cb *CircuitBreaker) held() bool {
 	h := cb.hold.Load()
-	return h != 0 && int64(monotonic()) < h
+	return h != 0 && int64(monotonic()) <= h // inclusive, as gobreaker's expiry is
 }
 
 // Reset returns the breaker to closed with all counts zeroed, and reports
@@ -511,7 +511,7 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted
 		return false, nil
 	}
 	r := cb.rule.Load()
-	if h := cb.hold.Load(); h != 0 && int64(monotonic()) < h {
+	if h := cb.hold.Load(); h != 0 && int64(monotonic()) <= h {
 		return cb.reject(r, call, cb.errOpen)
 	}
 	g := cb.cur.Load()
