@@ -112,7 +112,9 @@ func TestLoadConfigMaxTimeoutIsNotAServiceTimeout(t *testing.T) {
 }
 
 func TestReloadAppliesTriggersKeepingWindowCounts(t *testing.T) {
-	env := map[string]string{"CIRCUIT_BREAKER_LLM_FAILURE_RATIO": "0.9", "CIRCUIT_BREAKER_LLM_MINIMUM_THROUGHPUT": "10"}
+	env := map[string]string{
+		"CIRCUIT_BREAKER_LLM_FAILURE_RATIO": "0.9", "CIRCUIT_BREAKER_LLM_MINIMUM_THROUGHPUT": "10", "RETRY_MAX_ATTEMPTS": "1",
+	}
 	reg := mustRegistry(t, env)
 	fn := ForService(reg, "llm", failFunc)
 	ok := ForService(reg, "llm", okFunc)
