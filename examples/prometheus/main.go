@@ -9,7 +9,9 @@
 // The downstream is simulated in process and needs no network. It answers in
 // 2 to 10ms, fails one call in ten, hangs past the timeouts one call in ten,
 // and is down altogether for 2s of every 8s, starting 1s in: the breakers
-// open and close again, the retries succeed or give up, the retry budget
+// open and close again (one on consecutive failures, one on its failure or
+// slow-call ratio, and one in shadow mode, which only counts the calls it
+// would have rejected), the retries succeed or give up, the retry budget
 // runs out, the bulkhead queues and rejects, and the fallbacks answer with a
 // fixed value, a cached one and a stale one.
 //
@@ -129,6 +131,7 @@ const (
 	failShare   = 0.1                    // of calls outside an outage
 	hangShare   = 0.1                    // of calls outside an outage
 	pause       = 10 * time.Millisecond  // between one worker's calls
+	slowCall    = 50 * time.Millisecond  // a slow success for the recommender's breaker
 )
 
 // httpError is the downstream's failure: its type, *main.httpError, is the
@@ -235,9 +238,17 @@ func traffic(ctx context.Context) error {
 		})
 
 	// The recommendation service: a breaker, a retry, a timeout, and a
-	// fixed answer when all else fails.
+	// fixed answer when all else fails. Its breaker opens on ratios over a
+	// rolling second rather than on consecutive failures: when half of the
+	// calls fail, which only an outage does (a call fails outside one when
+	// both its attempts do), or when half of them are slow, a success that
+	// took more than slowCall (one that needed its retry after a timed-out
+	// attempt). Each failed probe doubles the open period, up to 1.6s.
 	recBreaker, err := resilience.NewCircuitBreaker(resilience.CircuitBreakerConfig{
-		Name: "recommender", FailMax: 3, OpenTimeout: 400 * time.Millisecond, DisableLogging: true,
+		Name: "recommender", FailureRatio: 0.5, MinimumThroughput: 20, SamplingWindow: time.Second,
+		SlowCallDuration: slowCall, SlowCallRatio: 0.5,
+		OpenTimeout: 400 * time.Millisecond, MaxOpenTimeout: 1600 * time.Millisecond,
+		DisableLogging: true,
 	})
 	if err != nil {
 		return err
@@ -258,7 +269,17 @@ func traffic(ctx context.Context) error {
 
 	// The profile service, through a legacy client that ignores its
 	// context: the timeout is enforced, abandoning the calls that hang, and
-	// the last good profile is served marked stale.
+	// the last good profile is served marked stale. Its breaker is a
+	// shadow: thresholds on trial, it opens and closes as a breaker would,
+	// but lets every call through, counting those it would have rejected.
+	profileBreaker, err := resilience.NewCircuitBreaker(resilience.CircuitBreakerConfig{
+		Name: "profile", Shadow: true,
+		FailureRatio: 0.5, MinimumThroughput: 10, SamplingWindow: time.Second,
+		OpenTimeout: 500 * time.Millisecond, DisableLogging: true,
+	})
+	if err != nil {
+		return err
+	}
 	profileRetry, err := resilience.NewRetry(resilience.RetryConfig{
 		MaxAttempts: 2, InitialDelay: 5 * time.Millisecond, MaxDelay: 10 * time.Millisecond,
 	})
@@ -273,7 +294,7 @@ func traffic(ctx context.Context) error {
 		profiles.Record("profile", func(ctx context.Context) (string, error) { return d.call(ctx, false, "ada") }),
 		resilience.Stack[string]{
 			Name: "get_profile", Operation: "auth",
-			Retry: profileRetry, Timeout: 60 * time.Millisecond, EnforceTimeout: true,
+			CircuitBreaker: profileBreaker, Retry: profileRetry, Timeout: 60 * time.Millisecond, EnforceTimeout: true,
 			Fallback: profiles.StaleFallback("profile"),
 		})
 

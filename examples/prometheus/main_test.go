@@ -76,9 +76,21 @@ type instrument struct {
 	promName, promType string
 }
 
+// meterKinds are the kinds of the metric.Meter methods metrics.go may call
+// directly, as it does for an instrument no helper makes (a float gauge).
+var meterKinds = map[string]string{
+	"Int64Counter": "counter", "Float64Counter": "counter",
+	"Int64ObservableCounter": "observedCounter", "Float64ObservableCounter": "observedCounter",
+	"Int64ObservableGauge": "gauge", "Float64ObservableGauge": "gauge",
+	"Int64Gauge": "gauge", "Float64Gauge": "gauge",
+	"Int64Histogram": "histogram", "Float64Histogram": "histogram",
+}
+
 // instruments reads the instruments from ../../metrics.go, where each is
 // made by one of newInstruments' helpers, counter("name", ...) and the
-// like, so that an instrument added there is checked here without a change.
+// like, or by a direct call of the meter, m.Float64ObservableGauge("name",
+// ..., metric.WithUnit("1")), so that an instrument added there is checked
+// here without a change.
 func instruments(t *testing.T) []instrument {
 	t.Helper()
 	f, err := parser.ParseFile(token.NewFileSet(), "../../metrics.go", nil, 0)
@@ -91,8 +103,14 @@ func instruments(t *testing.T) []instrument {
 		if !ok || len(call.Args) == 0 {
 			return true
 		}
-		fn, ok := call.Fun.(*ast.Ident)
-		if !ok {
+		var kind string
+		switch fn := call.Fun.(type) {
+		case *ast.Ident:
+			kind = fn.Name
+		case *ast.SelectorExpr:
+			kind = meterKinds[fn.Sel.Name]
+		}
+		if kind == "" {
 			return true
 		}
 		lit, ok := call.Args[0].(*ast.BasicLit)
@@ -104,22 +122,35 @@ func instruments(t *testing.T) []instrument {
 			return true
 		}
 		unit := ""
-		if len(call.Args) >= 3 {
+		if _, helper := call.Fun.(*ast.Ident); helper && len(call.Args) >= 3 {
 			if u, ok := call.Args[2].(*ast.BasicLit); ok {
 				unit, _ = strconv.Unquote(u.Value)
 			}
 		}
-		if fn.Name == "histogram" {
+		for _, a := range call.Args[1:] { // a direct call's metric.WithUnit("1")
+			if c, ok := a.(*ast.CallExpr); ok && len(c.Args) == 1 {
+				if sel, ok := c.Fun.(*ast.SelectorExpr); ok && sel.Sel.Name == "WithUnit" {
+					if u, ok := c.Args[0].(*ast.BasicLit); ok {
+						unit, _ = strconv.Unquote(u.Value)
+					}
+				}
+			}
+		}
+		if kind == "histogram" {
 			unit = "s" // the helper sets it
 		}
 		// The exporter's default translation, UnderscoreEscapingWithSuffixes:
 		// dots become underscores, a unit in braces is dropped, seconds
-		// become a suffix, and a counter ends in _total.
-		in := instrument{otelName: name, kind: fn.Name, promName: strings.ReplaceAll(name, ".", "_")}
+		// become a suffix, a gauge of unit 1 ends in _ratio, and a counter
+		// ends in _total.
+		in := instrument{otelName: name, kind: kind, promName: strings.ReplaceAll(name, ".", "_")}
 		if unit == "s" {
 			in.promName += "_seconds"
 		}
-		switch fn.Name {
+		if unit == "1" && kind == "gauge" {
+			in.promName += "_ratio"
+		}
+		switch kind {
 		case "counter", "observedCounter":
 			in.promType = "counter"
 			in.promName += "_total"
@@ -163,6 +194,9 @@ func TestMetricsEndpoint(t *testing.T) {
 		`from="closed"`, `from="half-open"`, `from="open"`, `to="closed"`, `to="open"`, `to="half-open"`,
 		`operation_type="auth"`, `resource_type="pricing-db"`,
 		`fallback_type="cached"`, `outcome="success"`, `outcome="fallback"`,
+		// The ratio triggers' thresholds, and the shadow breaker's state
+		// and the calls it would have rejected.
+		`trigger="failure_ratio"`, `trigger="slow_call_ratio"`, `mode="shadow"`,
 		"resilience_call_duration_seconds_bucket{",
 		"resilience_timeout_duration_seconds_bucket{",
 	}
