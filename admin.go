@@ -9,12 +9,84 @@ import (
 )
 
 // BreakerStatus is one breaker as the admin endpoint reports it.
+//
+// Durations are Go duration strings, as time.Duration.String writes them
+// and the configuration and the resilience command accept them: "8s",
+// "1m30s", "250ms".
 type BreakerStatus struct {
 	Name   string        `json:"name"`
 	State  string        `json:"state"`
 	Forced bool          `json:"forced"`
 	Since  time.Time     `json:"since"`
 	Counts BreakerCounts `json:"counts"`
+
+	// Mode is "shadow" for a breaker that never rejects a call (see
+	// CircuitBreakerConfig.Shadow), else "normal", as the variable
+	// CIRCUIT_BREAKER_<SVC>_MODE names them.
+	Mode string `json:"mode"`
+
+	// FailureRatio is Counts.FailureRatio(): the failures among the calls
+	// in the window now, from 0 to 1, to set beside
+	// Thresholds.FailureRatio.
+	FailureRatio float64 `json:"failure_ratio"`
+
+	// SlowCallRatio is Counts.SlowCallRatio(): the slow calls among the
+	// calls in the window now, from 0 to 1, to set beside
+	// Thresholds.SlowCallRatio.
+	SlowCallRatio float64 `json:"slow_call_ratio"`
+
+	// OpenPeriod is the length of the current open period, or of the last
+	// one, as [CircuitBreaker.OpenPeriod] reports it: OpenTimeout, doubled
+	// for each failed probe in a row up to MaxOpenTimeout, or longer for a
+	// retry hint; OpenTimeout again once the breaker has closed. A Go
+	// duration string.
+	OpenPeriod string `json:"open_period"`
+
+	// RetryAfter is how long until the breaker lets a probe through, as a
+	// rejection's [Error.RetryAfter] reports it, rounded up to the
+	// millisecond: set only while the breaker is open by itself, empty
+	// (and left out) when it is not open or an operator holds it open. A
+	// Go duration string.
+	RetryAfter string `json:"retry_after,omitempty"`
+
+	// Thresholds are what opens the breaker and for how long.
+	Thresholds BreakerThresholds `json:"thresholds"`
+}
+
+// BreakerThresholds are a breaker's thresholds as its configuration
+// resolved them, defaults applied. A trigger the breaker does not have is
+// zero, and left out of the JSON. Durations are Go duration strings.
+type BreakerThresholds struct {
+	// FailMax is the number of consecutive failures that opens the
+	// breaker; 0 when only a ratio does.
+	FailMax uint32 `json:"fail_max,omitempty"`
+
+	// FailureRatio is the ratio of failures to calls in the window that
+	// opens the breaker; 0 without a failure-ratio trigger.
+	FailureRatio float64 `json:"failure_ratio,omitempty"`
+
+	// MinimumThroughput is the number of calls the window must hold before
+	// a ratio can open the breaker; 0 without a ratio trigger.
+	MinimumThroughput uint32 `json:"minimum_throughput,omitempty"`
+
+	// SamplingWindow is the rolling window the ratios are counted over;
+	// empty without one, when the counts run since the last transition.
+	SamplingWindow string `json:"sampling_window,omitempty"`
+
+	// SlowCallDuration is how long a successful call must take to count as
+	// slow; empty when no call is.
+	SlowCallDuration string `json:"slow_call_duration,omitempty"`
+
+	// SlowCallRatio is the ratio of slow calls to calls in the window that
+	// opens the breaker; 0 without a slow-call trigger.
+	SlowCallRatio float64 `json:"slow_call_ratio,omitempty"`
+
+	// OpenTimeout is the shortest open period, before the first probe.
+	OpenTimeout string `json:"open_timeout"`
+
+	// MaxOpenTimeout is the longest an open period grows to after failed
+	// probes; empty when every open period is OpenTimeout.
+	MaxOpenTimeout string `json:"max_open_timeout,omitempty"`
 }
 
 // BulkheadStatus is one bulkhead as the admin endpoint reports it.
@@ -50,9 +122,7 @@ func (r *Registry) Status() Status {
 
 	st := Status{Enabled: r.Enabled(), Breakers: []BreakerStatus{}, Bulkheads: []BulkheadStatus{}}
 	for _, cb := range breakers {
-		st.Breakers = append(st.Breakers, BreakerStatus{
-			Name: cb.Name(), State: cb.State().String(), Forced: cb.Forced(), Since: cb.Since().UTC(), Counts: cb.Counts(),
-		})
+		st.Breakers = append(st.Breakers, breakerStatus(cb))
 	}
 	for _, b := range bulkheads {
 		s := b.Stats()
@@ -78,7 +148,9 @@ func (r *Registry) lookupBreaker(name string) *CircuitBreaker {
 // A nil r means [Default]. It serves JSON:
 //
 //	GET  /                         the whole Status
-//	GET  /breakers                 every breaker: name, state, forced, since, counts
+//	GET  /breakers                 every breaker: name, state, forced, since, counts,
+//	                               mode, failure and slow-call ratios, open period,
+//	                               time until a probe, thresholds
 //	GET  /bulkheads                every bulkhead: limit, active, waiting, rejected, completed
 //	GET  /breakers/{name}          one breaker
 //	POST /breakers/{name}/reset    back to closed, counts zeroed, any forced state cleared
@@ -153,8 +225,46 @@ func (a *admin) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	}
 }
 
+// breakerStatus reports cb. Its state is asked first, so that an open
+// period that has ended shows as half-open, with no time left until a
+// probe.
 func breakerStatus(cb *CircuitBreaker) BreakerStatus {
-	return BreakerStatus{Name: cb.Name(), State: cb.State().String(), Forced: cb.Forced(), Since: cb.Since().UTC(), Counts: cb.Counts()}
+	state, forced := cb.State(), cb.Forced()
+	c := cb.Counts()
+	r := cb.rule.Load()
+	bs := BreakerStatus{
+		Name: cb.Name(), State: state.String(), Forced: forced, Since: cb.Since().UTC(), Counts: c,
+		Mode: breakerMode(r.shadow), FailureRatio: c.FailureRatio(), SlowCallRatio: c.SlowCallRatio(),
+		OpenPeriod: cb.OpenPeriod().String(), Thresholds: breakerThresholds(cb, r),
+	}
+	if state == StateOpen && !forced {
+		if d := cb.untilProbe(); d >= 0 {
+			bs.RetryAfter = (d + time.Millisecond - 1).Truncate(time.Millisecond).String()
+		}
+	}
+	return bs
+}
+
+// breakerThresholds reports the triggers of r, cb's rule, as
+// breakerRule.attrs logs them.
+func breakerThresholds(cb *CircuitBreaker, r *breakerRule) BreakerThresholds {
+	cb.setMu.Lock()
+	window := cb.shape.window
+	cb.setMu.Unlock()
+	t := BreakerThresholds{FailMax: r.failMax, FailureRatio: r.ratio, OpenTimeout: r.open.String()}
+	if r.ratio > 0 || r.slowRatio > 0 {
+		t.MinimumThroughput = r.minCalls
+	}
+	if window > 0 {
+		t.SamplingWindow = window.String()
+	}
+	if r.slowRatio > 0 {
+		t.SlowCallDuration, t.SlowCallRatio = r.slow.String(), r.slowRatio
+	}
+	if r.maxOpen > r.open {
+		t.MaxOpenTimeout = r.maxOpen.String()
+	}
+	return t
 }
 
 func allow(w http.ResponseWriter, req *http.Request, method string) bool {

@@ -9,6 +9,17 @@
 // environment variable, else http://127.0.0.1:9090. Output is a table, or the
 // endpoint's own JSON with -json.
 //
+// The breakers table has a row per breaker: its NAME, STATE, whether an
+// operator FORCED it, SINCE when, and the counts since its last transition
+// (REQUESTS, FAILURES, CONSECUTIVE_FAILURES); then its MODE (normal, or
+// shadow for a breaker that never rejects), the calls of its window
+// (WINDOW_CALLS), the FAILURE_RATIO among them, the SLOW_CALLS and their
+// SLOW_RATIO, its OPEN_PERIOD, and while it is open by itself how long
+// until it lets a probe through (PROBE_IN). A ratio reads now/threshold
+// ("30%/50%": 30% now, opening at 50%), or just now without a ratio
+// trigger; the open period reads now/longest ("16s/1m0s") when it doubles
+// after failed probes. "-" means not applicable.
+//
 // The exit status is 0 on success, 1 when the endpoint answered with an
 // error (an unknown breaker, say), 2 when it could not be reached, and 64
 // (EX_USAGE) when the command line is wrong.
@@ -57,7 +68,8 @@ Look at and operate the circuit breakers and bulkheads of a running service
 through its admin endpoint (resilience.AdminHandler).
 
 Commands:
-  breakers     list every circuit breaker
+  breakers     list every circuit breaker: state, counts, mode, window
+               ratios (now/threshold), open period, time until a probe
   bulkheads    list every bulkhead
   reset NAME   return breaker NAME to closed: counts zeroed, forced state cleared
   open NAME    force breaker NAME open, rejecting every call, until reset
@@ -261,14 +273,50 @@ func printBreaker(w io.Writer, body []byte) error {
 	return breakerTable(w, []resilience.BreakerStatus{b})
 }
 
+// breakerTable prints bs as a table. The columns an older endpoint does not
+// report are "-"; every cell is one word, for awk and cut.
 func breakerTable(w io.Writer, bs []resilience.BreakerStatus) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSTATE\tFORCED\tSINCE\tREQUESTS\tFAILURES\tCONSECUTIVE_FAILURES")
+	fmt.Fprintln(tw, "NAME\tSTATE\tFORCED\tSINCE\tREQUESTS\tFAILURES\tCONSECUTIVE_FAILURES\t"+
+		"MODE\tWINDOW_CALLS\tFAILURE_RATIO\tSLOW_CALLS\tSLOW_RATIO\tOPEN_PERIOD\tPROBE_IN")
 	for _, b := range bs {
-		fmt.Fprintf(tw, "%s\t%s\t%t\t%s\t%d\t%d\t%d\n", b.Name, b.State, b.Forced,
-			b.Since.UTC().Format(time.RFC3339), b.Counts.Requests, b.Counts.TotalFailures, b.Counts.ConsecutiveFailures)
+		th := b.Thresholds
+		slowCalls, slowRatio := "-", "-"
+		if th.SlowCallDuration != "" {
+			slowCalls, slowRatio = strconv.FormatUint(uint64(b.Counts.WindowSlowCalls), 10), ratioCell(b.SlowCallRatio, th.SlowCallRatio)
+		}
+		openPeriod := orDash(b.OpenPeriod)
+		if b.OpenPeriod != "" && th.MaxOpenTimeout != "" {
+			openPeriod += "/" + th.MaxOpenTimeout
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%t\t%s\t%d\t%d\t%d\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", b.Name, b.State, b.Forced,
+			b.Since.UTC().Format(time.RFC3339), b.Counts.Requests, b.Counts.TotalFailures, b.Counts.ConsecutiveFailures,
+			orDash(b.Mode), b.Counts.WindowCalls, ratioCell(b.FailureRatio, th.FailureRatio), slowCalls, slowRatio,
+			openPeriod, orDash(b.RetryAfter))
 	}
 	return tw.Flush()
+}
+
+// ratioCell prints a ratio now beside the threshold that opens the breaker,
+// as percentages: "30%/50%", or "30%" without a threshold.
+func ratioCell(now, threshold float64) string {
+	if threshold == 0 {
+		return percent(now)
+	}
+	return percent(now) + "/" + percent(threshold)
+}
+
+// percent prints a ratio as a percentage to a tenth at most: "30%", "33.3%".
+func percent(r float64) string {
+	s := strconv.FormatFloat(r*100, 'f', 1, 64)
+	return strings.TrimSuffix(s, ".0") + "%"
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func printBulkheads(w io.Writer, body []byte) error {

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/resilience-go/resilience"
@@ -104,8 +105,8 @@ func TestBreakers(t *testing.T) {
 		t.Fatalf("breakers: exit %d, stderr %q; want 0 and nothing", code, errs)
 	}
 	rows := table(t, out)
-	if got, want := strings.Join(rows[0], " "), "NAME STATE FORCED SINCE REQUESTS FAILURES CONSECUTIVE_FAILURES"; got != want {
-		t.Errorf("header = %q; want %q", got, want)
+	if got := strings.Join(rows[0], " "); got != breakersHeader {
+		t.Errorf("header = %q; want %q", got, breakersHeader)
 	}
 	if len(rows) != 3 {
 		t.Fatalf("breakers printed %d rows; want a header and 2 breakers:\n%s", len(rows), out)
@@ -122,12 +123,136 @@ func TestBreakers(t *testing.T) {
 	if err != nil || time.Since(since) > time.Minute || time.Until(since) > time.Minute {
 		t.Errorf("payments SINCE = %q (%v); want an RFC 3339 time near now", p[3], err)
 	}
-	// Counts are since the last change of state: zero once open.
-	if got := strings.Join(p[4:], " "); got != "0 0 0" {
-		t.Errorf("payments counts = %q; want 0 0 0", got)
+	// Counts are since the last change of state: zero once open. Neither
+	// breaker has a ratio trigger, a slow-call trigger or a MaxOpenTimeout.
+	if got := strings.Join(p[4:13], " "); got != "0 0 0 normal 0 0% - - 1h0m0s" {
+		t.Errorf("payments counts, mode, window and open period = %q; want 0 0 0 normal 0 0%% - - 1h0m0s", got)
 	}
-	if got := strings.Join(rows[1][4:], " "); got != "1 0 0" {
-		t.Errorf("auth counts = %q; want 1 0 0", got)
+	// Open for an hour: a probe in a little under that.
+	if probe, err := time.ParseDuration(p[13]); err != nil || probe > time.Hour || probe < time.Hour-time.Minute {
+		t.Errorf("payments PROBE_IN = %q; want a little under 1h", p[13])
+	}
+	if got := strings.Join(rows[1][4:], " "); got != "1 0 0 normal 1 0% - - 1h0m0s -" {
+		t.Errorf("auth counts and the rest = %q; want 1 0 0 normal 1 0%% - - 1h0m0s -", got)
+	}
+}
+
+const breakersHeader = "NAME STATE FORCED SINCE REQUESTS FAILURES CONSECUTIVE_FAILURES " +
+	"MODE WINDOW_CALLS FAILURE_RATIO SLOW_CALLS SLOW_RATIO OPEN_PERIOD PROBE_IN"
+
+// TestBreakersWindowAndMode prints breakers with a ratio and a slow-call
+// trigger, an open period that doubled after a failed probe, and shadow
+// mode. It runs in a synctest bubble, so that every time and duration is
+// exact; the endpoint is served only once the bubble's clock no longer
+// needs to move, since a server waiting on the network keeps it still.
+func TestBreakersWindowAndMode(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg := resilience.DefaultConfig()
+		cfg.CircuitBreakers = map[string]resilience.CircuitBreakerConfig{
+			"LLM": {
+				FailureRatio: 0.5, MinimumThroughput: 10, SamplingWindow: 10 * time.Second,
+				SlowCallDuration: time.Second, SlowCallRatio: 0.8,
+				OpenTimeout: 8 * time.Second, MaxOpenTimeout: time.Minute, DisableLogging: true,
+			},
+			"PAYMENTS": {FailMax: 1, OpenTimeout: 8 * time.Second, MaxOpenTimeout: time.Minute, DisableLogging: true},
+			"AUDIT":    {FailMax: 2, OpenTimeout: 5 * time.Second, Shadow: true, DisableLogging: true},
+		}
+		reg, err := resilience.NewRegistry(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx := t.Context()
+		failing := func(cb *resilience.CircuitBreaker) func(context.Context) (int, error) {
+			return resilience.WithCircuitBreaker(func(context.Context) (int, error) { return 0, errors.New("down") }, cb)
+		}
+		succeeding := func(cb *resilience.CircuitBreaker, d time.Duration) func(context.Context) (int, error) {
+			return resilience.WithCircuitBreaker(func(context.Context) (int, error) { time.Sleep(d); return 1, nil }, cb)
+		}
+
+		// payments opens at 0s for 8s; its probe fails at 8s: open for 16s.
+		payments := reg.CircuitBreaker("payments")
+		failing(payments)(ctx)
+		time.Sleep(8*time.Second + 1)
+		failing(payments)(ctx)
+
+		// llm, built at 8s, from 8s to 12s: 10 calls, 3 failures, 2 slow (of 2s).
+		llm := reg.CircuitBreaker("llm")
+		for range 3 {
+			failing(llm)(ctx)
+		}
+		for range 5 {
+			succeeding(llm, 0)(ctx)
+		}
+		for range 2 {
+			succeeding(llm, 2*time.Second)(ctx)
+		}
+
+		// audit, shadow, opens at 12s and still lets calls through.
+		audit := reg.CircuitBreaker("audit")
+		for range 2 {
+			failing(audit)(ctx)
+		}
+		if _, err := succeeding(audit, 0)(ctx); err != nil {
+			t.Errorf("a call through the open shadow breaker: %v", err)
+		}
+
+		srv := httptest.NewServer(resilience.AdminHandler(reg))
+		defer srv.Close()
+		code, out, errs := cli(nil, "-addr", srv.URL, "breakers")
+		if code != exitOK || errs != "" {
+			t.Fatalf("breakers: exit %d, stderr %q", code, errs)
+		}
+		var got []string
+		for _, r := range table(t, out) {
+			got = append(got, strings.Join(r, " "))
+		}
+		want := []string{
+			breakersHeader,
+			"audit open false 2000-01-01T00:00:12Z 0 0 0 shadow 0 0% - - 5s 5s",
+			"llm closed false 2000-01-01T00:00:08Z 10 3 0 normal 10 30%/50% 2 20%/80% 8s/1m0s -",
+			"payments open false 2000-01-01T00:00:08Z 0 0 0 normal 0 0% - - 16s/1m0s 12s",
+		}
+		if strings.Join(got, "\n") != strings.Join(want, "\n") {
+			t.Errorf("breakers printed\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+		}
+
+		// An operator's open has no probe to wait for.
+		code, out, _ = cli(nil, "-addr", srv.URL, "open", "payments")
+		if got, want := strings.Join(row(t, out, "payments")[7:], " "), "normal 0 0% - - 16s/1m0s -"; code != exitOK || got != want {
+			t.Errorf("open payments: exit %d, printed %q; want %q", code, got, want)
+		}
+	})
+}
+
+// An endpoint from before the mode, ratios and open period prints "-"
+// for them.
+func TestBreakerTableOlderEndpoint(t *testing.T) {
+	body := `[{"name": "llm", "state": "closed", "forced": false, "since": "2024-05-01T10:00:00Z",
+		"counts": {"requests": 4, "total_successes": 3, "total_failures": 1, "consecutive_successes": 0, "consecutive_failures": 1}}]`
+	var out bytes.Buffer
+	if err := printBreakers(&out, []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := strings.Join(row(t, out.String(), "llm"), " "),
+		"llm closed false 2024-05-01T10:00:00Z 4 1 1 - 0 0% - - - -"; got != want {
+		t.Errorf("row = %q; want %q", got, want)
+	}
+}
+
+func TestRatioCell(t *testing.T) {
+	for _, tc := range []struct {
+		now, threshold float64
+		want           string
+	}{
+		{0, 0, "0%"},
+		{0.3, 0.5, "30%/50%"},
+		{1.0 / 3, 0.125, "33.3%/12.5%"},
+		{1, 1, "100%/100%"},
+		{2.0 / 3, 0, "66.7%"},
+	} {
+		if got := ratioCell(tc.now, tc.threshold); got != tc.want {
+			t.Errorf("ratioCell(%v, %v) = %q; want %q", tc.now, tc.threshold, got, tc.want)
+		}
 	}
 }
 
