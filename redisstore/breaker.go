@@ -17,7 +17,9 @@ import (
 //
 //	state   "open" or "closed"; half-open is not shared, since each
 //	        replica gets there on its own clock
-//	until   when the open ends, unix ms (0: not known)
+//	until   when the open ends, unix ms: its start plus the breaker's
+//	        OpenPeriod, which a failed probe doubles and a retry hint
+//	        lengthens (0: not known, from an older replica)
 //	at      when the transition happened, unix ms, by Redis's clock
 //	origin  the replica that made it
 //	epoch   set when the hash is created, so that a Redis that lost its
@@ -39,13 +41,19 @@ const stateTTL = 24 * time.Hour
 const expectWindow = 250 * time.Millisecond
 
 // publishScript writes a breaker state unless Redis holds a newer one, or
-// the same one, and publishes what it wrote. A replica that leaves
-// half-open releases the probe lock it holds in the same step.
+// the same one, and publishes what it wrote. An open over an open still in
+// force is the same one, unless it comes from a failed probe, or ends
+// later by more than a SyncInterval: a retry hint's longer period, from a
+// replica that opened on its own while another's open was on its way.
+// Ends a few ms apart are one open seen twice (a replica's announce racing
+// its own event, a missed expectation), not worth a message. A replica
+// that leaves half-open releases the probe lock it holds in the same step.
 //
-// KEYS: state hash, probe lock. ARGV: state, open timeout ms (0: not
+// KEYS: state hash, probe lock. ARGV: state, open period ms (0: not
 // known), transition time ms ("" for Redis's clock), origin, epoch for a new
 // hash, channel, breaker key, hash ttl ms, "1" if the breaker left
-// half-open (a failed probe: a new open, to be written even over an open).
+// half-open (a failed probe: a new open, to be written even over an open),
+// how much later an open must end to be written over one in force, ms.
 var publishScript = redis.NewScript(`
 if ARGV[1] ~= 'half-open' and redis.call('GET', KEYS[2]) == ARGV[4] then
   redis.call('DEL', KEYS[2])
@@ -54,17 +62,17 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local at = now
 if ARGV[3] ~= '' then at = tonumber(ARGV[3]) end
+local ends = 0
+if ARGV[1] == 'open' and tonumber(ARGV[2]) > 0 then ends = at + tonumber(ARGV[2]) end
 local cur = redis.call('HMGET', KEYS[1], 'state', 'until', 'at', 'epoch', 'gen')
 if cur[1] then
   if tonumber(cur[3]) > at then return {0, cur[4], cur[5]} end
   if cur[1] == ARGV[1] then
     if ARGV[1] ~= 'open' then return {0, cur[4], cur[5]} end
     local u = tonumber(cur[2])
-    if ARGV[9] ~= '1' and (u == 0 or u > now) then return {0, cur[4], cur[5]} end
+    if ARGV[9] ~= '1' and (u == 0 or (u > now and ends <= u + tonumber(ARGV[10]))) then return {0, cur[4], cur[5]} end
   end
 end
-local ends = 0
-if ARGV[1] == 'open' and tonumber(ARGV[2]) > 0 then ends = at + tonumber(ARGV[2]) end
 local epoch = cur[4] or ARGV[5]
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'until', ends, 'at', at, 'origin', ARGV[4], 'epoch', epoch)
@@ -110,12 +118,14 @@ type breaker struct {
 	probing   atomic.Bool  // this replica holds the probe lock
 	probeExp  atomic.Int64 // unix ns: when that lock expires
 	denyUntil atomic.Int64 // unix ns: another replica probes until then
+	holdUntil atomic.Int64 // unix ms: a shared open lasts until then; 0: none
 	dirty     atomic.Bool  // a local transition is not in Redis yet
 
 	// The worker's alone.
 	epoch    string // the last shared state seen
 	gen      int64
 	openedAt time.Time // when the local breaker last opened
+	heldAt   time.Time // when holdUntil was last set from a shared open
 	announce bool      // publish the local state if it is not closed
 	expects  []expectation
 }
@@ -133,6 +143,7 @@ type event struct {
 	b        *breaker
 	from, to resilience.State
 	at       time.Time
+	period   time.Duration // the breaker's OpenPeriod as of the transition
 }
 
 // shared is a breaker state as Redis holds it.
@@ -177,7 +188,7 @@ func (b *breaker) StateChanged(name string, from, to resilience.State) {
 		return
 	}
 	select {
-	case b.s.events <- event{b, from, to, time.Now()}:
+	case b.s.events <- event{b, from, to, time.Now(), b.cb.OpenPeriod()}:
 	default:
 		b.dirty.Store(true)
 	}
@@ -185,11 +196,20 @@ func (b *breaker) StateChanged(name string, from, to resilience.State) {
 
 // AllowProbe takes the half-open probe lock: true if this replica got it or
 // holds it, or if Redis did not answer within OpTimeout; false if another
-// replica holds it. A refusal is remembered for as long as the other lock
-// lasts, at most SyncInterval, so the replicas that do not probe do not ask
-// Redis on every call.
+// replica holds it, or while a shared open lasts (see apply). A refusal is
+// remembered for as long as the other lock lasts, at most SyncInterval, so
+// the replicas that do not probe do not ask Redis on every call.
 func (b *breaker) AllowProbe(ctx context.Context, name string) bool {
 	s := b.s
+	if s.closed.Load() {
+		return true
+	}
+	// Known locally, so honoured while Redis is down too: the downstream
+	// asked the fleet to wait (a retry hint), or the fleet's last probe
+	// failed, until then.
+	if time.Now().UnixMilli() < b.holdUntil.Load() {
+		return false
+	}
 	if !s.usable() {
 		return true
 	}
@@ -226,16 +246,6 @@ func (b *breaker) AllowProbe(ctx context.Context, name string) bool {
 	return false
 }
 
-// openTimeout returns the breaker's OpenTimeout if the core exposes it, or
-// 0 (not known): then a shared open has no end time, and ends when a
-// replica publishes closed or a failed probe's new open.
-func openTimeout(cb *resilience.CircuitBreaker) time.Duration {
-	if o, ok := any(cb).(interface{ OpenTimeout() time.Duration }); ok {
-		return o.OpenTimeout()
-	}
-	return 0
-}
-
 func (b *breaker) expect(to resilience.State) {
 	b.expects = append(b.expects, expectation{to, time.Now().Add(expectWindow)})
 }
@@ -270,6 +280,12 @@ func (s *Store) handleEvent(ev event) {
 	if ev.to == resilience.StateHalfOpen {
 		return
 	}
+	if ev.to == resilience.StateClosed && ev.at.After(b.heldAt) {
+		// Closed here, by a probe that the hold let through, an operator's
+		// Reset, or a close applied, after the shared open that set the
+		// hold: nothing holds the probes any more.
+		b.holdUntil.Store(0)
+	}
 	b.denyUntil.Store(0)
 	held := b.probing.Swap(false)
 	if expected {
@@ -278,13 +294,15 @@ func (s *Store) handleEvent(ev event) {
 		}
 		return
 	}
-	s.publish(b, ev.to, ev.from == resilience.StateHalfOpen, time.Time{})
+	s.publish(b, ev.to, ev.from == resilience.StateHalfOpen, time.Time{}, ev.period)
 }
 
 // publish writes a local state to Redis; at is when the breaker entered it,
-// or zero for now by Redis's clock. A failure leaves the breaker dirty, for
-// the poll to publish once Redis is back.
-func (s *Store) publish(b *breaker, to resilience.State, leftHalfOpen bool, at time.Time) {
+// or zero for now by Redis's clock, and period, for an open, how long it
+// lasts: the breaker's OpenPeriod, so that the other replicas learn a
+// failed probe's doubled period or a retry hint's longer one. A failure
+// leaves the breaker dirty, for the poll to publish once Redis is back.
+func (s *Store) publish(b *breaker, to resilience.State, leftHalfOpen bool, at time.Time, period time.Duration) {
 	if !s.usable() {
 		b.dirty.Store(true)
 		return
@@ -304,8 +322,8 @@ func (s *Store) publish(b *breaker, to resilience.State, leftHalfOpen bool, at t
 	ctx, cancel := s.bg()
 	defer cancel()
 	res, err := publishScript.Run(ctx, s.client, []string{b.hkey, b.pkey},
-		state, openTimeout(b.cb).Milliseconds(), atArg, s.id, newEpoch(), s.channel, b.key,
-		stateTTL.Milliseconds(), left).Slice()
+		state, period.Milliseconds(), atArg, s.id, newEpoch(), s.channel, b.key,
+		stateTTL.Milliseconds(), left, s.opts.SyncInterval.Milliseconds()).Slice()
 	if err != nil {
 		b.dirty.Store(true)
 		s.markDown(err)
@@ -334,7 +352,7 @@ func (s *Store) republish(b *breaker) {
 	case st == resilience.StateHalfOpen:
 	case st == resilience.StateClosed && !dirty:
 	default:
-		s.publish(b, st, false, b.cb.Since())
+		s.publish(b, st, false, b.cb.Since(), b.cb.OpenPeriod())
 	}
 }
 
@@ -350,8 +368,9 @@ func (s *Store) releaseProbe(b *breaker) {
 }
 
 // apply brings the local breaker in line with a shared state: an open seen
-// elsewhere trips it, a close seen elsewhere after it opened resets it.
-// Nothing is applied to a breaker held by ForceOpen or ForceClose.
+// elsewhere trips it until the shared open ends, a close seen elsewhere
+// after it opened resets it. Nothing is applied to a breaker held by
+// ForceOpen or ForceClose.
 func (s *Store) apply(b *breaker, v shared, fromPoll bool) {
 	if v.missing {
 		if b.epoch != "" {
@@ -374,12 +393,37 @@ func (s *Store) apply(b *breaker, v shared, fromPoll bool) {
 		if v.until > 0 && v.until <= time.Now().UnixMilli() {
 			return // over already
 		}
+		// No probe from here before the shared open ends, whatever the
+		// local breaker does: a probe that got through early and succeeded
+		// would close the whole fleet before the end another replica was
+		// told (a retry hint) or chose (a failed probe's doubled period).
+		b.holdUntil.Store(v.until)
+		b.heldAt = time.Now()
 		if b.cb.State() == resilience.StateOpen {
+			// Open already, perhaps for a shorter period than the shared
+			// one. TripFor leaves an open breaker as it is, and tripping it
+			// again once it is half-open would count as a failed probe
+			// here, doubling its next period, and would race the call that
+			// took the probe slot. So the hold alone extends it: the
+			// breaker goes half-open on its own clock, as half-open is not
+			// shared, and AllowProbe rejects its calls, uncounted, as when
+			// another replica probes, until the shared open ends. Nothing
+			// changes state, so nothing is published and nothing echoes.
 			return
 		}
+		// Closed or half-open (another replica's probe failed). The
+		// transition is expected, so it is not published back.
 		b.expect(resilience.StateOpen)
-		b.cb.Trip()
+		if v.until > 0 {
+			// For what is left of the shared period, up to the local
+			// breaker's longest: a ratio's open, a failed probe's doubled
+			// period and a retry hint's longer one reach every replica.
+			b.cb.TripFor(time.Until(time.UnixMilli(v.until)))
+		} else {
+			b.cb.Trip() // an end not known: the local open period
+		}
 	case "closed":
+		b.holdUntil.Store(0) // whatever held the probes is over
 		st := b.cb.State()
 		if st == resilience.StateClosed {
 			return
