@@ -34,7 +34,7 @@ func TestRun(t *testing.T) {
 		`call 2`,
 		// Fail-closed denies, fail-open allows: the point of the demo.
 		`  admin -> false (fail-closed fallback: 3 attempts failed, last: HTTP 503); breaker closed`,
-		`    log: level=WARN msg="circuit breaker open" service=openfga from=closed to=open fail_max=2 open_timeout=200ms`,
+		`    log: level=WARN msg="circuit breaker open" service=openfga from=closed to=open fail_max=2 open_timeout=200ms open_period=200ms`,
 		`  read  -> true  (fail-open fallback: 3 attempts failed, last: HTTP 503); breaker open`,
 		`call 3`,
 		`  admin -> false (fail-closed fallback: the breaker is open, openfga was not called); breaker open`,
@@ -42,7 +42,7 @@ func TestRun(t *testing.T) {
 		`-- waiting for the breaker's open timeout`,
 		`call 4`,
 		`    log: level=INFO msg="circuit breaker half-open" service=openfga from=open to=half-open fail_max=2 open_timeout=200ms`,
-		`    log: level=WARN msg="circuit breaker open" service=openfga from=half-open to=open fail_max=2 open_timeout=200ms`,
+		`    log: level=WARN msg="circuit breaker open" service=openfga from=half-open to=open fail_max=2 open_timeout=200ms open_period=200ms`,
 		`  admin -> false (fail-closed fallback: 3 attempts failed, last: HTTP 503); breaker open`,
 		`  read  -> true  (fail-open fallback: the breaker is open, openfga was not called); breaker open`,
 		`-- openfga recovers`,
