@@ -76,10 +76,25 @@ func (p *pipeline) run(ctx context.Context, attempt attemptFunc, between func())
 		return p.retried(ctx, attempt, between)
 	}
 	var err, o error
-	counted, rej := cb.guard(ctx, func() error {
+	r := cb.rule.Load()
+	var began, ended time.Duration // of the successful attempt, for a slow-call trigger
+	if r.slow > 0 {
+		// Each attempt is timed inside the bulkhead: a wait for a slot
+		// or between attempts is local, not the downstream's slowness.
+		inner := attempt
+		attempt = func(ctx context.Context) error {
+			b := monotonic()
+			err := inner(ctx)
+			if err == nil {
+				began, ended = b, monotonic()
+			}
+			return err
+		}
+	}
+	counted, rej := cb.guard(ctx, func(counted bool) error {
 		err = p.retried(ctx, attempt, between)
 		o = cb.outcome(ctx, err)
-		if o == errFailure {
+		if counted && o == errFailure {
 			// Before gobreaker counts it: an open it causes lasts as
 			// long as the downstream asked.
 			cb.noteHint(err)
@@ -93,6 +108,9 @@ func (p *pipeline) run(ctx context.Context, attempt attemptFunc, between func())
 		switch o {
 		case nil:
 			cb.counts.successes.Add(1)
+			if ended-began > r.slow && ended != 0 {
+				cb.slowCall(r, began, ended)
+			}
 		case errFailure:
 			cb.recordFailure(ctx, errorType(err))
 		}

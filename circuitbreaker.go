@@ -54,7 +54,10 @@ type CircuitBreakerConfig struct {
 
 	// FailureRatio, in (0, 1], opens the breaker when, over the last
 	// SamplingWindow, at least MinimumThroughput calls were counted and
-	// failures/calls >= FailureRatio. 0 means no ratio trigger. A ratio
+	// failures/calls >= FailureRatio. 0 means no ratio trigger. As in
+	// gobreaker and Polly, the ratio is checked when a call fails (the
+	// slow-call ratio also when a call is slow), never on a success, which
+	// only lowers it. A ratio
 	// suits a downstream called more than about once a second; below that
 	// a window rarely holds MinimumThroughput calls, and FailMax is the
 	// better trigger.
@@ -174,6 +177,7 @@ type CircuitBreaker struct {
 	period    atomic.Int64 // the length of the current or last open period
 	hintUntil atomic.Int64 // the latest end a failure's retry hint asked for
 	tripMin   atomic.Int64 // the open period TripFor asks for
+	tripping  atomic.Int32 // > 0: Trip or TripFor is opening the breaker
 	streak    int          // failed probes in a row; guarded by evMu
 
 	// Transitions are queued by gobreaker's hook, which runs under
@@ -374,8 +378,10 @@ func (cb *CircuitBreaker) Reset() {
 // thresholds (FailMax, the ratios, MinimumThroughput, SlowCallDuration,
 // MaxOpenTimeout, Shadow) take effect at once, for calls in flight too,
 // and keep the window's counts. gobreaker fixes OpenTimeout,
-// HalfOpenMaxCalls and the sampling window at construction, so changing
-// one of them starts the breaker afresh, closed, as Reset does. IsFailure,
+// HalfOpenMaxCalls and the sampling window (which exists only with a
+// ratio or slow-call trigger) at construction, so changing one of them
+// starts the counts afresh; an open breaker stays open for the rest of its
+// period, any other closes. IsFailure,
 // OnStateChange and Logger are replaced when cfg sets them, and kept when
 // it leaves them nil. The transition it may cause is queued, not
 // delivered: the caller, which may hold a lock of its own
@@ -388,21 +394,32 @@ func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
 	cb.hooks.Store(keepBreakerCode(cb.hooks.Load().config(), cfg).hooks())
 	cb.rule.Store(rule)
 	cb.setMu.Lock()
-	defer cb.setMu.Unlock()
 	if cb.shape == shape {
+		cb.setMu.Unlock()
 		return nil
 	}
 	cb.setShape(shape)
 	// A fresh gobreaker with the new settings, closed; a state an operator
-	// forced stays forced.
+	// forced stays forced, and an open breaker stays open for the rest of
+	// its period.
 	g := cb.newGen()
 	cb.evMu.Lock()
+	var rest time.Duration
+	if cb.last == StateOpen && cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
+		rest = max(time.Duration(cb.openEnd.Load()-int64(monotonic())), 1)
+	}
 	cb.cur.Store(g)
-	cb.closedLocked()
-	if cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
-		cb.transitionLocked(cb.last, StateClosed)
+	if rest == 0 {
+		cb.closedLocked()
+		if cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
+			cb.transitionLocked(cb.last, StateClosed)
+		}
 	}
 	cb.evMu.Unlock()
+	cb.setMu.Unlock()
+	if rest > 0 {
+		cb.trip(rest)
+	}
 	return nil
 }
 
@@ -496,18 +513,19 @@ const (
 // guard runs call if the breaker admits it, through gobreaker's Execute,
 // whose closure does not escape, so that admission allocates nothing (its
 // two-step API allocates a done func per call). call returns the outcome
-// for gobreaker: nil, errFailure or errExcluded. guard returns the
+// for gobreaker: nil, errFailure or errExcluded; it is told whether the
+// breaker counts it. guard returns the
 // rejection, or nil once call has run, with counted false when the breaker
 // is disabled, forced closed or in shadow mode and call ran uncounted. A
 // panic in call counts as a failure and propagates, and a runtime.Goexit,
 // which gobreaker does not see, is repaired so that no probe is lost.
-func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted bool, rejected error) {
+func (cb *CircuitBreaker) guard(ctx context.Context, call func(counted bool) error) (counted bool, rejected error) {
 	if m := cb.mode.Load(); m != 0 || !cb.on() {
 		if m&modeForcedOpen != 0 && cb.on() {
 			cb.counts.rejections.Add(1)
 			return false, cb.errOpen
 		}
-		call() // disabled, or forced closed: not counted
+		call(false) // disabled, or forced closed: not counted
 		return false, nil
 	}
 	r := cb.rule.Load()
@@ -517,13 +535,13 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted
 	g := cb.cur.Load()
 	stage := callNotRun
 	var panicked any
-	var began, ended time.Duration // for a slow call: when it ran
+	probe := false // admitted half-open
 	defer func() {
 		if stage != callRunning {
 			return
 		}
 		if panicked == nil {
-			cb.goexited(g)
+			cb.goexited(g, probe)
 		}
 		cb.flush()
 		cb.recordFailure(ctx, "panic")
@@ -536,6 +554,7 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted
 			return struct{}{}, errExcluded
 		}
 		stage = callRunning
+		probe = cb.lastState() == StateHalfOpen
 		defer func() {
 			if stage == callRunning {
 				// Tell a panic from a Goexit, then let gobreaker count it.
@@ -545,14 +564,8 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted
 				}
 			}
 		}()
-		if r.slow > 0 {
-			began = monotonic()
-		}
-		o := call()
+		o := call(true)
 		stage = callReturned
-		if o == nil && r.slow > 0 {
-			ended = monotonic()
-		}
 		return struct{}{}, o
 	})
 	cb.flush()
@@ -565,17 +578,14 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func() error) (counted
 	case probeDenied:
 		return cb.reject(r, call, cb.errTooMany)
 	}
-	if ended-began > r.slow && ended != 0 {
-		cb.slowCall(g, r, began, ended)
-	}
 	return true, nil
 }
 
 // reject rejects a call with err, or in shadow mode runs it uncounted.
-func (cb *CircuitBreaker) reject(r *breakerRule, call func() error, err error) (bool, error) {
+func (cb *CircuitBreaker) reject(r *breakerRule, call func(bool) error, err error) (bool, error) {
 	if r.shadow {
 		cb.counts.shadowRejections.Add(1)
-		call()
+		call(false)
 		return false, nil
 	}
 	cb.counts.rejections.Add(1)
@@ -585,22 +595,32 @@ func (cb *CircuitBreaker) reject(r *breakerRule, call func() error, err error) (
 // goexited repairs gobreaker after a call that called runtime.Goexit:
 // gobreaker counted the request but, recovering nothing, never its outcome,
 // and in the half-open state that probe would be held for ever. It counts
-// the failure a panic would have been.
-func (cb *CircuitBreaker) goexited(g *breakerGen) {
-	if cb.cur.Load() != g {
+// the failure a panic would have been: a failed probe if the call was one
+// and the breaker still waits on it, a failure if the breaker is still
+// closed. Otherwise the breaker has moved on, and gobreaker would have
+// dropped the outcome as stale: so is it here.
+func (cb *CircuitBreaker) goexited(g *breakerGen, probe bool) {
+	if cb.cur.Load() != g || cb.held() {
 		return
 	}
-	if cb.gbState(g) == StateHalfOpen {
-		cb.setMu.Lock()
-		n := cb.newGen()
-		cb.evMu.Lock()
-		cb.cur.Store(n)
-		cb.evMu.Unlock()
-		cb.setMu.Unlock()
-		cb.tripGen(n)
-		return
+	switch s := cb.lastState(); {
+	case probe && s == StateHalfOpen:
+		cb.replaceAndTrip()
+	case !probe && s == StateClosed:
+		g.gb.Execute(func() (struct{}, error) { return struct{}{}, errFailure })
 	}
-	g.gb.Execute(func() (struct{}, error) { return struct{}{}, errFailure })
+}
+
+// replaceAndTrip opens the breaker from half-open, whatever probes are in
+// flight: a fresh generation, tripped, so that they are dropped as stale.
+func (cb *CircuitBreaker) replaceAndTrip() {
+	cb.setMu.Lock()
+	n := cb.newGen()
+	cb.evMu.Lock()
+	cb.cur.Store(n)
+	cb.evMu.Unlock()
+	cb.setMu.Unlock()
+	cb.tripGen(n)
 }
 
 // outcome maps a call's result to what gobreaker should count.

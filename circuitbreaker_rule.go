@@ -23,6 +23,9 @@ const (
 	// hintCapFactor bounds the open period a retry hint asks for when
 	// MaxOpenTimeout is not set, as a multiple of OpenTimeout.
 	hintCapFactor = 10
+	// maxSamplingWindow keeps gobreaker's rounding of the window to whole
+	// buckets far from overflow; a longer window says nothing about now.
+	maxSamplingWindow = 24 * time.Hour
 )
 
 // breakerRule is a breaker's resolved thresholds. It is replaced whole when
@@ -74,6 +77,8 @@ func (cfg CircuitBreakerConfig) resolve() (*breakerRule, breakerShape, error) {
 		err = invalid("CircuitBreakerConfig.SamplingWindow", cfg.SamplingWindow, "must not be negative")
 	case cfg.SamplingWindow > 0 && cfg.SamplingWindow < windowBuckets*time.Millisecond:
 		err = invalid("CircuitBreakerConfig.SamplingWindow", cfg.SamplingWindow, "must be at least 10ms: 10 buckets of at least 1ms")
+	case cfg.SamplingWindow > maxSamplingWindow:
+		err = invalid("CircuitBreakerConfig.SamplingWindow", cfg.SamplingWindow, "must be at most 24h")
 	case cfg.SlowCallDuration < 0:
 		err = invalid("CircuitBreakerConfig.SlowCallDuration", cfg.SlowCallDuration, "must not be negative")
 	case ratioBad(cfg.SlowCallRatio):
@@ -289,15 +294,21 @@ func (r *breakerRule) attrs() []slog.Attr {
 // TripFor asked for. gobreaker holds the breaker open for OpenTimeout; a
 // longer period is held by guard. It runs under g's mutex and evMu.
 func (cb *CircuitBreaker) openedLocked(g *breakerGen) {
-	if cb.last == StateHalfOpen {
+	switch {
+	case cb.tripping.Load() > 0:
+		// Trip or TripFor: an open applied, not a probe that failed.
+	case cb.last == StateHalfOpen:
 		cb.streak++
-	} else {
+	default:
 		cb.streak = 0
 	}
 	now := int64(monotonic())
 	hint := time.Duration(cb.tripMin.Load())
-	if h := cb.hintUntil.Load(); h != 0 {
-		hint = max(hint, time.Duration(h-now))
+	if h := cb.hintUntil.Swap(0); h != 0 {
+		// Used once: a later open asks the downstream afresh.
+		if h-now > int64(hint) && h-now > 0 {
+			hint = time.Duration(h - now)
+		}
 	}
 	p := max(cb.rule.Load().period(cb.streak, hint), g.timeout)
 	end := now + int64(p)
@@ -316,6 +327,7 @@ func (cb *CircuitBreaker) openedLocked(g *breakerGen) {
 // closedLocked ends the open periods' growth. evMu is held.
 func (cb *CircuitBreaker) closedLocked() {
 	cb.streak = 0
+	cb.hintUntil.Store(0)
 	cb.hold.Store(0)
 	cb.openEnd.Store(0)
 	cb.period.Store(int64(cb.rule.Load().open))
@@ -333,6 +345,13 @@ func (cb *CircuitBreaker) untilProbe() time.Duration {
 	if cb.mode.Load()&modeForcedOpen != 0 {
 		return -1
 	}
+	if h := cb.hold.Load(); h != 0 {
+		// Held open, even if a call that finished meanwhile has moved
+		// gobreaker on to half-open.
+		if d := h - int64(monotonic()); d >= 0 {
+			return time.Duration(d)
+		}
+	}
 	if cb.lastState() != StateOpen {
 		return 0
 	}
@@ -346,7 +365,11 @@ func (cb *CircuitBreaker) noteHint(err error) {
 	if d <= 0 {
 		return
 	}
-	end := int64(monotonic() + d)
+	now := monotonic()
+	end := int64(now + d)
+	if now > 0 && d > math.MaxInt64-now {
+		end = math.MaxInt64
+	}
 	for {
 		cur := cb.hintUntil.Load()
 		if (cur != 0 && end <= cur) || cb.hintUntil.CompareAndSwap(cur, end) {
@@ -358,8 +381,11 @@ func (cb *CircuitBreaker) noteHint(err error) {
 // slowCall counts a slow call of g, which ran from began to ended, and
 // opens the breaker if the slow-call ratio is reached: gobreaker asks
 // ReadyToTrip only after a failure.
-func (cb *CircuitBreaker) slowCall(g *breakerGen, r *breakerRule, began, ended time.Duration) {
+func (cb *CircuitBreaker) slowCall(r *breakerRule, began, ended time.Duration) {
 	cb.counts.slowCalls.Add(1)
+	// The current generation: a call that began before it is not counted
+	// in it, as gobreaker drops the outcome of an earlier one.
+	g := cb.cur.Load()
 	if g.slow == nil {
 		return // built before a reload added the trigger
 	}
@@ -374,20 +400,30 @@ func (cb *CircuitBreaker) slowCall(g *breakerGen, r *breakerRule, began, ended t
 // half-open after its open period as usual. A BreakerSync uses it to apply
 // an open seen elsewhere; an open breaker stays as it is. It is safe for
 // concurrent use.
-func (cb *CircuitBreaker) Trip() {
-	cb.tripGen(cb.cur.Load())
-	cb.flush()
-}
+func (cb *CircuitBreaker) Trip() { cb.TripFor(0) }
 
 // TripFor opens the breaker now for at least d, up to the longest open
 // period its configuration allows: a BreakerSync uses it to apply a longer
 // open period seen elsewhere. An open breaker stays as it is. It is safe
 // for concurrent use.
 func (cb *CircuitBreaker) TripFor(d time.Duration) {
-	cb.tripMin.Store(int64(d))
-	cb.tripGen(cb.cur.Load())
-	cb.tripMin.Store(0)
+	cb.trip(d)
 	cb.flush()
+}
+
+// trip is TripFor without delivering the transition.
+func (cb *CircuitBreaker) trip(d time.Duration) {
+	cb.tripping.Add(1)
+	cb.tripMin.Store(int64(max(d, 0)))
+	if cb.gbState(cb.cur.Load()) == StateHalfOpen {
+		// Open whatever probes are in flight: their outcome would
+		// close or reopen the breaker against what was asked.
+		cb.replaceAndTrip()
+	} else {
+		cb.tripGen(cb.cur.Load())
+	}
+	cb.tripMin.Store(0)
+	cb.tripping.Add(-1)
 }
 
 // tripGen opens g. gobreaker has no way to set a state, so it feeds g one

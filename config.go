@@ -339,12 +339,18 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 		l.check(p+"SLOW_CALL_RATIO", v.SlowCallRatio > 0 && v.SlowCallRatio <= 1, "must be a ratio in (0, 1], such as 0.5")
 		l.check(p+"MAX_TIMEOUT", v.MaxTimeout > 0 && v.MaxTimeout >= v.Timeout,
 			"must be positive and not below the open timeout ("+v.Timeout.String()+")")
+		l.check(p+"SAMPLING_WINDOW", v.SamplingWindow <= maxSamplingWindow, "must be at most 24h")
+		if _, set := l.environ[l.prefix+p+"MAX_TIMEOUT"]; !set && v.MaxTimeout > 0 && v.MaxTimeout < v.Timeout {
+			// An inherited bound below this service's own TIMEOUT: its
+			// open periods do not grow.
+			v.MaxTimeout = 0
+		}
 		mode := strings.ToLower(strings.TrimSpace(v.Mode))
 		l.check(p+"MODE", mode == "normal" || mode == "shadow", "must be normal or shadow")
 		// A FailMax nobody set gives way to a ratio: only the ratio opens
 		// the breaker then.
 		_, failMaxSet := l.environ[l.prefix+p+"FAIL_MAX"]
-		failMaxSet = failMaxSet || (inherits && key != reservedKey && defaultFailMaxSet)
+		failMaxSet = failMaxSet || (key != reservedKey && defaultFailMaxSet)
 		if key == reservedKey {
 			defaultFailMaxSet = failMaxSet
 		}
