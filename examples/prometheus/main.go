@@ -8,6 +8,7 @@
 //
 // The downstream is simulated in process and needs no network. It answers in
 // 2 to 10ms, fails one call in ten, hangs past the timeouts one call in ten,
+// answers slowly (55ms, within the timeouts) one call in ten,
 // and is down altogether for 2s of every 8s, starting 1s in: the breakers
 // open and close again (one on consecutive failures, one on its failure or
 // slow-call ratio, and one in shadow mode, which only counts the calls it
@@ -132,6 +133,8 @@ const (
 	hangShare   = 0.1                    // of calls outside an outage
 	pause       = 10 * time.Millisecond  // between one worker's calls
 	slowCall    = 50 * time.Millisecond  // a slow success for the recommender's breaker
+	slowShare   = 0.1                    // of calls outside an outage, answered in slowReply
+	slowReply   = 55 * time.Millisecond  // above slowCall, below every timeout
 )
 
 // httpError is the downstream's failure: its type, *main.httpError, is the
@@ -171,6 +174,8 @@ func (d *downstream) call(ctx context.Context, cooperative bool, answer string) 
 		err = &httpError{http.StatusInternalServerError}
 	case r < failShare+hangShare:
 		latency = hang
+	case r < failShare+hangShare+slowShare:
+		latency = slowReply
 	}
 	if !cooperative {
 		time.Sleep(latency)
@@ -242,8 +247,9 @@ func traffic(ctx context.Context) error {
 	// rolling second rather than on consecutive failures: when half of the
 	// calls fail, which only an outage does (a call fails outside one when
 	// both its attempts do), or when half of them are slow, a success that
-	// took more than slowCall (one that needed its retry after a timed-out
-	// attempt). Each failed probe doubles the open period, up to 1.6s.
+	// took more than slowCall (each attempt is timed on its own, so one in
+	// ten: the slow replies). Each failed probe doubles the open period,
+	// up to 1.6s.
 	recBreaker, err := resilience.NewCircuitBreaker(resilience.CircuitBreakerConfig{
 		Name: "recommender", FailureRatio: 0.5, MinimumThroughput: 20, SamplingWindow: time.Second,
 		SlowCallDuration: slowCall, SlowCallRatio: 0.5,
