@@ -131,7 +131,7 @@ func TestAdminBreakerWindow(t *testing.T) {
 			fail(ctx)
 		}
 		for i, period := range []string{"8s", "16s", "32s", "1m0s", "1m0s"} {
-			bs, raw = getBreaker(t, reg, "llm")
+			bs, _ = getBreaker(t, reg, "llm")
 			if bs.State != "open" || bs.OpenPeriod != period || bs.RetryAfter != period {
 				t.Fatalf("open %d: state %s, open_period %q, retry_after %q; want open, %s, %s",
 					i, bs.State, bs.OpenPeriod, bs.RetryAfter, period, period)
