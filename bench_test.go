@@ -297,3 +297,69 @@ func BenchmarkTransport(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkCircuitBreakerTriggers compares the closed breaker's success
+// path with each kind of trigger, side by side: consecutive failures only
+// (the zero config), a failure ratio (gobreaker's rolling window), and a
+// failure ratio with a slow-call trigger (which times every call). Each is
+// run through WithCircuitBreaker alone and through the whole Compose stack,
+// with the no-op and the SDK meter, serial and in parallel. The trigger is
+// the last element of the name, trigger=..., so that
+//
+//	benchstat -col /trigger
+//
+// puts the three side by side with consecutive as the base.
+func BenchmarkCircuitBreakerTriggers(b *testing.B) {
+	triggers := []struct {
+		name string
+		cfg  CircuitBreakerConfig
+	}{
+		{"consecutive", CircuitBreakerConfig{}},
+		{"ratio", CircuitBreakerConfig{FailureRatio: 0.5}},
+		{"ratio+slow", CircuitBreakerConfig{FailureRatio: 0.5, SlowCallDuration: time.Second}},
+	}
+	paths := []struct {
+		name string
+		wrap func(b *testing.B, cb *CircuitBreaker) Func[int]
+	}{
+		{"breaker", func(_ *testing.B, cb *CircuitBreaker) Func[int] { return WithCircuitBreaker(checksCtx, cb) }},
+		{"compose", benchStack},
+	}
+	for _, path := range paths {
+		for _, meter := range []string{"noop", "sdk"} {
+			for _, parallel := range []bool{false, true} {
+				mode := meter
+				if parallel {
+					mode += "-parallel"
+				}
+				for _, tr := range triggers {
+					b.Run(path.name+"/"+mode+"/trigger="+tr.name, func(b *testing.B) {
+						meterProviders(b)[meter]()
+						defer SetMeterProvider(nil)
+						cb := mustBreaker(b, tr.cfg)
+						fn := path.wrap(b, cb)
+						b.ReportAllocs()
+						if parallel {
+							b.RunParallel(func(pb *testing.PB) {
+								ctx := context.Background()
+								for pb.Next() {
+									fn(ctx)
+								}
+							})
+						} else {
+							ctx := context.Background()
+							for b.Loop() {
+								fn(ctx)
+							}
+						}
+						// Every call was a fast success: the breaker stayed
+						// closed and counted no slow call.
+						if s, c := cb.State(), cb.Counts(); s != StateClosed || c.TotalFailures != 0 || c.WindowSlowCalls != 0 {
+							b.Fatalf("after the run: state %v, counts %+v", s, c)
+						}
+					})
+				}
+			}
+		}
+	}
+}
