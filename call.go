@@ -78,22 +78,36 @@ func (p *pipeline) run(ctx context.Context, attempt attemptFunc, between func())
 	var err, o error
 	r := cb.rule.Load()
 	var began, ended time.Duration // of the successful attempt, for a slow-call trigger
-	if r.slow > 0 {
-		// Each attempt is timed inside the bulkhead: a wait for a slot
-		// or between attempts is local, not the downstream's slowness.
+	// reached: an attempt got past the bulkhead, so the call's outcome is
+	// the downstream's even if a later attempt found the bulkhead full.
+	reached := p.bulkhead == nil
+	if r.slow > 0 || !reached {
 		inner := attempt
 		attempt = func(ctx context.Context) error {
-			b := monotonic()
+			var b time.Duration
+			if r.slow > 0 {
+				// Timed inside the bulkhead: a wait for a slot or
+				// between attempts is local, not the downstream's
+				// slowness.
+				b = monotonic()
+			}
 			err := inner(ctx)
 			if err == nil {
-				began, ended = b, monotonic()
+				reached = true
+				if r.slow > 0 {
+					began, ended = b, monotonic()
+				}
+			} else if !reached && !errors.Is(err, ErrBulkheadFull) {
+				// An enforced attempt takes its slot itself, and says
+				// so by its error when it got none.
+				reached = true
 			}
 			return err
 		}
 	}
 	counted, rej := cb.guard(ctx, func(counted bool) error {
 		err = p.retried(ctx, attempt, between)
-		o = cb.outcome(ctx, err)
+		o = cb.outcome(ctx, err, reached)
 		if counted && o == errFailure {
 			// Before gobreaker counts it: an open it causes lasts as
 			// long as the downstream asked.

@@ -624,7 +624,7 @@ func (cb *CircuitBreaker) replaceAndTrip() {
 }
 
 // outcome maps a call's result to what gobreaker should count.
-func (cb *CircuitBreaker) outcome(ctx context.Context, err error) error {
+func (cb *CircuitBreaker) outcome(ctx context.Context, err error, reached bool) error {
 	if err == nil {
 		return nil
 	}
@@ -632,8 +632,10 @@ func (cb *CircuitBreaker) outcome(ctx context.Context, err error) error {
 		// The caller gave up: that says nothing about the downstream.
 		return errExcluded
 	}
-	if errors.Is(err, ErrBulkheadFull) {
-		// Local saturation: the call never reached the downstream.
+	if !reached && errors.Is(err, ErrBulkheadFull) {
+		// Local saturation: the call never reached the downstream. One
+		// that did, and whose retry then found the bulkhead full, is
+		// counted: a half-open probe that reached it decides.
 		return errExcluded
 	}
 	if f := cb.hooks.Load().isFailure; f != nil && !f(err) {

@@ -274,3 +274,46 @@ func TestCircuitBreakerHugeHintSaturates(t *testing.T) {
 		t.Errorf("hintUntil = %d after a hint of %v: overflowed", h, time.Duration(math.MaxInt64))
 	}
 }
+
+// A half-open probe whose first attempt reached the downstream and failed,
+// and whose retry then found the bulkhead full, was taken for local
+// saturation and excluded: its place went to a second probe in the same
+// half-open period (found by internal/chaos FuzzCompose).
+func TestCircuitBreakerProbeThatReachedDownstreamCountsDespiteFullBulkhead(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cb := mustBreaker(t, CircuitBreakerConfig{FailMax: 1, OpenTimeout: time.Second, DisableLogging: true})
+		bh := mustBulkhead(t, BulkheadConfig{Limit: 1, MaxWait: time.Millisecond})
+		rt := mustRetry(t, RetryConfig{MaxAttempts: 2, InitialDelay: 10 * time.Millisecond, DisableJitter: true})
+		release := make(chan struct{})
+		var held sync.WaitGroup
+		calls := 0
+		fn := Compose(func(context.Context) (int, error) {
+			calls++
+			if calls == 3 { // the first call made 2 attempts
+				// The probe: someone else takes the slot as it leaves,
+				// so that its retry finds the bulkhead full.
+				held.Go(func() {
+					rel, err := bh.Acquire(context.Background())
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					<-release
+					rel()
+				})
+			}
+			return 0, errBoom
+		}, Stack[int]{CircuitBreaker: cb, Retry: rt, Bulkhead: bh})
+		fn(context.Background()) // opens
+		time.Sleep(time.Second + 1)
+		_, err := fn(context.Background()) // the probe
+		if !errors.Is(err, ErrBulkheadFull) {
+			t.Fatalf("probe: %v; want its retry to have found the bulkhead full", err)
+		}
+		if s := cb.State(); s != StateOpen {
+			t.Fatalf("state %v (counts %+v, err %v, calls %d) after a probe that reached the downstream and failed; want open", s, cb.Counts(), err, calls)
+		}
+		close(release)
+		held.Wait()
+	})
+}
