@@ -179,6 +179,9 @@ type CircuitBreaker struct {
 	tripMin   atomic.Int64 // the open period TripFor asks for
 	tripping  atomic.Int32 // > 0: Trip or TripFor is opening the breaker
 	streak    int          // failed probes in a row; guarded by evMu
+	// lateHalfOpen: gobreaker went half-open during a hold, to be reported
+	// when the hold ends; guarded by evMu.
+	lateHalfOpen bool
 
 	// Transitions are queued by gobreaker's hook, which runs under
 	// gobreaker's mutex, and delivered by flush once that mutex is released.
@@ -345,10 +348,30 @@ func (cb *CircuitBreaker) State() State {
 // has come, except while a longer open period holds it open: gobreaker
 // would go half-open after OpenTimeout.
 func (cb *CircuitBreaker) gbState(g *breakerGen) State {
-	if cb.held() {
-		return StateOpen
+	if h := cb.hold.Load(); h != 0 {
+		if int64(monotonic()) <= h {
+			return StateOpen
+		}
+		cb.endHold(h)
 	}
 	return fromGobreaker(g.gb.State())
+}
+
+// endHold ends the longer open period that ended at h, and reports the move
+// to half-open that gobreaker made meanwhile, if it did.
+func (cb *CircuitBreaker) endHold(h int64) {
+	if !cb.hold.CompareAndSwap(h, 0) {
+		return
+	}
+	cb.evMu.Lock()
+	if cb.lateHalfOpen {
+		cb.lateHalfOpen = false
+		if cb.last == StateOpen && cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
+			cb.transitionLocked(StateOpen, StateHalfOpen)
+		}
+	}
+	cb.evMu.Unlock()
+	cb.flush()
 }
 
 // held reports whether a longer open period holds the breaker open now.
@@ -529,8 +552,11 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func(counted bool) err
 		return false, nil
 	}
 	r := cb.rule.Load()
-	if h := cb.hold.Load(); h != 0 && int64(monotonic()) <= h {
-		return cb.reject(r, call, cb.errOpen)
+	if h := cb.hold.Load(); h != 0 {
+		if int64(monotonic()) <= h {
+			return cb.reject(r, call, cb.errOpen)
+		}
+		cb.endHold(h)
 	}
 	g := cb.cur.Load()
 	stage := callNotRun

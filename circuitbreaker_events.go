@@ -42,6 +42,15 @@ func (cb *CircuitBreaker) queue(g *breakerGen, from, to State) {
 	}
 	if cb.cur.Load() == g && cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
 		switch to {
+		case StateHalfOpen:
+			if cb.held() {
+				// A call that finished during a longer open period let
+				// gobreaker move on after its OpenTimeout; the breaker is
+				// still open, and says half-open when the hold ends.
+				cb.lateHalfOpen = true
+				cb.evMu.Unlock()
+				return
+			}
 		case StateOpen:
 			cb.openedLocked(g)
 		case StateClosed:

@@ -96,7 +96,18 @@ func TestCircuitBreakerRetryAfterDuringHoldAfterInFlightCall(t *testing.T) {
 		if got := e.RetryAfter(); got != 5*time.Second {
 			t.Errorf("RetryAfter() = %v 3s into an 8s open; want 5s", got)
 		}
-		_ = trans // gobreaker may report half-open already: see the closing note of issue 12
+		if got := cb.lastState(); got != StateOpen {
+			t.Errorf("reported state %v; want open; transitions %v", got, trans)
+		}
+		// When the hold ends, the move to half-open is reported, once, and
+		// the probe goes through and closes the breaker.
+		time.Sleep(5*time.Second + 1)
+		if _, err := WithCircuitBreaker(okFunc, cb)(context.Background()); err != nil {
+			t.Fatalf("the probe after the hold: %v", err)
+		}
+		if want := []string{"closed->open", "open->half-open", "half-open->closed"}; !slices.Equal(trans, want) {
+			t.Errorf("transitions %v; want %v", trans, want)
+		}
 	})
 }
 

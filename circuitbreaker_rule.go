@@ -156,6 +156,9 @@ func (r *breakerRule) trips(c gobreaker.Counts, slow uint32) bool {
 	if calls == 0 || calls < uint64(r.minCalls) {
 		return false
 	}
+	// The slow window's buckets follow gobreaker's to within the time
+	// between its clock reading and ours: never more slow calls than calls.
+	slow = uint32(min(uint64(slow), calls))
 	if r.ratio > 0 && float64(c.TotalFailures)/float64(calls) >= r.ratio {
 		return true
 	}
@@ -315,6 +318,7 @@ func (cb *CircuitBreaker) openedLocked(g *breakerGen) {
 	if end < now {
 		end = math.MaxInt64
 	}
+	cb.lateHalfOpen = false
 	cb.period.Store(int64(p))
 	cb.openEnd.Store(end)
 	if p > g.timeout {
@@ -327,6 +331,7 @@ func (cb *CircuitBreaker) openedLocked(g *breakerGen) {
 // closedLocked ends the open periods' growth. evMu is held.
 func (cb *CircuitBreaker) closedLocked() {
 	cb.streak = 0
+	cb.lateHalfOpen = false
 	cb.hintUntil.Store(0)
 	cb.hold.Store(0)
 	cb.openEnd.Store(0)
