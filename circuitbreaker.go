@@ -658,7 +658,7 @@ func (cb *CircuitBreaker) outcome(ctx context.Context, err error, reached bool) 
 		// The caller gave up: that says nothing about the downstream.
 		return errExcluded
 	}
-	if !reached && errors.Is(err, ErrBulkheadFull) {
+	if !reached && (errors.Is(err, ErrBulkheadFull) || errors.Is(err, ErrRateLimited)) {
 		// Local saturation: the call never reached the downstream. One
 		// that did, and whose retry then found the bulkhead full, is
 		// counted: a half-open probe that reached it decides.

@@ -23,6 +23,9 @@ type Stack[T any] struct {
 	CircuitBreaker *CircuitBreaker
 	// Retry, if set, retries failed attempts.
 	Retry *Retry
+	// RateLimiter, if set, paces the attempts: each takes one permit
+	// before it starts, outside its timeout. An open breaker spends none.
+	RateLimiter *RateLimiter
 	// Timeout, if positive, bounds each attempt. A negative Timeout is
 	// reported as ErrInvalidConfig by every call.
 	Timeout time.Duration
@@ -39,7 +42,7 @@ type Stack[T any] struct {
 // Compose returns fn protected by the policies in s, in this order, outermost
 // first:
 //
-//	fallback(breaker(retry(timeout(bulkhead(fn)))))
+//	fallback(breaker(retry(rate limit(timeout(bulkhead(fn))))))
 //
 // So the breaker counts one failure per call whose retries were exhausted,
 // each attempt gets the whole timeout, the wait for a bulkhead slot counts
@@ -54,7 +57,7 @@ func Compose[T any](fn Func[T], s Stack[T]) Func[T] {
 	if fn == nil {
 		return failing[T](invalid("Compose fn", nil, "must not be nil"))
 	}
-	p := &pipeline{cb: s.CircuitBreaker, retry: s.Retry, bulkhead: s.Bulkhead}
+	p := &pipeline{cb: s.CircuitBreaker, retry: s.Retry, limiter: s.RateLimiter, bulkhead: s.Bulkhead}
 	if s.Timeout != 0 {
 		if err := checkTimeout("Stack.Timeout", false, s.Timeout); err != nil {
 			return failing[T](err)

@@ -312,6 +312,8 @@ func errorType(err error) string {
 			return "circuit_open"
 		case ErrBulkheadFull:
 			return "bulkhead_full"
+		case ErrRateLimited:
+			return "rate_limited"
 		}
 	}
 	switch {
@@ -323,6 +325,8 @@ func errorType(err error) string {
 		return "circuit_open"
 	case errors.Is(err, ErrBulkheadFull):
 		return "bulkhead_full"
+	case errors.Is(err, ErrRateLimited):
+		return "rate_limited"
 	case errors.Is(err, context.Canceled):
 		return "canceled"
 	case errors.Is(err, context.DeadlineExceeded):
@@ -415,14 +419,14 @@ func classify(ctx context.Context, err error) outcome {
 	}
 	if e, ok := err.(*Error); ok {
 		switch e.Err {
-		case ErrCircuitOpen, ErrBulkheadFull:
+		case ErrCircuitOpen, ErrBulkheadFull, ErrRateLimited:
 			return outcomeRejected
 		case ErrTimeout:
 			return outcomeTimeout
 		}
 	}
 	switch {
-	case errors.Is(err, ErrCircuitOpen), errors.Is(err, ErrBulkheadFull):
+	case errors.Is(err, ErrCircuitOpen), errors.Is(err, ErrBulkheadFull), errors.Is(err, ErrRateLimited):
 		return outcomeRejected
 	case errors.Is(err, ErrTimeout):
 		return outcomeTimeout

@@ -99,6 +99,13 @@ var (
 	// It is retryable.
 	ErrBulkheadFull = errors.New("bulkhead is full")
 
+	// ErrRateLimited reports a call a rate limiter refused: its permits
+	// were not free and it fails fast, they would not be free within
+	// MaxWait or the context's deadline, or more were asked than a burst
+	// holds. It is retryable; the *Error's RetryAfter says when the
+	// permits would be free.
+	ErrRateLimited = errors.New("rate limited")
+
 	// ErrTimeout reports that a timeout set by this package expired. It also
 	// matches [context.DeadlineExceeded], and, unlike the caller's own
 	// deadline, it is retryable.
@@ -155,7 +162,8 @@ type Error struct {
 	// the function returned at its deadline, or gobreaker's own error.
 	Cause error
 
-	cb *CircuitBreaker // the breaker that rejected the call, for RetryAfter
+	cb      *CircuitBreaker // the breaker that rejected the call, for RetryAfter
+	retryIn time.Duration   // ErrRateLimited: until the permits are free; < 0: never
 }
 
 // RetryAfter returns how long the downstream asked the caller to wait
@@ -172,6 +180,9 @@ type Error struct {
 func (e *Error) RetryAfter() time.Duration {
 	if e.cb != nil {
 		return e.cb.untilProbe()
+	}
+	if e.Err == ErrRateLimited {
+		return e.retryIn
 	}
 	if e.Cause == nil {
 		return -1
@@ -235,7 +246,7 @@ func Permanent(err error) error { return backoff.Permanent(err) }
 //     caller's own context.DeadlineExceeded, ErrRetryExhausted (an inner
 //     retry already gave up: retrying again would multiply the attempts)
 //     and ErrStale (a value was served);
-//   - yes to ErrBulkheadFull;
+//   - yes to ErrBulkheadFull and ErrRateLimited;
 //   - what the error says, if it has a Retryable() bool method;
 //   - yes to refused, reset and aborted connections, broken pipes, EOF
 //     and unexpected EOF (a connection closed before the answer), and
@@ -260,7 +271,7 @@ func IsRetryable(err error) bool {
 		errors.Is(err, ErrRetryExhausted) || errors.Is(err, ErrStale) {
 		return false
 	}
-	if errors.Is(err, ErrBulkheadFull) {
+	if errors.Is(err, ErrBulkheadFull) || errors.Is(err, ErrRateLimited) {
 		return true
 	}
 	var r interface{ Retryable() bool }

@@ -1,0 +1,197 @@
+package resilience
+
+import (
+	"context"
+	"math"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// RateLimiterConfig configures a [RateLimiter]. The zero value of each field
+// but Limit means its documented default.
+type RateLimiterConfig struct {
+	// Name identifies the limiter in errors and metrics, usually after the
+	// downstream whose limit it keeps ("llm").
+	Name string
+	// Limit is the number of permits granted per Per. It must be positive.
+	Limit float64
+	// Per is the period Limit is counted over. 0 means 1s; LLM providers
+	// count per minute.
+	Per time.Duration
+	// Burst is the most permits granted at once, after a quiet spell. 0
+	// means the ceiling of Limit, at least 1.
+	Burst int
+	// MaxWait is the longest a caller waits for its permits. 0 means until
+	// its context is done.
+	MaxWait time.Duration
+	// FailFast rejects a call that would have to wait, with
+	// [ErrRateLimited], instead of waiting.
+	FailFast bool
+}
+
+// RateLimiter paces calls to a downstream that limits requests or tokens
+// per period, so that a service with many goroutines waits for its turn
+// instead of spending its quota on 429s. It grants permits at Limit per Per
+// in bursts of at most Burst (a token bucket: golang.org/x/time/rate), can
+// be charged after the fact for permits a call turned out to use (the
+// tokens of an LLM answer), and paused until a provider's reset.
+//
+// A RateLimiter is safe for concurrent use by multiple goroutines. Build it
+// with [NewRateLimiter]; the zero value is not usable.
+type RateLimiter struct {
+	name     string
+	lim      *rate.Limiter
+	burst    int
+	maxWait  time.Duration
+	failFast bool
+
+	pause atomic.Int64 // unix ns: no permit before; 0: none
+
+	granted, rejected atomic.Uint64
+	waiting           atomic.Int64
+}
+
+// RateLimiterStats are a rate limiter's counts since it was built.
+type RateLimiterStats struct {
+	Granted, Rejected uint64
+	Waiting           int
+}
+
+// NewRateLimiter returns a rate limiter configured by cfg, or an error that
+// names the first invalid field and its value.
+func NewRateLimiter(cfg RateLimiterConfig) (*RateLimiter, error) {
+	switch {
+	case math.IsNaN(cfg.Limit) || math.IsInf(cfg.Limit, 0) || cfg.Limit <= 0:
+		return nil, invalid("RateLimiterConfig.Limit", cfg.Limit, "must be positive")
+	case cfg.Per < 0:
+		return nil, invalid("RateLimiterConfig.Per", cfg.Per, "must not be negative")
+	case cfg.Burst < 0:
+		return nil, invalid("RateLimiterConfig.Burst", cfg.Burst, "must not be negative")
+	case cfg.MaxWait < 0:
+		return nil, invalid("RateLimiterConfig.MaxWait", cfg.MaxWait, "must not be negative")
+	}
+	per := cfg.Per
+	if per == 0 {
+		per = time.Second
+	}
+	burst := cfg.Burst
+	if burst == 0 {
+		burst = int(min(math.Ceil(cfg.Limit), math.MaxInt32))
+	}
+	l := &RateLimiter{name: cfg.Name, burst: burst, maxWait: cfg.MaxWait, failFast: cfg.FailFast}
+	l.lim = rate.NewLimiter(rate.Limit(cfg.Limit/per.Seconds()), burst)
+	return l, nil
+}
+
+// Name returns the limiter's name. It is safe for concurrent use.
+func (l *RateLimiter) Name() string { return l.name }
+
+// Stats returns the permits granted and refused so far and the callers
+// waiting now. It is safe for concurrent use.
+func (l *RateLimiter) Stats() RateLimiterStats {
+	return RateLimiterStats{Granted: l.granted.Load(), Rejected: l.rejected.Load(), Waiting: int(l.waiting.Load())}
+}
+
+// Allow takes n permits if they are free now, without waiting. It is safe
+// for concurrent use.
+func (l *RateLimiter) Allow(n int) bool {
+	now := time.Now()
+	if n <= 0 {
+		return true
+	}
+	if now.UnixNano() < l.pause.Load() || !l.lim.AllowN(now, n) {
+		l.rejected.Add(1)
+		return false
+	}
+	l.granted.Add(1)
+	return true
+}
+
+// Wait takes n permits, waiting for them as the limiter's configuration
+// allows. A wait that could never be granted (n > Burst), that FailFast
+// forbids, or that would end after MaxWait or the context's deadline is
+// not started: Wait returns at once an [*Error] matching [ErrRateLimited]
+// whose RetryAfter says when the permits would be free. A caller that
+// gives up while waiting gets its permits back and an error matching its
+// context's. It is safe for concurrent use.
+func (l *RateLimiter) Wait(ctx context.Context, n int) error {
+	if n <= 0 {
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if n > l.burst {
+		l.rejected.Add(1)
+		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: -1}
+	}
+	now := time.Now()
+	r := l.lim.ReserveN(now, n)
+	delay := r.DelayFrom(now)
+	if p := l.pause.Load(); now.UnixNano() < p {
+		delay = max(delay, time.Duration(p-now.UnixNano()))
+	}
+	if delay <= 0 {
+		l.granted.Add(1)
+		return nil
+	}
+	deadline, hasDeadline := ctx.Deadline()
+	if l.failFast || (l.maxWait > 0 && delay > l.maxWait) || (hasDeadline && now.Add(delay).After(deadline)) {
+		r.CancelAt(now)
+		l.rejected.Add(1)
+		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: delay}
+	}
+	l.waiting.Add(1)
+	defer l.waiting.Add(-1)
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		l.granted.Add(1)
+		return nil
+	case <-ctx.Done():
+		r.Cancel()
+		return ctx.Err()
+	}
+}
+
+// Charge takes n more permits without waiting, for use found after the
+// fact (the tokens an answer really used beyond its estimate): the
+// limiter goes into debt, and later callers wait for it. It is safe for
+// concurrent use.
+func (l *RateLimiter) Charge(n int) {
+	now := time.Now()
+	for n > 0 {
+		k := min(n, l.burst)
+		l.lim.ReserveN(now, k) // never cancelled: the debt stands
+		n -= k
+	}
+}
+
+// PauseUntil grants no permit before t, as a provider that said its window
+// is spent until t asks. An earlier t than a pause already set changes
+// nothing. It is safe for concurrent use.
+func (l *RateLimiter) PauseUntil(t time.Time) {
+	end := t.UnixNano()
+	for {
+		cur := l.pause.Load()
+		if end <= cur || l.pause.CompareAndSwap(cur, end) {
+			return
+		}
+	}
+}
+
+// WithRateLimit returns fn paced by l: each call takes one permit first,
+// and fails with an error matching [ErrRateLimited] when it cannot have
+// it. A nil fn or l yields a function that reports [ErrInvalidConfig].
+func WithRateLimit[T any](fn Func[T], l *RateLimiter) Func[T] {
+	if fn == nil {
+		return failing[T](invalid("WithRateLimit fn", nil, "must not be nil"))
+	}
+	if l == nil {
+		return failing[T](invalid("WithRateLimit l", nil, "must not be nil"))
+	}
+	return newEdge(&pipeline{limiter: l}, "", "", fn, nil, 0)
+}
