@@ -50,6 +50,9 @@ type instruments struct {
 	cbTransitions, cbFailures                        metric.Int64Counter
 	cbSuccesses, cbRejections, calls                 metric.Int64ObservableCounter
 	cbSlowCalls                                      metric.Int64ObservableCounter
+	rlGranted, rlRejected                            metric.Int64ObservableCounter
+	rlWaiting                                        metric.Int64ObservableGauge
+	rlWait                                           metric.Float64Histogram
 	cbThreshold                                      metric.Float64ObservableGauge
 	retryAttempts, retryExhausted, retrySuccessAfter metric.Int64Counter
 	retryBudgetExhausted                             metric.Int64Counter
@@ -138,6 +141,10 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 		metric.WithDescription("The ratio of failed (trigger failure_ratio) or slow (trigger slow_call_ratio) calls that opens a circuit breaker."),
 		metric.WithUnit("1"))
 	errs = append(errs, err)
+	in.rlGranted = observedCounter("resilience.rate_limiter.granted", "Permits a rate limiter granted.", "{permit}")
+	in.rlRejected = observedCounter("resilience.rate_limiter.rejected", "Calls a rate limiter refused.", "{call}")
+	in.rlWaiting = gauge("resilience.rate_limiter.waiting", "Callers waiting for a rate limiter's permits.", "{call}")
+	in.rlWait = histogram("resilience.rate_limiter.wait", "How long callers waited for a rate limiter's permits.")
 	in.retryAttempts = counter("resilience.retry.attempts", "Failed attempts that were retried.", "{attempt}")
 	in.retryExhausted = counter("resilience.retry.exhausted", "Calls whose every attempt failed.", "{call}")
 	in.retryBudgetExhausted = counter("resilience.retry.budget_exhausted", "Retries a retry budget refused.", "{call}")
@@ -152,7 +159,7 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.fbCacheHits = observedCounter("resilience.fallback.cache_hits", "Failed calls answered from a fallback cache.", "{call}")
 	in.calls = observedCounter("resilience.calls", "Protected calls, by outcome.", "{call}")
 	in.callDuration = histogram("resilience.call.duration", "Duration of protected calls, retries and waits included.")
-	reg, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error { return observe(in, o) }, in.cbState, in.bhActive, in.bhQueue, in.cbSuccesses, in.cbRejections, in.cbSlowCalls, in.cbThreshold, in.calls, in.fbUsed, in.fbCacheHits)
+	reg, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error { return observe(in, o) }, in.cbState, in.bhActive, in.bhQueue, in.cbSuccesses, in.cbRejections, in.cbSlowCalls, in.cbThreshold, in.rlGranted, in.rlRejected, in.rlWaiting, in.calls, in.fbUsed, in.fbCacheHits)
 	errs = append(errs, err)
 	in.reg = reg
 	// An SDK reports these to otel's error handler too and leaves a working
@@ -173,6 +180,7 @@ var observed struct {
 	mu        sync.Mutex
 	breakers  []weak.Pointer[CircuitBreaker]
 	bulkheads []weak.Pointer[Bulkhead]
+	limiters  []weak.Pointer[RateLimiter]
 	sites     []*site // one per name and operation: see newSite
 }
 
@@ -192,6 +200,12 @@ func prune[T any](ws []weak.Pointer[T], f func(*T)) []weak.Pointer[T] {
 func observeBreaker(cb *CircuitBreaker) {
 	observed.mu.Lock()
 	observed.breakers = append(observed.breakers, weak.Make(cb))
+	observed.mu.Unlock()
+}
+
+func observeRateLimiter(l *RateLimiter) {
+	observed.mu.Lock()
+	observed.limiters = append(observed.limiters, weak.Make(l))
 	observed.mu.Unlock()
 }
 
@@ -230,6 +244,13 @@ func observe(in *instruments, o metric.Observer) error {
 			o.ObserveFloat64(in.cbThreshold, r.slowRatio, metric.WithAttributeSet(attribute.NewSet(
 				attrService.String(cb.name), attrTrigger.String("slow_call_ratio"))))
 		}
+	})
+	observed.limiters = prune(observed.limiters, func(l *RateLimiter) {
+		attrs := metric.WithAttributeSet(attribute.NewSet(attrName.String(l.name)))
+		s := l.Stats()
+		o.ObserveInt64(in.rlGranted, int64(s.Granted), attrs)
+		o.ObserveInt64(in.rlRejected, int64(s.Rejected), attrs)
+		o.ObserveInt64(in.rlWaiting, int64(s.Waiting), attrs)
 	})
 	observed.bulkheads = prune(observed.bulkheads, func(b *Bulkhead) {
 		s := b.Stats()

@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/metric"
 	"golang.org/x/time/rate"
 )
 
@@ -51,6 +52,7 @@ type RateLimiter struct {
 
 	granted, rejected atomic.Uint64
 	waiting           atomic.Int64
+	mWait             []metric.RecordOption // the name attribute, built once
 }
 
 // RateLimiterStats are a rate limiter's counts since it was built.
@@ -82,6 +84,8 @@ func NewRateLimiter(cfg RateLimiterConfig) (*RateLimiter, error) {
 	}
 	l := &RateLimiter{name: cfg.Name, burst: burst, maxWait: cfg.MaxWait, failFast: cfg.FailFast}
 	l.lim = rate.NewLimiter(rate.Limit(cfg.Limit/per.Seconds()), burst)
+	l.mWait = recSet(attrName.String(cfg.Name))
+	observeRateLimiter(l)
 	return l, nil
 }
 
@@ -150,6 +154,7 @@ func (l *RateLimiter) Wait(ctx context.Context, n int) error {
 	select {
 	case <-t.C:
 		l.granted.Add(1)
+		meter().rlWait.Record(ctx, delay.Seconds(), l.mWait...)
 		return nil
 	case <-ctx.Done():
 		r.Cancel()

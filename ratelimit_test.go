@@ -237,3 +237,19 @@ func FuzzRateLimiterConfig(f *testing.F) {
 		}
 	})
 }
+
+func TestRateLimiterMetrics(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reader := withReader(t)
+		base := collect(t, reader)
+		l := mustRateLimiter(t, RateLimiterConfig{Name: "metrics-llm", Limit: 1, Burst: 1, MaxWait: 5 * time.Second})
+		l.Wait(context.Background(), 1)
+		l.Wait(context.Background(), 1) // waits 1s
+		l.Wait(context.Background(), 7) // more than a burst: refused
+		c := since(base, collect(t, reader))
+		wantPoints(t, c, "resilience.rate_limiter.granted", "observed counter", "{permit}", "name=metrics-llm=2")
+		wantPoints(t, c, "resilience.rate_limiter.rejected", "observed counter", "{call}", "name=metrics-llm=1")
+		wantPoints(t, c, "resilience.rate_limiter.waiting", "gauge", "{call}", "name=metrics-llm=0")
+		wantPoints(t, c, "resilience.rate_limiter.wait", "histogram", "s", "name=metrics-llm=count:1")
+	})
+}
