@@ -35,6 +35,9 @@ type pipeline struct {
 	cb       *CircuitBreaker
 	retry    *Retry
 	limiter  *RateLimiter  // one permit per attempt
+	// limitCell, if not nil, holds the limiter instead: a registry's,
+	// which a Reload may add or remove.
+	limitCell *atomic.Pointer[RateLimiter]
 	timeout  *atomic.Int64 // per attempt, in nanoseconds; nil or <= 0: none
 	bulkhead *Bulkhead
 
@@ -81,7 +84,7 @@ func (p *pipeline) run(ctx context.Context, attempt attemptFunc, between func())
 	var began, ended time.Duration // of the successful attempt, for a slow-call trigger
 	// reached: an attempt got past the bulkhead, so the call's outcome is
 	// the downstream's even if a later attempt found the bulkhead full.
-	reached := p.bulkhead == nil && p.limiter == nil
+	reached := p.bulkhead == nil && p.limiter == nil && p.limitCell == nil
 	if r.slow > 0 || !reached {
 		inner := attempt
 		attempt = func(ctx context.Context) error {
@@ -243,10 +246,14 @@ func (s *stopRetry) Unwrap() error { return s.err }
 // once runs one attempt under the per-attempt timeout. stop reports an
 // error the attempt marked as final.
 func (p *pipeline) once(ctx context.Context, attempt attemptFunc) (err error, stop bool) {
-	if p.limiter != nil {
+	l := p.limiter
+	if p.limitCell != nil {
+		l = p.limitCell.Load()
+	}
+	if l != nil {
 		// Before the attempt's timeout starts: a wait for a permit is
 		// the limiter's, not the downstream's.
-		if err := p.limiter.Wait(ctx, 1); err != nil {
+		if err := l.Wait(ctx, 1); err != nil {
 			return err, false
 		}
 	}

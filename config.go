@@ -44,6 +44,10 @@ type Config struct {
 	// or of DEFAULT leaves only the ratio to open the breaker.
 	CircuitBreakers map[string]CircuitBreakerConfig
 
+	// RateLimits holds RATE_LIMIT_<SERVICE>_* per service: see
+	// RateLimitConfig. A service without an entry is not rate limited.
+	RateLimits map[string]RateLimitConfig
+
 	// StoreURL is RESILIENCE_STORE_URL, or RESILIENCE_REDIS_URL: where the
 	// registry shares breaker state and global bulkhead slots with the other
 	// processes of its fleet, through the Store registered for the URL's
@@ -88,6 +92,7 @@ func (c Config) Clone() Config {
 	c.Timeouts = maps.Clone(c.Timeouts)
 	c.CircuitBreakers = maps.Clone(c.CircuitBreakers)
 	c.Bulkheads = maps.Clone(c.Bulkheads)
+	c.RateLimits = maps.Clone(c.RateLimits)
 	return c
 }
 
@@ -160,6 +165,9 @@ func (c Config) Validate() error {
 		if _, _, err := c.CircuitBreakers[k].resolve(); err != nil {
 			errs = append(errs, fmt.Errorf("circuit breaker %s: %w", k, err))
 		}
+	}
+	if err := c.validateRateLimits(); err != nil {
+		errs = append(errs, err)
 	}
 	if err := c.DefaultBulkhead.validate(); err != nil {
 		errs = append(errs, err)
@@ -389,6 +397,8 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 			cfg.Bulkheads[key] = bc
 		}
 	}
+
+	l.loadRateLimits(&cfg)
 
 	if len(l.errs) > 0 {
 		return DefaultConfig(), errors.Join(l.errs...)

@@ -44,9 +44,10 @@ type RateLimiterConfig struct {
 type RateLimiter struct {
 	name     string
 	lim      *rate.Limiter
-	burst    int
-	maxWait  time.Duration
-	failFast bool
+	burst    atomic.Int64
+	maxWait  atomic.Int64 // ns
+	failFast atomic.Bool
+	sw       *atomic.Bool // a registry's switch; nil: always on
 
 	pause atomic.Int64 // unix ns: no permit before; 0: none
 
@@ -64,15 +65,48 @@ type RateLimiterStats struct {
 // NewRateLimiter returns a rate limiter configured by cfg, or an error that
 // names the first invalid field and its value.
 func NewRateLimiter(cfg RateLimiterConfig) (*RateLimiter, error) {
+	lim, burst, err := cfg.resolve()
+	if err != nil {
+		return nil, err
+	}
+	l := &RateLimiter{name: cfg.Name, lim: rate.NewLimiter(lim, burst)}
+	l.set(cfg, burst)
+	l.mWait = recSet(attrName.String(cfg.Name))
+	observeRateLimiter(l)
+	return l, nil
+}
+
+func (l *RateLimiter) set(cfg RateLimiterConfig, burst int) {
+	l.burst.Store(int64(burst))
+	l.maxWait.Store(int64(cfg.MaxWait))
+	l.failFast.Store(cfg.FailFast)
+}
+
+// reconfigure applies cfg to a live limiter, keeping the permits it has
+// granted and its debt.
+func (l *RateLimiter) reconfigure(cfg RateLimiterConfig) error {
+	lim, burst, err := cfg.resolve()
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	l.lim.SetLimitAt(now, lim)
+	l.lim.SetBurstAt(now, burst)
+	l.set(cfg, burst)
+	return nil
+}
+
+// resolve validates cfg and applies its defaults.
+func (cfg RateLimiterConfig) resolve() (rate.Limit, int, error) {
 	switch {
 	case math.IsNaN(cfg.Limit) || math.IsInf(cfg.Limit, 0) || cfg.Limit <= 0:
-		return nil, invalid("RateLimiterConfig.Limit", cfg.Limit, "must be positive")
+		return 0, 0, invalid("RateLimiterConfig.Limit", cfg.Limit, "must be positive")
 	case cfg.Per < 0:
-		return nil, invalid("RateLimiterConfig.Per", cfg.Per, "must not be negative")
+		return 0, 0, invalid("RateLimiterConfig.Per", cfg.Per, "must not be negative")
 	case cfg.Burst < 0:
-		return nil, invalid("RateLimiterConfig.Burst", cfg.Burst, "must not be negative")
+		return 0, 0, invalid("RateLimiterConfig.Burst", cfg.Burst, "must not be negative")
 	case cfg.MaxWait < 0:
-		return nil, invalid("RateLimiterConfig.MaxWait", cfg.MaxWait, "must not be negative")
+		return 0, 0, invalid("RateLimiterConfig.MaxWait", cfg.MaxWait, "must not be negative")
 	}
 	per := cfg.Per
 	if per == 0 {
@@ -82,12 +116,12 @@ func NewRateLimiter(cfg RateLimiterConfig) (*RateLimiter, error) {
 	if burst == 0 {
 		burst = int(min(math.Ceil(cfg.Limit), math.MaxInt32))
 	}
-	l := &RateLimiter{name: cfg.Name, burst: burst, maxWait: cfg.MaxWait, failFast: cfg.FailFast}
-	l.lim = rate.NewLimiter(rate.Limit(cfg.Limit/per.Seconds()), burst)
-	l.mWait = recSet(attrName.String(cfg.Name))
-	observeRateLimiter(l)
-	return l, nil
+	return rate.Limit(cfg.Limit / per.Seconds()), burst, nil
 }
+
+// on reports whether the limiter acts: a disabled registry's limiters
+// grant every permit.
+func (l *RateLimiter) on() bool { return l.sw == nil || l.sw.Load() }
 
 // Name returns the limiter's name. It is safe for concurrent use.
 func (l *RateLimiter) Name() string { return l.name }
@@ -102,7 +136,7 @@ func (l *RateLimiter) Stats() RateLimiterStats {
 // for concurrent use.
 func (l *RateLimiter) Allow(n int) bool {
 	now := time.Now()
-	if n <= 0 {
+	if n <= 0 || !l.on() {
 		return true
 	}
 	if now.UnixNano() < l.pause.Load() || !l.lim.AllowN(now, n) {
@@ -121,13 +155,13 @@ func (l *RateLimiter) Allow(n int) bool {
 // gives up while waiting gets its permits back and an error matching its
 // context's. It is safe for concurrent use.
 func (l *RateLimiter) Wait(ctx context.Context, n int) error {
-	if n <= 0 {
+	if n <= 0 || !l.on() {
 		return nil
 	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if n > l.burst {
+	if int64(n) > l.burst.Load() {
 		l.rejected.Add(1)
 		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: -1}
 	}
@@ -142,7 +176,8 @@ func (l *RateLimiter) Wait(ctx context.Context, n int) error {
 		return nil
 	}
 	deadline, hasDeadline := ctx.Deadline()
-	if l.failFast || (l.maxWait > 0 && delay > l.maxWait) || (hasDeadline && now.Add(delay).After(deadline)) {
+	maxWait := time.Duration(l.maxWait.Load())
+	if l.failFast.Load() || (maxWait > 0 && delay > maxWait) || (hasDeadline && now.Add(delay).After(deadline)) {
 		r.CancelAt(now)
 		l.rejected.Add(1)
 		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: delay}
@@ -169,7 +204,7 @@ func (l *RateLimiter) Wait(ctx context.Context, n int) error {
 func (l *RateLimiter) Charge(n int) {
 	now := time.Now()
 	for n > 0 {
-		k := min(n, l.burst)
+		k := min(n, int(l.burst.Load()))
 		l.lim.ReserveN(now, k) // never cancelled: the debt stands
 		n -= k
 	}

@@ -25,6 +25,9 @@ type Registry struct {
 	breakers  map[string]*CircuitBreaker
 	bulkheads map[string]*Bulkhead
 	timeouts  map[string]*atomic.Int64 // per operation key, for ForService
+	limiters  map[string]*RateLimiter  // by limiterKey
+	// limitCells hold each service's request limiter for its pipelines.
+	limitCells map[string]limitCell
 	retry     *Retry
 	store     Store
 	ownsStore bool // opened from cfg.StoreURL: Close closes it
@@ -188,6 +191,7 @@ func (r *Registry) Reload(cfg Config) error {
 	for key, c := range r.timeouts {
 		c.Store(int64(cfg.Timeout(key)))
 	}
+	r.reloadLimitersLocked()
 	wasOn := r.enabled.Swap(cfg.Enabled)
 	if wasOn && !cfg.Enabled {
 		// Callers queued for a slot pass through too, as every later
@@ -274,6 +278,7 @@ func (r *Registry) pipeline(service string, handoff bool) *pipeline {
 		bulkhead: r.Bulkhead(service),
 		handoff:  handoff,
 	}
+	p.limitCell = r.limitCell(service)
 	p.setSite(newSite(service, service))
 	actual, _ := r.pipelines.LoadOrStore(k, p)
 	return actual.(*pipeline)
