@@ -30,16 +30,16 @@ type attemptFunc = func(ctx context.Context) error
 // pipeline is the chain of policies of one protected call site. It is built
 // once and is safe for concurrent use; every policy is optional.
 type pipeline struct {
-	site     *site
-	sw       *atomic.Bool // a registry's on/off switch; nil means always on
-	cb       *CircuitBreaker
-	retry    *Retry
-	limiter  *RateLimiter  // one permit per attempt
+	site    *site
+	sw      *atomic.Bool // a registry's on/off switch; nil means always on
+	cb      *CircuitBreaker
+	retry   *Retry
+	limiter *RateLimiter // one permit per attempt
 	// limitCell, if not nil, holds the limiter instead: a registry's,
 	// which a Reload may add or remove.
 	limitCell *atomic.Pointer[RateLimiter]
-	timeout  *atomic.Int64 // per attempt, in nanoseconds; nil or <= 0: none
-	bulkhead *Bulkhead
+	timeout   *atomic.Int64 // per attempt, in nanoseconds; nil or <= 0: none
+	bulkhead  *Bulkhead
 
 	// enforce makes the edge run each attempt, bulkhead slot included, in
 	// a goroutine of its own that the timeout can abandon (timeout.go).

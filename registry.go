@@ -28,9 +28,9 @@ type Registry struct {
 	limiters  map[string]*RateLimiter  // by limiterKey
 	// limitCells hold each service's request limiter for its pipelines.
 	limitCells map[string]limitCell
-	retry     *Retry
-	store     Store
-	ownsStore bool // opened from cfg.StoreURL: Close closes it
+	retry      *Retry
+	store      Store
+	ownsStore  bool // opened from cfg.StoreURL: Close closes it
 }
 
 // Close stops the background work of a store the registry opened from its
