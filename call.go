@@ -39,6 +39,7 @@ type pipeline struct {
 	// which a Reload may add or remove.
 	limitCell *atomic.Pointer[RateLimiter]
 	timeout   *atomic.Int64 // per attempt, in nanoseconds; nil or <= 0: none
+	total     *atomic.Int64 // the whole call, in nanoseconds; nil or <= 0: none
 	bulkhead  *Bulkhead
 
 	// enforce makes the edge run each attempt, bulkhead slot included, in
@@ -75,6 +76,37 @@ func fixedTimeout(d time.Duration) *atomic.Int64 {
 // attempt that is about to be retried, before the wait: an edge gives back
 // what that attempt still holds (Transport's response body).
 func (p *pipeline) run(ctx context.Context, attempt attemptFunc, between func()) error {
+	if p.total != nil {
+		if d := time.Duration(p.total.Load()); d > 0 {
+			return p.runTotal(ctx, d, attempt, between)
+		}
+	}
+	return p.guarded(ctx, ctx, attempt, between)
+}
+
+// runTotal runs the call within its total timeout d: attempts, waits for
+// permits and between attempts included. The call ends with an error
+// matching ErrTimeout, keeping the last attempt's error, when d runs out.
+func (p *pipeline) runTotal(ctx context.Context, d time.Duration, attempt attemptFunc, between func()) error {
+	tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
+	err := p.guarded(ctx, tctx, attempt, between)
+	if err == nil && p.handoff {
+		// The response body is read after the call returns: the total
+		// deadline bounds it too, and its timer ends the context.
+		_ = cancel
+	} else {
+		cancel()
+	}
+	if err != nil && ctx.Err() == nil && ownTimeout(ctx, tctx) && !errors.Is(err, ErrTimeout) {
+		err = &Error{Err: ErrTimeout, Cause: err}
+	}
+	return err
+}
+
+// guarded runs a call through the breaker and what is inside it. outer is
+// the caller's context, which decides whether the caller gave up; ctx
+// carries the total timeout, if any.
+func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, between func()) error {
 	cb := p.cb
 	if cb == nil {
 		return p.retried(ctx, attempt, between)
@@ -111,7 +143,7 @@ func (p *pipeline) run(ctx context.Context, attempt attemptFunc, between func())
 	}
 	counted, rej := cb.guard(ctx, func(counted bool) error {
 		err = p.retried(ctx, attempt, between)
-		o = cb.outcome(ctx, err, reached)
+		o = cb.outcome(outer, err, reached)
 		if counted && o == errFailure {
 			// Before gobreaker counts it: an open it causes lasts as
 			// long as the downstream asked.
@@ -171,8 +203,8 @@ func (p *pipeline) retryAfterFailure(ctx context.Context, attempt attemptFunc, b
 			return err
 		}
 		hint := hintOf(err)
-		if cerr := ctx.Err(); cerr != nil {
-			return &Error{Err: cerr, Attempts: n, Cause: err}
+		if ctx.Err() != nil {
+			return &Error{Err: ctxErr(ctx), Attempts: n, Cause: err}
 		}
 		if n >= r.maxAttempts || hint > r.max {
 			// A hint longer than MaxDelay ends the retries: retrying
@@ -194,6 +226,13 @@ func (p *pipeline) retryAfterFailure(ctx context.Context, attempt attemptFunc, b
 		if hint >= 0 {
 			delay = hint // no longer than MaxDelay: waited exactly
 		}
+		if p.total != nil && p.total.Load() > 0 {
+			if dl, ok := ctx.Deadline(); ok && time.Now().Add(delay).After(dl) {
+				// The call's time runs out during the wait: end it now
+				// rather than wait for nothing.
+				return &Error{Err: ErrTimeout, Attempts: n, Cause: err}
+			}
+		}
 		if between != nil {
 			between()
 		}
@@ -208,7 +247,7 @@ func (p *pipeline) retryAfterFailure(ctx context.Context, attempt attemptFunc, b
 			}
 			select {
 			case <-ctx.Done():
-				return &Error{Err: ctx.Err(), Attempts: n, Cause: err}
+				return &Error{Err: ctxErr(ctx), Attempts: n, Cause: err}
 			case <-timer.C:
 			}
 		}
@@ -221,6 +260,15 @@ func (p *pipeline) retryAfterFailure(ctx context.Context, attempt attemptFunc, b
 			return err
 		}
 	}
+}
+
+// ctxErr is ctx's error, or ErrTimeout when a timeout of this package (a
+// total timeout) ended it.
+func ctxErr(ctx context.Context) error {
+	if context.Cause(ctx) == ErrTimeout {
+		return ErrTimeout
+	}
+	return ctx.Err()
 }
 
 // hintOf returns the wait an error asks for through a RetryAfter()

@@ -29,6 +29,12 @@ type Stack[T any] struct {
 	// Timeout, if positive, bounds each attempt. A negative Timeout is
 	// reported as ErrInvalidConfig by every call.
 	Timeout time.Duration
+	// TotalTimeout, if positive, bounds the whole call: its attempts, the
+	// waits between them and the waits for permits. A wait that would end
+	// after it is not started: the call ends at once with an *Error
+	// matching ErrTimeout that keeps the last attempt's error. A negative
+	// TotalTimeout is reported as ErrInvalidConfig by every call.
+	TotalTimeout time.Duration
 	// EnforceTimeout makes the timeout return at the deadline even if the
 	// function ignores its context (WithEnforcedTimeout instead of
 	// WithTimeout), at the cost of a goroutine per attempt.
@@ -42,7 +48,7 @@ type Stack[T any] struct {
 // Compose returns fn protected by the policies in s, in this order, outermost
 // first:
 //
-//	fallback(breaker(retry(rate limit(timeout(bulkhead(fn))))))
+//	fallback(total timeout(breaker(retry(rate limit(timeout(bulkhead(fn)))))))
 //
 // So the breaker counts one failure per call whose retries were exhausted,
 // each attempt gets the whole timeout, the wait for a bulkhead slot counts
@@ -64,6 +70,12 @@ func Compose[T any](fn Func[T], s Stack[T]) Func[T] {
 		}
 		p.timeout = fixedTimeout(s.Timeout)
 		p.enforce = s.EnforceTimeout
+	}
+	if s.TotalTimeout != 0 {
+		if err := checkTimeout("Stack.TotalTimeout", false, s.TotalTimeout); err != nil {
+			return failing[T](err)
+		}
+		p.total = fixedTimeout(s.TotalTimeout)
 	}
 	kind := fallbackFunction
 	if s.Fallback != nil {
