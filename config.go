@@ -44,6 +44,10 @@ type Config struct {
 	// or of DEFAULT leaves only the ratio to open the breaker.
 	CircuitBreakers map[string]CircuitBreakerConfig
 
+	// TotalTimeouts holds TIMEOUT_<OP>_TOTAL per operation type: the
+	// bound of a whole call, retries and waits included. None by default.
+	TotalTimeouts map[string]time.Duration
+
 	// RateLimits holds RATE_LIMIT_<SERVICE>_* per service: see
 	// RateLimitConfig. A service without an entry is not rate limited.
 	RateLimits map[string]RateLimitConfig
@@ -93,6 +97,7 @@ func (c Config) Clone() Config {
 	c.CircuitBreakers = maps.Clone(c.CircuitBreakers)
 	c.Bulkheads = maps.Clone(c.Bulkheads)
 	c.RateLimits = maps.Clone(c.RateLimits)
+	c.TotalTimeouts = maps.Clone(c.TotalTimeouts)
 	return c
 }
 
@@ -152,6 +157,11 @@ func (c Config) Validate() error {
 	}
 	if c.DefaultTimeout < 0 {
 		errs = append(errs, invalid("Config.DefaultTimeout", c.DefaultTimeout, "must not be negative"))
+	}
+	for _, k := range slices.Sorted(maps.Keys(c.TotalTimeouts)) {
+		if d := c.TotalTimeouts[k]; d <= 0 {
+			errs = append(errs, invalid("Config.TotalTimeouts["+k+"]", d, "must be positive"))
+		}
 	}
 	for _, k := range slices.Sorted(maps.Keys(c.Timeouts)) {
 		if d := c.Timeouts[k]; d <= 0 {
@@ -311,6 +321,17 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 	for _, key := range l.names(timeoutPrefix, "") {
 		if key == reservedKey {
 			continue // TIMEOUT_DEFAULT, read above
+		}
+		if op, ok := strings.CutSuffix(key, "_TOTAL"); ok && op != "" {
+			var d time.Duration
+			name := timeoutPrefix + key
+			l.parseOne(name, &d)
+			l.check(name, d > 0, "must be positive")
+			if cfg.TotalTimeouts == nil {
+				cfg.TotalTimeouts = map[string]time.Duration{}
+			}
+			cfg.TotalTimeouts[op] = d
+			continue
 		}
 		v := struct {
 			D time.Duration `env:"TIMEOUT"`

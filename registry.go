@@ -25,6 +25,7 @@ type Registry struct {
 	breakers  map[string]*CircuitBreaker
 	bulkheads map[string]*Bulkhead
 	timeouts  map[string]*atomic.Int64 // per operation key, for ForService
+	totals    map[string]*atomic.Int64 // total timeouts, likewise
 	limiters  map[string]*RateLimiter  // by limiterKey
 	// limitCells hold each service's request limiter for its pipelines.
 	limitCells map[string]limitCell
@@ -151,6 +152,24 @@ func (r *Registry) timeoutCell(operation string) *atomic.Int64 {
 	return c
 }
 
+// totalCell returns the cell of an operation's total timeout, 0 when it
+// has none, which a Reload updates.
+func (r *Registry) totalCell(operation string) *atomic.Int64 {
+	key := EnvKey(operation)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	c, ok := r.totals[key]
+	if !ok {
+		c = new(atomic.Int64)
+		c.Store(int64(r.cfg.TotalTimeouts[key]))
+		if r.totals == nil {
+			r.totals = map[string]*atomic.Int64{}
+		}
+		r.totals[key] = c
+	}
+	return c
+}
+
 // Reload applies cfg to the live registry without dropping calls in flight:
 // breakers take their new FailMax at once (a new OpenTimeout or
 // HalfOpenMaxCalls starts them afresh, closed), bulkheads take their new
@@ -190,6 +209,9 @@ func (r *Registry) Reload(cfg Config) error {
 	}
 	for key, c := range r.timeouts {
 		c.Store(int64(cfg.Timeout(key)))
+	}
+	for key, c := range r.totals {
+		c.Store(int64(cfg.TotalTimeouts[key]))
 	}
 	r.reloadLimitersLocked()
 	wasOn := r.enabled.Swap(cfg.Enabled)
@@ -275,6 +297,7 @@ func (r *Registry) pipeline(service string, handoff bool) *pipeline {
 		cb:       r.CircuitBreaker(service),
 		retry:    r.retry,
 		timeout:  r.timeoutCell(service),
+		total:    r.totalCell(service),
 		bulkhead: r.Bulkhead(service),
 		handoff:  handoff,
 	}

@@ -73,3 +73,32 @@ func TestTotalTimeoutNegativeIsInvalid(t *testing.T) {
 		t.Fatalf("%v; want ErrInvalidConfig", err)
 	}
 }
+
+func TestRegistryTotalTimeoutFromEnvironment(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		env := map[string]string{"TIMEOUT_LLM": "60", "TIMEOUT_LLM_TOTAL": "90", "RETRY_EXPONENTIAL_MAX": "10", "RETRY_JITTER": "false", "RETRY_MAX_ATTEMPTS": "5"}
+		cfg, err := LoadConfigWith(LoadOptions{Environment: env})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.TotalTimeouts["LLM"] != 90*time.Second || cfg.Timeout("llm") != 60*time.Second {
+			t.Fatalf("TotalTimeouts %v, Timeout(llm) %v; want 90s and 60s", cfg.TotalTimeouts, cfg.Timeout("llm"))
+		}
+		if _, ok := cfg.Timeouts["LLM_TOTAL"]; ok {
+			t.Fatal("TIMEOUT_LLM_TOTAL taken for the attempt timeout of an operation LLM_TOTAL")
+		}
+		reg, err := NewRegistry(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var attempts int
+		start := time.Now()
+		_, err = ForService(reg, "llm", hangs(&attempts))(context.Background())
+		if d := time.Since(start); !errors.Is(err, ErrTimeout) || d > 90*time.Second {
+			t.Fatalf("%v after %v; want ErrTimeout by 90s", err, d)
+		}
+		if _, err := LoadConfigWith(LoadOptions{Environment: map[string]string{"TIMEOUT_LLM_TOTAL": "-1"}}); err == nil {
+			t.Fatal("TIMEOUT_LLM_TOTAL=-1 accepted")
+		}
+	})
+}
