@@ -223,6 +223,11 @@ func (p *pipeline) retryAfterFailure(ctx context.Context, attempt attemptFunc, b
 		// The strategy advances whether or not a hint replaces its wait,
 		// so that the nth retry's wait does not depend on earlier hints.
 		delay := bo.next()
+		if r.delay != nil {
+			if d, ok := r.delay(n, err); ok {
+				delay = min(max(d, 0), r.max)
+			}
+		}
 		if hint >= 0 {
 			delay = hint // no longer than MaxDelay: waited exactly
 		}

@@ -181,7 +181,7 @@ func (r *Registry) totalCell(operation string) *atomic.Int64 {
 // Reload is a merge: settings that no variable sets, and that cfg leaves at
 // their zero value, keep their current values, so that a configuration
 // loaded from the environment does not drop what the code set. They are
-// RetryConfig's Strategy, InitialDelay, RetryIf, OnRetry and Budget, and
+// RetryConfig's Strategy, InitialDelay, RetryIf, OnRetry, Delay and Budget, and
 // CircuitBreakerConfig's IsFailure, OnStateChange, Logger and
 // DisableLogging (of the default and of each service in both).
 func (r *Registry) Reload(cfg Config) error {
@@ -250,6 +250,9 @@ func keepCode(cur, next Config) Config {
 	}
 	if rn.OnRetry == nil {
 		rn.OnRetry = rc.OnRetry
+	}
+	if rn.Delay == nil {
+		rn.Delay = rc.Delay
 	}
 	if rn.Budget == nil {
 		rn.Budget = rc.Budget

@@ -85,6 +85,14 @@ type RetryConfig struct {
 	// refuses ends the call with ErrRetryBudgetExhausted. Share one budget
 	// among the policies that call the same downstream. nil means no cap.
 	Budget *RetryBudget
+
+	// Delay, if set, chooses the wait before a retry by the error: when it
+	// returns true, its delay replaces the strategy's for that wait, still
+	// capped by MaxDelay and still overridden by a server's hint. Return 0
+	// and true for a refused connection worth retrying at once, false to
+	// keep the strategy's backoff. attempt is the number of the attempt
+	// that failed, from 1.
+	Delay func(attempt int, err error) (time.Duration, bool)
 }
 
 // Retry calls a function again when it fails with a retryable error, waiting
@@ -122,6 +130,7 @@ type retryParams struct {
 	jitter      bool
 	retryIf     func(error) bool
 	onRetry     func(attempt int, err error, delay time.Duration)
+	delay       func(attempt int, err error) (time.Duration, bool)
 	budget      *RetryBudget
 }
 
@@ -155,6 +164,7 @@ func NewRetry(cfg RetryConfig) (*Retry, error) {
 		jitter:      !cfg.DisableJitter,
 		retryIf:     cfg.RetryIf,
 		onRetry:     cfg.OnRetry,
+		delay:       cfg.Delay,
 		budget:      cfg.Budget,
 	}
 	if r.maxAttempts == 0 {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/url"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -421,4 +422,42 @@ func TestJitterAndClamp(t *testing.T) {
 	if got := clampDelay(-1, max); got != 0 {
 		t.Errorf("clampDelay(-1) = %v", got)
 	}
+}
+
+// RetryConfig.Delay chooses the wait by the error: at once after a refused
+// connection, the strategy's backoff otherwise, capped by MaxDelay.
+func TestRetryDelayByErrorType(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		refused := &net.OpError{Op: "dial", Err: syscall.ECONNREFUSED}
+		errs := []error{refused, errors.New("503"), refused, errors.New("slow down")}
+		var waits []time.Duration
+		rt := mustRetry(t, RetryConfig{
+			MaxAttempts: 5, InitialDelay: time.Second, MaxDelay: 30 * time.Second, DisableJitter: true,
+			RetryIf: func(error) bool { return true },
+			Delay: func(attempt int, err error) (time.Duration, bool) {
+				switch {
+				case errors.Is(err, syscall.ECONNREFUSED):
+					return 0, true
+				case err.Error() == "slow down":
+					return time.Hour, true // capped by MaxDelay
+				}
+				return 0, false
+			},
+			OnRetry: func(_ int, _ error, d time.Duration) { waits = append(waits, d) },
+		})
+		fn, _ := script(errs...)
+		start := time.Now()
+		if _, err := WithRetry(fn, rt)(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		// The strategy's waits are 1s, 2s, 4s, 8s; Delay replaces the 1st,
+		// 3rd and 4th.
+		want := []time.Duration{0, 2 * time.Second, 0, 30 * time.Second}
+		if !slices.Equal(waits, want) {
+			t.Errorf("waits %v; want %v", waits, want)
+		}
+		if d := time.Since(start); d != 32*time.Second {
+			t.Errorf("measured %v in all; want 32s", d)
+		}
+	})
 }
