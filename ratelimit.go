@@ -177,7 +177,7 @@ func (l *RateLimiter) Wait(ctx context.Context, n int) error {
 	}
 	deadline, hasDeadline := ctx.Deadline()
 	maxWait := time.Duration(l.maxWait.Load())
-	if l.failFast.Load() || (maxWait > 0 && delay > maxWait) || (hasDeadline && now.Add(delay).After(deadline)) {
+	if l.failFast.Load() || (maxWait > 0 && delay > maxWait) || (hasDeadline && !now.Add(delay).Before(deadline)) {
 		r.CancelAt(now)
 		l.rejected.Add(1)
 		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: delay}
