@@ -38,9 +38,12 @@ type pipeline struct {
 	// limitCell, if not nil, holds the limiter instead: a registry's,
 	// which a Reload may add or remove.
 	limitCell *atomic.Pointer[RateLimiter]
-	timeout   *atomic.Int64 // per attempt, in nanoseconds; nil or <= 0: none
-	total     *atomic.Int64 // the whole call, in nanoseconds; nil or <= 0: none
-	bulkhead  *Bulkhead
+	// tokenLimiter, if not nil, takes tokens(ctx) permits per attempt.
+	tokenLimiter *RateLimiter
+	tokens       func(ctx context.Context) int
+	timeout      *atomic.Int64 // per attempt, in nanoseconds; nil or <= 0: none
+	total        *atomic.Int64 // the whole call, in nanoseconds; nil or <= 0: none
+	bulkhead     *Bulkhead
 
 	// enforce makes the edge run each attempt, bulkhead slot included, in
 	// a goroutine of its own that the timeout can abandon (timeout.go).
@@ -116,7 +119,7 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 	var began, ended time.Duration // of the successful attempt, for a slow-call trigger
 	// reached: an attempt got past the bulkhead, so the call's outcome is
 	// the downstream's even if a later attempt found the bulkhead full.
-	reached := p.bulkhead == nil && p.limiter == nil && p.limitCell == nil
+	reached := p.bulkhead == nil && p.limiter == nil && p.limitCell == nil && p.tokenLimiter == nil
 	if r.slow > 0 || !reached {
 		inner := attempt
 		attempt = func(ctx context.Context) error {
@@ -267,6 +270,19 @@ func (p *pipeline) retryAfterFailure(ctx context.Context, attempt attemptFunc, b
 	}
 }
 
+// settleTokens charges the token limiter what a call used beyond its
+// estimate, or gives back what it did not use.
+func (p *pipeline) settleTokens(ctx context.Context, used int) {
+	if p.tokenLimiter == nil {
+		return
+	}
+	if d := used - p.tokens(ctx); d > 0 {
+		p.tokenLimiter.Charge(d)
+	} else {
+		p.tokenLimiter.giveBack(-d)
+	}
+}
+
 // ctxErr is ctx's error, or ErrTimeout when a timeout of this package (a
 // total timeout) ended it.
 func ctxErr(ctx context.Context) error {
@@ -307,6 +323,11 @@ func (p *pipeline) once(ctx context.Context, attempt attemptFunc) (err error, st
 		// Before the attempt's timeout starts: a wait for a permit is
 		// the limiter's, not the downstream's.
 		if err := l.Wait(ctx, 1); err != nil {
+			return err, false
+		}
+	}
+	if p.tokenLimiter != nil {
+		if err := p.tokenLimiter.Wait(ctx, p.tokens(ctx)); err != nil {
 			return err, false
 		}
 	}

@@ -1,6 +1,7 @@
 package resilience
 
 import (
+	"context"
 	"time"
 )
 
@@ -26,6 +27,13 @@ type Stack[T any] struct {
 	// RateLimiter, if set, paces the attempts: each takes one permit
 	// before it starts, outside its timeout. An open breaker spends none.
 	RateLimiter *RateLimiter
+	// TokenLimiter, if set with Tokens, takes Tokens(ctx) permits before
+	// each attempt: the estimated cost of an LLM call. TokensUsed, if set,
+	// reads the real cost from a successful result; the difference is
+	// charged (later callers wait for the debt) or given back.
+	TokenLimiter *RateLimiter
+	Tokens       func(ctx context.Context) int
+	TokensUsed   func(T) int
 	// Timeout, if positive, bounds each attempt. A negative Timeout is
 	// reported as ErrInvalidConfig by every call.
 	Timeout time.Duration
@@ -81,5 +89,13 @@ func Compose[T any](fn Func[T], s Stack[T]) Func[T] {
 	if s.Fallback != nil {
 		kind = fallbackKind(s.Fallback)
 	}
-	return newEdge(p, s.Name, s.Operation, fn, s.Fallback, kind)
+	var used func(T) int
+	if s.TokenLimiter != nil {
+		if s.Tokens == nil {
+			return failing[T](invalid("Stack.Tokens", nil, "must be set with TokenLimiter"))
+		}
+		p.tokenLimiter, p.tokens = s.TokenLimiter, s.Tokens
+		used = s.TokensUsed
+	}
+	return newEdgeUsed(p, s.Name, s.Operation, fn, s.Fallback, kind, used)
 }

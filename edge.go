@@ -21,8 +21,9 @@ type edge[T any] struct {
 	fn     Func[T]
 	fb     Fallback[T]
 	fbKind int
-	self   *edgeMeta // this edge's identity, for the edges that wrap it
-	inner  *edgeMeta // the protected Func this edge wraps, if fn is one
+	self   *edgeMeta   // this edge's identity, for the edges that wrap it
+	inner  *edgeMeta   // the protected Func this edge wraps, if fn is one
+	used   func(T) int // tokens a successful result used; nil: not counted
 }
 
 // edgeMeta is what an edge that wraps another needs to know of it.
@@ -42,6 +43,12 @@ type nestKey struct{}
 // newEdge returns fn protected by p. name is the explicit metric name, if
 // any; stableName says what is used without one.
 func newEdge[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback[T], fbKind int) Func[T] {
+	return newEdgeUsed(p, name, operation, fn, fb, fbKind, nil)
+}
+
+// newEdgeUsed is newEdge with used, if not nil, reading the tokens a
+// successful result used, to settle the estimate the pipeline took.
+func newEdgeUsed[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback[T], fbKind int, used func(T) int) Func[T] {
 	inner := lookupEdge(fn)
 	if inner != nil {
 		inner.nested.Store(true)
@@ -52,7 +59,7 @@ func newEdge[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback
 	} else {
 		name = p.site.name // a registry's pipeline, shared
 	}
-	e := &edge[T]{p: p, fn: fn, fb: fb, fbKind: fbKind, self: &edgeMeta{name: name}, inner: inner}
+	e := &edge[T]{p: p, fn: fn, fb: fb, fbKind: fbKind, self: &edgeMeta{name: name}, inner: inner, used: used}
 	f := Func[T](e.call)
 	registerFunc(f, e.self, e)
 	return f
@@ -108,6 +115,9 @@ func (e *edge[T]) protect(ctx context.Context) (v T, o outcome, err error) {
 		}
 	}
 	if err = e.p.run(ctx, attempt, nil); err == nil {
+		if e.used != nil {
+			e.p.settleTokens(ctx, e.used(v))
+		}
 		return v, outcomeSuccess, nil
 	}
 	o = classify(ctx, err)

@@ -51,6 +51,7 @@ type RateLimiter struct {
 
 	pause atomic.Int64 // unix ns: no permit before; 0: none
 
+	credit            atomic.Int64 // permits given back, taken before the bucket's
 	granted, rejected atomic.Uint64
 	waiting           atomic.Int64
 	mWait             []metric.RecordOption // the name attribute, built once
@@ -139,7 +140,15 @@ func (l *RateLimiter) Allow(n int) bool {
 	if n <= 0 || !l.on() {
 		return true
 	}
-	if now.UnixNano() < l.pause.Load() || !l.lim.AllowN(now, n) {
+	if now.UnixNano() < l.pause.Load() {
+		l.rejected.Add(1)
+		return false
+	}
+	if n = l.fromCredit(n); n == 0 {
+		l.granted.Add(1)
+		return true
+	}
+	if !l.lim.AllowN(now, n) {
 		l.rejected.Add(1)
 		return false
 	}
@@ -166,6 +175,12 @@ func (l *RateLimiter) Wait(ctx context.Context, n int) error {
 		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: -1}
 	}
 	now := time.Now()
+	if l.pause.Load() <= now.UnixNano() {
+		if n = l.fromCredit(n); n == 0 {
+			l.granted.Add(1)
+			return nil
+		}
+	}
 	r := l.lim.ReserveN(now, n)
 	delay := r.DelayFrom(now)
 	if p := l.pause.Load(); now.UnixNano() < p {
@@ -207,6 +222,35 @@ func (l *RateLimiter) Charge(n int) {
 		k := min(n, int(l.burst.Load()))
 		l.lim.ReserveN(now, k) // never cancelled: the debt stands
 		n -= k
+	}
+}
+
+// fromCredit takes what it can of n from the permits given back, and
+// returns what is left to take.
+func (l *RateLimiter) fromCredit(n int) int {
+	for {
+		c := l.credit.Load()
+		if c <= 0 {
+			return n
+		}
+		k := min(c, int64(n))
+		if l.credit.CompareAndSwap(c, c-k) {
+			return n - int(k)
+		}
+	}
+}
+
+// giveBack returns n permits a call took but did not use, up to a burst.
+func (l *RateLimiter) giveBack(n int) {
+	if n <= 0 {
+		return
+	}
+	for {
+		c := l.credit.Load()
+		next := min(c+int64(n), l.burst.Load())
+		if l.credit.CompareAndSwap(c, next) {
+			return
+		}
 	}
 }
 

@@ -253,3 +253,70 @@ func TestRateLimiterMetrics(t *testing.T) {
 		wantPoints(t, c, "resilience.rate_limiter.wait", "histogram", "s", "name=metrics-llm=count:1")
 	})
 }
+
+// Calls estimated at 1000 tokens against 10 000 a minute: 10 start at once
+// and 10 a minute after; a call that used 3000 delays the next by the debt.
+func TestTokenLimiterPacesByEstimateAndChargesTheRest(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tokens := mustRateLimiter(t, RateLimiterConfig{Name: "llm-tokens", Limit: 10000, Per: time.Minute, Burst: 10000})
+		used := 1000
+		var starts []time.Duration
+		start := time.Now()
+		fn := Compose(func(context.Context) (int, error) {
+			starts = append(starts, time.Since(start))
+			return used, nil
+		}, Stack[int]{
+			Name: "tokens", TokenLimiter: tokens,
+			Tokens:     func(context.Context) int { return 1000 },
+			TokensUsed: func(n int) int { return n },
+		})
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		for {
+			if _, err := fn(ctx); err != nil {
+				break // the next permits come after the 5 minutes
+			}
+		}
+		if len(starts) > 10+50 {
+			t.Fatalf("%d calls in 5 minutes; want at most 60", len(starts))
+		}
+		if len(starts) < 59 {
+			t.Fatalf("%d calls in 5 minutes; want about 60", len(starts))
+		}
+
+		// Used 3000 of an estimate of 1000: 2000 charged, so the next call
+		// waits 12s (2000 tokens) more than the 6s of its own.
+		tokens2 := mustRateLimiter(t, RateLimiterConfig{Limit: 10000, Per: time.Minute, Burst: 10000})
+		fn2 := Compose(func(context.Context) (int, error) { return used, nil }, Stack[int]{
+			Name: "tokens2", TokenLimiter: tokens2,
+			Tokens:     func(context.Context) int { return 1000 },
+			TokensUsed: func(n int) int { return n },
+		})
+		tokens2.Wait(context.Background(), 9000) // leaves 1000
+		used = 3000
+		fn2(context.Background())
+		used = 1000
+		t0 := time.Now()
+		fn2(context.Background())
+		if got := time.Since(t0); got != 18*time.Second {
+			t.Errorf("the call after a 3000-token answer waited %v; want 18s", got)
+		}
+		// Used 200 of 1000: 800 given back, so the next call needs only 200
+		// more of the bucket.
+		used = 200
+		fn2(context.Background())
+		used = 1000
+		t0 = time.Now()
+		fn2(context.Background())
+		if got := time.Since(t0); got != 6*time.Second*200/1000 {
+			t.Errorf("the call after a 200-token answer waited %v; want %v", got, 6*time.Second*200/1000)
+		}
+	})
+}
+
+func TestComposeTokenLimiterNeedsTokens(t *testing.T) {
+	l := mustRateLimiter(t, RateLimiterConfig{Limit: 1})
+	if _, err := Compose(okFunc, Stack[int]{TokenLimiter: l})(context.Background()); !errors.Is(err, ErrInvalidConfig) {
+		t.Fatalf("%v; want ErrInvalidConfig naming Stack.Tokens", err)
+	}
+}
