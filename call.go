@@ -41,9 +41,12 @@ type pipeline struct {
 	// tokenLimiter, if not nil, takes tokens(ctx) permits per attempt.
 	tokenLimiter *RateLimiter
 	tokens       func(ctx context.Context) int
-	timeout      *atomic.Int64 // per attempt, in nanoseconds; nil or <= 0: none
-	total        *atomic.Int64 // the whole call, in nanoseconds; nil or <= 0: none
-	bulkhead     *Bulkhead
+	// pause, if not nil, holds when a provider's spent window resets
+	// (unix ns; 0: none): a registry service's, set by Transport.
+	pause    *atomic.Int64
+	timeout  *atomic.Int64 // per attempt, in nanoseconds; nil or <= 0: none
+	total    *atomic.Int64 // the whole call, in nanoseconds; nil or <= 0: none
+	bulkhead *Bulkhead
 
 	// enforce makes the edge run each attempt, bulkhead slot included, in
 	// a goroutine of its own that the timeout can abandon (timeout.go).
@@ -119,7 +122,7 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 	var began, ended time.Duration // of the successful attempt, for a slow-call trigger
 	// reached: an attempt got past the bulkhead, so the call's outcome is
 	// the downstream's even if a later attempt found the bulkhead full.
-	reached := p.bulkhead == nil && p.limiter == nil && p.limitCell == nil && p.tokenLimiter == nil
+	reached := p.bulkhead == nil && p.limiter == nil && p.limitCell == nil && p.tokenLimiter == nil && p.pause == nil
 	if r.slow > 0 || !reached {
 		inner := attempt
 		attempt = func(ctx context.Context) error {
@@ -315,6 +318,11 @@ func (s *stopRetry) Unwrap() error { return s.err }
 // once runs one attempt under the per-attempt timeout. stop reports an
 // error the attempt marked as final.
 func (p *pipeline) once(ctx context.Context, attempt attemptFunc) (err error, stop bool) {
+	if p.pause != nil {
+		if err := waitPause(ctx, p.pause, p.site.name); err != nil {
+			return err, false
+		}
+	}
 	l := p.limiter
 	if p.limitCell != nil {
 		l = p.limitCell.Load()

@@ -26,6 +26,7 @@ type Registry struct {
 	bulkheads map[string]*Bulkhead
 	timeouts  map[string]*atomic.Int64 // per operation key, for ForService
 	totals    map[string]*atomic.Int64 // total timeouts, likewise
+	pauses    map[string]*atomic.Int64 // per service: a provider's spent window, until
 	limiters  map[string]*RateLimiter  // by limiterKey
 	// limitCells hold each service's request limiter for its pipelines.
 	limitCells map[string]limitCell
@@ -148,6 +149,23 @@ func (r *Registry) timeoutCell(operation string) *atomic.Int64 {
 		c = new(atomic.Int64)
 		c.Store(int64(r.cfg.Timeout(operation)))
 		r.timeouts[key] = c
+	}
+	return c
+}
+
+// pauseCell returns the cell of a service's pause, which Transport sets
+// from a 429 that says the provider's window is spent.
+func (r *Registry) pauseCell(service string) *atomic.Int64 {
+	key := EnvKey(service)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	c, ok := r.pauses[key]
+	if !ok {
+		c = new(atomic.Int64)
+		if r.pauses == nil {
+			r.pauses = map[string]*atomic.Int64{}
+		}
+		r.pauses[key] = c
 	}
 	return c
 }
@@ -305,6 +323,7 @@ func (r *Registry) pipeline(service string, handoff bool) *pipeline {
 		handoff:  handoff,
 	}
 	p.limitCell = r.limitCell(service)
+	p.pause = r.pauseCell(service)
 	p.setSite(newSite(service, service))
 	actual, _ := r.pipelines.LoadOrStore(k, p)
 	return actual.(*pipeline)

@@ -84,11 +84,12 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if reg == nil {
 		reg = Default()
 	}
-	p := reg.pipeline(t.serviceOf(req), true)
+	service := t.serviceOf(req)
+	p := reg.pipeline(service, true)
 	if !p.on() {
 		return base.RoundTrip(req)
 	}
-	rt := &roundTrip{base: base, req: req}
+	rt := &roundTrip{base: base, req: req, p: p, reg: reg, service: service}
 	rt.idempotent = isIdempotent(req) || req.Header.Get("Idempotency-Key") != ""
 	rt.hasBody = req.Body != nil && req.Body != http.NoBody
 	rt.replayable = !rt.hasBody || req.GetBody != nil
@@ -114,6 +115,9 @@ type roundTrip struct {
 	idempotent, hasBody, replayable bool
 	bodyUsed                        bool           // req.Body was handed to base
 	last                            *http.Response // the last attempt's response, still open
+	p                               *pipeline
+	reg                             *Registry
+	service                         string
 }
 
 func (rt *roundTrip) do(p *pipeline) (resp *http.Response, err error) {
@@ -215,7 +219,8 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 	default:
 		resp.Body = &releasingBody{resp.Body, h}
 	}
-	if !isFailureStatus(resp.StatusCode) {
+	retry, said := shouldRetry(resp.Header)
+	if !isFailureStatus(resp.StatusCode) && !(said && retry && resp.StatusCode >= 400) {
 		return nil
 	}
 	se := &StatusError{StatusCode: resp.StatusCode, resp: resp, hint: -1}
@@ -223,7 +228,20 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 	if d, ok := retryAfterHeader(resp, time.Now()); ok {
 		se.hint = d
 	}
-	if !rt.replayable || (resp.StatusCode == http.StatusInternalServerError && !rt.idempotent) {
+	rt.limitsOf(rt.p, resp)
+	switch {
+	case !rt.replayable:
+		return &stopRetry{se}
+	case said && !retry:
+		// The server says this answer will not change.
+		se.retryable = false
+		return &stopRetry{se}
+	case said && retry:
+		// The server says another attempt is worth it, even for a
+		// status it would not be, or a 500 to a POST.
+		se.retryable = true
+		return se
+	case resp.StatusCode == http.StatusInternalServerError && !rt.idempotent:
 		return &stopRetry{se}
 	}
 	return se
@@ -321,7 +339,7 @@ func isFailureStatus(code int) bool {
 func retryableStatus(code int) bool {
 	switch code {
 	case http.StatusRequestTimeout, http.StatusTooManyRequests, http.StatusBadGateway,
-		http.StatusServiceUnavailable, http.StatusGatewayTimeout, http.StatusInternalServerError:
+		http.StatusServiceUnavailable, http.StatusGatewayTimeout, http.StatusInternalServerError, statusOverloaded:
 		return true
 	}
 	return false
