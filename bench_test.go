@@ -10,6 +10,7 @@ import (
 
 	metricnoop "go.opentelemetry.io/otel/metric/noop"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"golang.org/x/time/rate"
 )
 
 // checksCtx looks at its context once, as net/http and database/sql do
@@ -361,5 +362,138 @@ func BenchmarkCircuitBreakerTriggers(b *testing.B) {
 				}
 			}
 		}
+	}
+}
+
+// grantingLimiter returns a rate limiter that always grants: 1e9 permits a
+// second in bursts of 1e9, far beyond what one process can take.
+func grantingLimiter(b *testing.B) *RateLimiter {
+	b.Helper()
+	return mustRateLimiter(b, RateLimiterConfig{Name: "bench", Limit: 1e9, Burst: 1e9})
+}
+
+// BenchmarkRateLimiter measures a granted permit. Compose runs the stack of
+// benchStack (breaker, retry of 3, timeout of 1 minute, bulkhead of 1024,
+// fallback) without and with a RateLimiter that always grants, the same
+// stack otherwise, with the no-op and the SDK meter, serial and in
+// parallel; Wait is (*RateLimiter).Wait(ctx, 1) alone, and x/time/rate's own
+// (*rate.Limiter).Wait at the same rate and burst for reference. The last
+// element of each name is limiter=..., so that
+//
+//	benchstat -col /limiter
+//
+// puts the stack without a limiter (none) beside the one with (granted).
+// After each run the benchmark checks that every permit was granted at once.
+func BenchmarkRateLimiter(b *testing.B) {
+	for _, meter := range []string{"noop", "sdk"} {
+		for _, parallel := range []bool{false, true} {
+			mode := meter
+			if parallel {
+				mode += "-parallel"
+			}
+			for _, withLimiter := range []bool{false, true} {
+				name := "limiter=none"
+				if withLimiter {
+					name = "limiter=granted"
+				}
+				b.Run("Compose/"+mode+"/"+name, func(b *testing.B) {
+					meterProviders(b)[meter]()
+					defer SetMeterProvider(nil)
+					var rl *RateLimiter
+					if withLimiter {
+						rl = grantingLimiter(b)
+					}
+					fn := Compose(checksCtx, Stack[int]{
+						CircuitBreaker: mustBreaker(b, CircuitBreakerConfig{}),
+						Retry:          mustRetry(b, RetryConfig{MaxAttempts: 3}),
+						RateLimiter:    rl,
+						Timeout:        time.Minute,
+						Bulkhead:       mustBulkhead(b, BulkheadConfig{Limit: 1024, MaxWait: 100 * time.Millisecond}),
+						Fallback:       FallbackValue(0),
+					})
+					b.ReportAllocs()
+					if parallel {
+						b.RunParallel(func(pb *testing.PB) {
+							ctx := context.Background()
+							for pb.Next() {
+								if v, _ := fn(ctx); v != 1 {
+									b.Error("failed call")
+									return
+								}
+							}
+						})
+					} else {
+						ctx := context.Background()
+						for b.Loop() {
+							if v, _ := fn(ctx); v != 1 {
+								b.Fatal("failed call")
+							}
+						}
+					}
+					if rl != nil {
+						checkAllGranted(b, rl)
+					}
+				})
+			}
+		}
+	}
+	for _, parallel := range []bool{false, true} {
+		mode := "serial"
+		if parallel {
+			mode = "parallel"
+		}
+		b.Run("Wait/"+mode+"/limiter=granted", func(b *testing.B) {
+			rl := grantingLimiter(b)
+			b.ReportAllocs()
+			if parallel {
+				b.RunParallel(func(pb *testing.PB) {
+					ctx := context.Background()
+					for pb.Next() {
+						if err := rl.Wait(ctx, 1); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			} else {
+				ctx := context.Background()
+				for b.Loop() {
+					if err := rl.Wait(ctx, 1); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			checkAllGranted(b, rl)
+		})
+		b.Run("Wait/"+mode+"/limiter=x-time-rate", func(b *testing.B) {
+			rl := rate.NewLimiter(1e9, 1e9)
+			b.ReportAllocs()
+			if parallel {
+				b.RunParallel(func(pb *testing.PB) {
+					ctx := context.Background()
+					for pb.Next() {
+						if err := rl.Wait(ctx); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			} else {
+				ctx := context.Background()
+				for b.Loop() {
+					if err := rl.Wait(ctx); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+		})
+	}
+}
+
+// checkAllGranted fails b unless rl refused nothing and nobody waits.
+func checkAllGranted(b *testing.B, rl *RateLimiter) {
+	b.Helper()
+	if s := rl.Stats(); s.Rejected != 0 || s.Waiting != 0 || s.Granted == 0 {
+		b.Fatalf("after the run: %+v", s)
 	}
 }

@@ -46,6 +46,8 @@ type pipeline struct {
 	pause    *atomic.Int64
 	timeout  *atomic.Int64 // per attempt, in nanoseconds; nil or <= 0: none
 	total    *atomic.Int64 // the whole call, in nanoseconds; nil or <= 0: none
+	idle     *atomic.Int64 // a handed-off body's idle timeout; nil or <= 0: the attempt's
+	stream   *atomic.Int64 // a handed-off body's stream timeout; nil or <= 0: none
 	bulkhead *Bulkhead
 
 	// enforce makes the edge run each attempt, bulkhead slot included, in
@@ -378,21 +380,6 @@ func unstop(err error) (error, bool) {
 	return err, false
 }
 
-// onceHandoff is once for a pipeline whose attempts may keep their slot
-// and timeout: the attempt's context is a *hold, which the attempt keeps
-// with hold.keep. What is not kept is given back when the attempt returns
-// or panics.
-func (p *pipeline) onceHandoff(ctx context.Context, attempt attemptFunc, d time.Duration) (err error, stop bool) {
-	h := &hold{}
-	if d > 0 {
-		h.Context, h.cancel = context.WithTimeoutCause(ctx, d, ErrTimeout)
-	} else {
-		h.Context, h.cancel = context.WithCancel(ctx)
-	}
-	defer h.settle()
-	err, stop = unstop(p.slot(h, attempt, h))
-	return p.timedOut(ctx, h.Context, d, err), stop
-}
 
 // slot runs attempt holding a bulkhead slot, if the pipeline has a
 // bulkhead, and gives the slot back when attempt returns or panics, unless
@@ -453,73 +440,3 @@ func give(b *Bulkhead, grel func()) {
 	}
 }
 
-type holdKey struct{}
-
-// hold is what one attempt of a handoff pipeline holds: its timeout and,
-// with a bulkhead, its slot. It is the attempt's context too, so that the
-// attempt finds it without a context.WithValue of its own.
-type hold struct {
-	context.Context // the attempt's, with its timeout
-	cancel          context.CancelFunc
-	b               *Bulkhead // nil: no slot
-	grel            func()
-	kept            bool        // set by the attempt, in the attempt's goroutine
-	timer           *time.Timer // gives a kept slot back at the timeout
-	done            atomic.Bool
-}
-
-// Value makes the hold findable from the attempt's context and what is
-// derived from it; other keys go to the attempt's context, which keeps
-// the context package's own lookups (and so its cheap propagation of
-// cancellation) working through a hold.
-func (h *hold) Value(key any) any {
-	if key == (holdKey{}) {
-		return h
-	}
-	return h.Context.Value(key)
-}
-
-// holdFrom returns the hold of the attempt whose context is ctx.
-func holdFrom(ctx context.Context) *hold {
-	h, _ := ctx.Value(holdKey{}).(*hold)
-	return h
-}
-
-// keep hands the attempt's slot and timeout to the caller, who gives them
-// back with release; they are given back anyway at the attempt's deadline,
-// so that a caller who never gives them back holds them no longer than
-// that. A time.AfterFunc costs less than a context.AfterFunc, which would
-// also register with the context.
-func (h *hold) keep() {
-	h.kept = true
-	if dl, ok := h.Deadline(); ok {
-		h.timer = time.AfterFunc(time.Until(dl), h.free)
-	}
-}
-
-// release gives back what keep kept. It may be called more than once.
-func (h *hold) release() {
-	if h.timer != nil {
-		h.timer.Stop()
-	}
-	h.free()
-}
-
-// settle gives back what the attempt did not keep.
-func (h *hold) settle() {
-	if !h.kept {
-		h.free()
-	}
-}
-
-// free gives the slot and the timeout back, once.
-func (h *hold) free() {
-	if !h.done.CompareAndSwap(false, true) {
-		return
-	}
-	h.cancel()
-	if h.b != nil {
-		h.grel()
-		h.b.release()
-	}
-}

@@ -45,8 +45,16 @@ type Config struct {
 	CircuitBreakers map[string]CircuitBreakerConfig
 
 	// TotalTimeouts holds TIMEOUT_<OP>_TOTAL per operation type: the
-	// bound of a whole call, retries and waits included. None by default.
+	// bound of a whole call, retries and waits included. None by default;
+	// TIMEOUT_DEFAULT_TOTAL applies to operations without their own.
 	TotalTimeouts map[string]time.Duration
+	// IdleTimeouts holds TIMEOUT_<OP>_IDLE: the longest wait for the next
+	// bytes of a response body streamed through Transport. Default: the
+	// attempt's timeout.
+	IdleTimeouts map[string]time.Duration
+	// StreamTimeouts holds TIMEOUT_<OP>_STREAM: the bound of a whole
+	// response body streamed through Transport. None by default.
+	StreamTimeouts map[string]time.Duration
 
 	// RateLimits holds RATE_LIMIT_<SERVICE>_* per service: see
 	// RateLimitConfig. A service without an entry is not rate limited.
@@ -98,6 +106,8 @@ func (c Config) Clone() Config {
 	c.Bulkheads = maps.Clone(c.Bulkheads)
 	c.RateLimits = maps.Clone(c.RateLimits)
 	c.TotalTimeouts = maps.Clone(c.TotalTimeouts)
+	c.IdleTimeouts = maps.Clone(c.IdleTimeouts)
+	c.StreamTimeouts = maps.Clone(c.StreamTimeouts)
 	return c
 }
 
@@ -158,9 +168,11 @@ func (c Config) Validate() error {
 	if c.DefaultTimeout < 0 {
 		errs = append(errs, invalid("Config.DefaultTimeout", c.DefaultTimeout, "must not be negative"))
 	}
-	for _, k := range slices.Sorted(maps.Keys(c.TotalTimeouts)) {
-		if d := c.TotalTimeouts[k]; d <= 0 {
-			errs = append(errs, invalid("Config.TotalTimeouts["+k+"]", d, "must be positive"))
+	for field, m := range map[string]map[string]time.Duration{"TotalTimeouts": c.TotalTimeouts, "IdleTimeouts": c.IdleTimeouts, "StreamTimeouts": c.StreamTimeouts} {
+		for _, k := range slices.Sorted(maps.Keys(m)) {
+			if d := m[k]; d <= 0 {
+				errs = append(errs, invalid("Config."+field+"["+k+"]", d, "must be positive"))
+			}
 		}
 	}
 	for _, k := range slices.Sorted(maps.Keys(c.Timeouts)) {
@@ -322,15 +334,15 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 		if key == reservedKey {
 			continue // TIMEOUT_DEFAULT, read above
 		}
-		if op, ok := strings.CutSuffix(key, "_TOTAL"); ok && op != "" {
+		if m, op := phaseTimeouts(&cfg, key); m != nil {
 			var d time.Duration
 			name := timeoutPrefix + key
 			l.parseOne(name, &d)
 			l.check(name, d > 0, "must be positive")
-			if cfg.TotalTimeouts == nil {
-				cfg.TotalTimeouts = map[string]time.Duration{}
+			if *m == nil {
+				*m = map[string]time.Duration{}
 			}
-			cfg.TotalTimeouts[op] = d
+			(*m)[op] = d
 			continue
 		}
 		v := struct {
@@ -525,6 +537,27 @@ func (l *loader) report(name, why string) {
 	}
 	l.bad[name] = true
 	l.errs = append(l.errs, &VarError{Var: name, Value: l.environ[name], Reason: why})
+}
+
+// phaseTimeouts returns the map a TIMEOUT_<OP>_TOTAL, _IDLE or _STREAM
+// variable goes in, and its operation, or nil for TIMEOUT_<OP>.
+func phaseTimeouts(cfg *Config, key string) (*map[string]time.Duration, string) {
+	for suffix, m := range map[string]*map[string]time.Duration{
+		"_TOTAL": &cfg.TotalTimeouts, "_IDLE": &cfg.IdleTimeouts, "_STREAM": &cfg.StreamTimeouts,
+	} {
+		if op, ok := strings.CutSuffix(key, suffix); ok && op != "" {
+			return m, op
+		}
+	}
+	return nil, ""
+}
+
+// phaseTimeout returns an operation's entry of m, else DEFAULT's, else 0.
+func phaseTimeout(m map[string]time.Duration, operation string) time.Duration {
+	if d, ok := m[EnvKey(operation)]; ok {
+		return d
+	}
+	return m[reservedKey]
 }
 
 // breakerMode names a breaker's mode as CIRCUIT_BREAKER_<SVC>_MODE does.

@@ -141,7 +141,7 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 		metric.WithDescription("The ratio of failed (trigger failure_ratio) or slow (trigger slow_call_ratio) calls that opens a circuit breaker."),
 		metric.WithUnit("1"))
 	errs = append(errs, err)
-	in.rlGranted = observedCounter("resilience.rate_limiter.granted", "Permits a rate limiter granted.", "{permit}")
+	in.rlGranted = observedCounter("resilience.rate_limiter.granted", "Calls a rate limiter granted their permits.", "{call}")
 	in.rlRejected = observedCounter("resilience.rate_limiter.rejected", "Calls a rate limiter refused.", "{call}")
 	in.rlWaiting = gauge("resilience.rate_limiter.waiting", "Callers waiting for a rate limiter's permits.", "{call}")
 	in.rlWait = histogram("resilience.rate_limiter.wait", "How long callers waited for a rate limiter's permits.")

@@ -247,7 +247,7 @@ func TestRateLimiterMetrics(t *testing.T) {
 		l.Wait(context.Background(), 1) // waits 1s
 		l.Wait(context.Background(), 7) // more than a burst: refused
 		c := since(base, collect(t, reader))
-		wantPoints(t, c, "resilience.rate_limiter.granted", "observed counter", "{permit}", "name=metrics-llm=2")
+		wantPoints(t, c, "resilience.rate_limiter.granted", "observed counter", "{call}", "name=metrics-llm=2")
 		wantPoints(t, c, "resilience.rate_limiter.rejected", "observed counter", "{call}", "name=metrics-llm=1")
 		wantPoints(t, c, "resilience.rate_limiter.waiting", "gauge", "{call}", "name=metrics-llm=0")
 		wantPoints(t, c, "resilience.rate_limiter.wait", "histogram", "s", "name=metrics-llm=count:1")

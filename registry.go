@@ -24,10 +24,10 @@ type Registry struct {
 	cfg       Config
 	breakers  map[string]*CircuitBreaker
 	bulkheads map[string]*Bulkhead
-	timeouts  map[string]*atomic.Int64 // per operation key, for ForService
-	totals    map[string]*atomic.Int64 // total timeouts, likewise
-	pauses    map[string]*atomic.Int64 // per service: a provider's spent window, until
-	limiters  map[string]*RateLimiter  // by limiterKey
+	timeouts  map[string]*atomic.Int64   // per operation key, for ForService
+	phases    map[phaseKey]*atomic.Int64 // total, idle and stream timeouts, likewise
+	pauses    map[string]*atomic.Int64   // per service: a provider's spent window, until
+	limiters  map[string]*RateLimiter    // by limiterKey
 	// limitCells hold each service's request limiter for its pipelines.
 	limitCells map[string]limitCell
 	retry      *Retry
@@ -170,20 +170,44 @@ func (r *Registry) pauseCell(service string) *atomic.Int64 {
 	return c
 }
 
-// totalCell returns the cell of an operation's total timeout, 0 when it
-// has none, which a Reload updates.
-func (r *Registry) totalCell(operation string) *atomic.Int64 {
-	key := EnvKey(operation)
+// The timeouts of a call's phases beyond the attempt's.
+type phase int
+
+const (
+	phaseTotal  phase = iota // TIMEOUT_<OP>_TOTAL
+	phaseIdle                // TIMEOUT_<OP>_IDLE
+	phaseStream              // TIMEOUT_<OP>_STREAM
+)
+
+func (p phase) of(c Config) map[string]time.Duration {
+	switch p {
+	case phaseIdle:
+		return c.IdleTimeouts
+	case phaseStream:
+		return c.StreamTimeouts
+	}
+	return c.TotalTimeouts
+}
+
+type phaseKey struct {
+	op    string
+	phase phase
+}
+
+// phaseCell returns the cell of an operation's timeout of phase ph, 0 when
+// it has none, which a Reload updates.
+func (r *Registry) phaseCell(operation string, ph phase) *atomic.Int64 {
+	k := phaseKey{EnvKey(operation), ph}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	c, ok := r.totals[key]
+	c, ok := r.phases[k]
 	if !ok {
 		c = new(atomic.Int64)
-		c.Store(int64(r.cfg.TotalTimeouts[key]))
-		if r.totals == nil {
-			r.totals = map[string]*atomic.Int64{}
+		c.Store(int64(phaseTimeout(ph.of(r.cfg), k.op)))
+		if r.phases == nil {
+			r.phases = map[phaseKey]*atomic.Int64{}
 		}
-		r.totals[key] = c
+		r.phases[k] = c
 	}
 	return c
 }
@@ -228,8 +252,8 @@ func (r *Registry) Reload(cfg Config) error {
 	for key, c := range r.timeouts {
 		c.Store(int64(cfg.Timeout(key)))
 	}
-	for key, c := range r.totals {
-		c.Store(int64(cfg.TotalTimeouts[key]))
+	for k, c := range r.phases {
+		c.Store(int64(phaseTimeout(k.phase.of(cfg), k.op)))
 	}
 	r.reloadLimitersLocked()
 	wasOn := r.enabled.Swap(cfg.Enabled)
@@ -318,7 +342,9 @@ func (r *Registry) pipeline(service string, handoff bool) *pipeline {
 		cb:       r.CircuitBreaker(service),
 		retry:    r.retry,
 		timeout:  r.timeoutCell(service),
-		total:    r.totalCell(service),
+		total:    r.phaseCell(service, phaseTotal),
+		idle:     r.phaseCell(service, phaseIdle),
+		stream:   r.phaseCell(service, phaseStream),
 		bulkhead: r.Bulkhead(service),
 		handoff:  handoff,
 	}

@@ -284,8 +284,15 @@ type releasingBody struct {
 
 func (b *releasingBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
-	if err == io.EOF {
+	switch {
+	case err == io.EOF:
 		b.h.release()
+	case err != nil && b.h.expired():
+		// Cut by its idle or stream timeout: say so, as an attempt's
+		// timeout does.
+		err = &Error{Err: ErrTimeout, Cause: err}
+	case n > 0:
+		b.h.touch()
 	}
 	return n, err
 }

@@ -61,17 +61,18 @@ func protoName(h2 bool) string {
 	return "h1"
 }
 
-// Slow streaming past the attempt's timeout, caller cancellation mid-body,
+// Slow streaming past the stream timeout, caller cancellation mid-body,
 // double Close and EOF-then-Close, over real HTTP/1.1 and HTTP/2.
 func TestTransportStreamingBodies(t *testing.T) {
 	for _, h2 := range []bool{false, true} {
 		t.Run(protoName(h2), func(t *testing.T) {
 			srv := streamServer(t, h2, 20*time.Millisecond)
-			reg := transportRegistry(t, map[string]string{"TIMEOUT_DEFAULT": "0.3", "BULKHEAD_DEFAULT_LIMIT": "1", "BULKHEAD_DEFAULT_MAX_WAIT": "2"})
+			reg := transportRegistry(t, map[string]string{"TIMEOUT_DEFAULT": "0.3", "TIMEOUT_DEFAULT_STREAM": "0.3", "BULKHEAD_DEFAULT_LIMIT": "1", "BULKHEAD_DEFAULT_MAX_WAIT": "2"})
 			c := client(reg, srv.Client().Transport)
 			b := reg.Bulkhead("127.0.0.1")
 
-			// 1. Read slowly past the timeout: the read fails, the slot goes back.
+			// 1. Read slowly past the stream timeout: the read fails with
+			// ErrTimeout, the slot goes back.
 			resp, err := c.Get(srv.URL)
 			if err != nil {
 				t.Fatal(err)
@@ -84,8 +85,8 @@ func TestTransportStreamingBodies(t *testing.T) {
 			for rerr == nil {
 				_, rerr = resp.Body.Read(buf)
 			}
-			if rerr == io.EOF {
-				t.Fatal("a body streamed past the attempt's timeout read to EOF")
+			if rerr == io.EOF || !errors.Is(rerr, ErrTimeout) {
+				t.Fatalf("a body streamed past its stream timeout ended with %v; want ErrTimeout", rerr)
 			}
 			waitFor(t, 2*time.Second, "slot not given back after the timeout", func() bool { return b.Stats().Active == 0 })
 			resp.Body.Close()

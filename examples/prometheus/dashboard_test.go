@@ -24,8 +24,9 @@ import (
 
 const dashboardPath = "../../dashboards/resilience.json"
 
-// The rows the original design's dashboard section asks for.
-var wantRows = []string{"Circuit breakers", "Retries", "Timeouts", "Bulkheads", "Fallbacks"}
+// The rows the original design's dashboard section asks for, and the rate
+// limiters' since RateLimiter.
+var wantRows = []string{"Circuit breakers", "Retries", "Timeouts", "Bulkheads", "Rate limiters", "Fallbacks"}
 
 type dashboard struct {
 	ID            *int `json:"id"`

@@ -13,7 +13,9 @@
 // open and close again (one on consecutive failures, one on its failure or
 // slow-call ratio, and one in shadow mode, which only counts the calls it
 // would have rejected), the retries succeed or give up, the retry budget
-// runs out, the bulkhead queues and rejects, and the fallbacks answer with a
+// runs out, the bulkhead queues and rejects, a rate limiter keeps the
+// recommender's quota (its callers exceed it now and then: some attempts
+// wait for a permit, a few are refused), and the fallbacks answer with a
 // fixed value, a cached one and a stale one.
 //
 // dashboards/resilience.json at the root of the repository is a Grafana
@@ -135,6 +137,9 @@ const (
 	slowCall    = 50 * time.Millisecond  // a slow success for the recommender's breaker
 	slowShare   = 0.1                    // of calls outside an outage, answered in slowReply
 	slowReply   = 55 * time.Millisecond  // above slowCall, below every timeout
+	recLimit    = 70                     // the recommender's quota: attempts a second
+	recBurst    = 4                      // attempts let through at once after a quiet spell
+	recMaxWait  = 15 * time.Millisecond  // the longest an attempt waits for its permit
 )
 
 // httpError is the downstream's failure: its type, *main.httpError, is the
@@ -242,14 +247,14 @@ func traffic(ctx context.Context) error {
 			Bulkhead: quoteBulkhead, Fallback: quotes.Fallback("quote"),
 		})
 
-	// The recommendation service: a breaker, a retry, a timeout, and a
-	// fixed answer when all else fails. Its breaker opens on ratios over a
-	// rolling second rather than on consecutive failures: when half of the
-	// calls fail, which only an outage does (a call fails outside one when
-	// both its attempts do), or when half of them are slow, a success that
-	// took more than slowCall (each attempt is timed on its own, so one in
-	// ten: the slow replies). Each failed probe doubles the open period,
-	// up to 1.6s.
+	// The recommendation service: a breaker, a retry, a rate limiter, a
+	// timeout, and a fixed answer when all else fails. Its breaker opens
+	// on ratios over a rolling second rather than on consecutive
+	// failures: when half of the calls fail, which only an outage does (a
+	// call fails outside one when both its attempts do), or when half of
+	// them are slow, a success that took more than slowCall (each attempt
+	// is timed on its own, so one in ten: the slow replies). Each failed
+	// probe doubles the open period, up to 1.6s.
 	recBreaker, err := resilience.NewCircuitBreaker(resilience.CircuitBreakerConfig{
 		Name: "recommender", FailureRatio: 0.5, MinimumThroughput: 20, SamplingWindow: time.Second,
 		SlowCallDuration: slowCall, SlowCallRatio: 0.5,
@@ -265,11 +270,26 @@ func traffic(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The recommender's quota, which its two callers exceed while its
+	// breaker is closed: an attempt waits up to recMaxWait for its permit
+	// (about a third of them wait), or is refused at once (about one in
+	// ten). A refusal asks for a wait longer than the retry's MaxDelay, so
+	// it is not retried: the fallback answers. The breaker leaves out a
+	// call refused on its first attempt, and counts one whose attempt had
+	// failed at the downstream before its retry was refused, with
+	// error.type rate_limited. A call the open breaker rejects spends no
+	// permit.
+	recLimiter, err := resilience.NewRateLimiter(resilience.RateLimiterConfig{
+		Name: "recommender", Limit: recLimit, Burst: recBurst, MaxWait: recMaxWait,
+	})
+	if err != nil {
+		return err
+	}
 	getRecommendations := resilience.Compose(
 		func(ctx context.Context) (string, error) { return d.call(ctx, true, "personalised") },
 		resilience.Stack[string]{
 			Name: "get_recommendations", Operation: "http",
-			CircuitBreaker: recBreaker, Retry: recRetry, Timeout: 80 * time.Millisecond,
+			CircuitBreaker: recBreaker, Retry: recRetry, RateLimiter: recLimiter, Timeout: 80 * time.Millisecond,
 			Fallback: resilience.FallbackValue("bestsellers"),
 		})
 

@@ -199,6 +199,10 @@ func TestMetricsEndpoint(t *testing.T) {
 		`trigger="failure_ratio"`, `trigger="slow_call_ratio"`, `mode="shadow"`,
 		"resilience_call_duration_seconds_bucket{",
 		"resilience_timeout_duration_seconds_bucket{",
+		// The rate limiter's name, a wait it timed, and a call it
+		// refused, which the fallback answered.
+		`resilience_rate_limiter_wait_seconds_bucket{name="recommender"`,
+		`error_type="rate_limited"`,
 	}
 	url := start(t)
 
