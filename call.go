@@ -380,7 +380,6 @@ func unstop(err error) (error, bool) {
 	return err, false
 }
 
-
 // slot runs attempt holding a bulkhead slot, if the pipeline has a
 // bulkhead, and gives the slot back when attempt returns or panics, unless
 // h is given: h then owns it.
@@ -439,4 +438,3 @@ func give(b *Bulkhead, grel func()) {
 		b.release()
 	}
 }
-
