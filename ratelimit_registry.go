@@ -104,7 +104,7 @@ func (l *loader) loadRateLimits(cfg *Config) {
 		if cfg.RateLimits == nil {
 			cfg.RateLimits = map[string]RateLimitConfig{}
 		}
-		cfg.RateLimits[key] = RateLimitConfig{Requests: v.Requests, Tokens: v.Tokens, Per: v.Per, Burst: v.Burst, MaxWait: v.MaxWait, FailFast: v.FailFast}
+		cfg.RateLimits[key] = RateLimitConfig(v)
 	}
 }
 
