@@ -124,8 +124,12 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 	var began, ended time.Duration // of the successful attempt, for a slow-call trigger
 	// reached: an attempt got past the bulkhead, so the call's outcome is
 	// the downstream's even if a later attempt found the bulkhead full.
-	reached := p.bulkhead == nil && p.limiter == nil && p.limitCell == nil && p.tokenLimiter == nil && p.pause == nil
-	if r.slow > 0 || !reached {
+	// Without a retry there is one attempt, and a local rejection
+	// (ErrBulkheadFull, ErrRateLimited) is never the downstream's: reached
+	// matters only between attempts.
+	reached := false
+	var admitted time.Duration
+	if r.slow > 0 || p.retry != nil {
 		inner := attempt
 		attempt = func(ctx context.Context) error {
 			var b time.Duration
@@ -150,6 +154,9 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 		}
 	}
 	counted, rej := cb.guard(ctx, func(counted bool) error {
+		if r.slow > 0 {
+			admitted = monotonic() // the bucket gobreaker counts the call in
+		}
 		err = p.retried(ctx, attempt, between)
 		o = cb.outcome(outer, err, reached)
 		if counted && o == errFailure {
@@ -167,7 +174,7 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 		case nil:
 			cb.counts.successes.Add(1)
 			if ended-began > r.slow && ended != 0 {
-				cb.slowCall(r, began, ended)
+				cb.slowCall(r, admitted, ended)
 			}
 		case errFailure:
 			cb.recordFailure(ctx, errorType(err))

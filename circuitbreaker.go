@@ -426,23 +426,37 @@ func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
 	// forced stays forced, and an open breaker stays open for the rest of
 	// its period.
 	g := cb.newGen()
-	cb.evMu.Lock()
-	var rest time.Duration
-	if cb.last == StateOpen && cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
-		rest = max(time.Duration(cb.openEnd.Load()-int64(monotonic())), 1)
+	forced := cb.mode.Load()&(modeForcedOpen|modeForcedClosed) != 0
+	now := int64(monotonic())
+	end := cb.openEnd.Load()
+	// Open for the rest of the period only if the period has not ended:
+	// an open breaker whose period is over is half-open, and closes here.
+	open := cb.lastState() == StateOpen && !forced && end > now
+	if open {
+		// Opened before it is published, so that no call is admitted by
+		// a closed g, and without a transition: it stays open.
+		g.force.Add(1)
+		g.gb.Execute(func() (struct{}, error) { return struct{}{}, errFailure })
+		g.force.Add(-1)
 	}
+	cb.evMu.Lock()
 	cb.cur.Store(g)
-	if rest == 0 {
+	if open {
+		cb.lateHalfOpen = false
+		if end-now > int64(g.timeout) {
+			cb.hold.Store(end)
+		} else {
+			cb.hold.Store(0)
+			cb.openEnd.Store(now + int64(g.timeout))
+		}
+	} else {
 		cb.closedLocked()
-		if cb.mode.Load()&(modeForcedOpen|modeForcedClosed) == 0 {
+		if !forced {
 			cb.transitionLocked(cb.last, StateClosed)
 		}
 	}
 	cb.evMu.Unlock()
 	cb.setMu.Unlock()
-	if rest > 0 {
-		cb.trip(rest)
-	}
 	return nil
 }
 
@@ -561,13 +575,17 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func(counted bool) err
 	g := cb.cur.Load()
 	stage := callNotRun
 	var panicked any
-	probe := false // admitted half-open
 	defer func() {
 		if stage != callRunning {
 			return
 		}
 		if panicked == nil {
-			cb.goexited(g, probe)
+			// A Goexit, turned into goexitPanic for gobreaker to count
+			// (or drop as stale, by its own generation): swallowed here,
+			// after which the Goexit resumes.
+			if r := recover(); r != goexitPanic {
+				panic(r)
+			}
 		}
 		cb.flush()
 		cb.recordFailure(ctx, "panic")
@@ -580,7 +598,6 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func(counted bool) err
 			return struct{}{}, errExcluded
 		}
 		stage = callRunning
-		probe = cb.lastState() == StateHalfOpen
 		defer func() {
 			if stage == callRunning {
 				// Tell a panic from a Goexit, then let gobreaker count it.
@@ -588,6 +605,9 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func(counted bool) err
 					panicked = r
 					panic(r)
 				}
+				// runtime.Goexit: gobreaker sees no outcome of it, so
+				// give it one.
+				panic(goexitPanic)
 			}
 		}()
 		o := call(true)
@@ -618,36 +638,30 @@ func (cb *CircuitBreaker) reject(r *breakerRule, call func(bool) error, err erro
 	return false, err
 }
 
-// goexited repairs gobreaker after a call that called runtime.Goexit:
-// gobreaker counted the request but, recovering nothing, never its outcome,
-// and in the half-open state that probe would be held for ever. It counts
-// the failure a panic would have been: a failed probe if the call was one
-// and the breaker still waits on it, a failure if the breaker is still
-// closed. Otherwise the breaker has moved on, and gobreaker would have
-// dropped the outcome as stale: so is it here.
-func (cb *CircuitBreaker) goexited(g *breakerGen, probe bool) {
-	if cb.cur.Load() != g || cb.held() {
-		return
-	}
-	switch s := cb.lastState(); {
-	case probe && s == StateHalfOpen:
-		cb.replaceAndTrip()
-	case !probe && s == StateClosed:
-		g.gb.Execute(func() (struct{}, error) { return struct{}{}, errFailure })
-	}
-}
-
 // replaceAndTrip opens the breaker from half-open, whatever probes are in
 // flight: a fresh generation, tripped, so that they are dropped as stale.
 func (cb *CircuitBreaker) replaceAndTrip() {
 	cb.setMu.Lock()
 	n := cb.newGen()
+	// Open n before it is published: queue ignores it until then, and no
+	// call is admitted by a closed n.
+	n.force.Add(1)
+	n.gb.Execute(func() (struct{}, error) { return struct{}{}, errFailure })
+	n.force.Add(-1)
 	cb.evMu.Lock()
 	cb.cur.Store(n)
+	cb.openedLocked(n)
+	cb.transitionLocked(cb.last, StateOpen)
 	cb.evMu.Unlock()
 	cb.setMu.Unlock()
-	cb.tripGen(n)
 }
+
+// goexitPanic stands for a runtime.Goexit in gobreaker's Execute, which
+// counts a panic as a failure (or drops it as stale) and sees nothing of a
+// Goexit.
+var goexitPanic any = goexitMarker{}
+
+type goexitMarker struct{}
 
 // outcome maps a call's result to what gobreaker should count.
 func (cb *CircuitBreaker) outcome(ctx context.Context, err error, reached bool) error {

@@ -5,8 +5,17 @@
 // It needs no network: it starts an endpoint shaped like Anthropic's
 // Messages API (POST /v1/messages) on 127.0.0.1, through internal/flaky,
 // which is overloaded for a while (529 and 503), answers one request too
-// late, and then recovers. The demo prints what each policy did, and what it
-// prints is the same on every run:
+// late, and then recovers.
+//
+// A second part paces the client as an LLM provider's limits require: four
+// callers share a rate limiter of requests and one of tokens (Stack.
+// RateLimiter, TokenLimiter, Tokens and TokensUsed), each call taking its
+// estimated tokens before it is sent and settling them with the usage the
+// endpoint reports; then a document too long for one call is refused at
+// once, and sent in halves, the second waiting for the tokens the first took.
+//
+// The demo prints what each policy did, and what it prints is the same on
+// every run:
 //
 //	go run ./examples/llm
 package main
@@ -22,7 +31,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
+	"unicode"
 
 	"github.com/resilience-go/resilience"
 	"github.com/resilience-go/resilience/internal/flaky"
@@ -168,7 +179,219 @@ func run(w io.Writer) error {
 	fmt.Fprintf(w, "  breaker %q: %s\n", breaker.Name(), breaker.State())
 	fmt.Fprintf(w, "  bulkhead %q: active %d, waiting %d, rejected %d, completed %d\n",
 		bulkhead.Name(), st.Active, st.Waiting, st.Rejected, st.Completed)
+
+	return paced(ctx, w, client)
+}
+
+// The second part's limits: an LLM provider's limits of requests and of
+// tokens, scaled from a minute down to a second.
+const (
+	requestsPerSecond = 5
+	requestBurst      = 2
+	tokensPerSecond   = 600 // also the token limiter's burst, its default
+	expectedOutput    = 50  // tokens an answer is expected to take, in the estimate
+	totalTimeout      = 2 * time.Second
+	// waited tells a wait for a permit from the time a call takes to get
+	// through a limiter that has one free: the limits make every wait in
+	// the demo much longer.
+	waited = 80 * time.Millisecond
+)
+
+// pacedPrompts are what each of the second part's callers asks, in turn.
+var pacedPrompts = [][]string{
+	{"What is a token bucket?", "Why pace requests instead of retrying 429s?"},
+	{"What does a rate limit per minute mean?", "How are tokens counted?"},
+	{"Why estimate the tokens before the call?", "What if the answer is longer than the estimate?"},
+	{"What is the burst of a limiter?", "What does a total timeout bound?"},
+}
+
+// summarise starts a prompt that asks for a summary of a document.
+const summarise = "Summarise this incident timeline:\n"
+
+// timeline is the long document of the second part: too many tokens for
+// one call, sent in two halves.
+func timeline() []string {
+	lines := make([]string, 36)
+	for i := range lines {
+		lines[i] = fmt.Sprintf("02:%02d: the primary database still refused connections; the API answered 503 to %d%% of requests.\n", 10+i, 90-2*i)
+	}
+	return lines
+}
+
+// estimateTokens is the client's estimate of what a prompt will cost: a
+// token per 4 bytes of the prompt, the usual rule of thumb, and the answer
+// it expects. The API's count, in the answer, settles the difference.
+func estimateTokens(prompt string) int {
+	return (len(prompt)+3)/4 + expectedOutput
+}
+
+// pacedCall is one call of the second part, and what happened to it.
+type pacedCall struct {
+	prompt string
+	// queued: the call began; permitted: it had its request permit (the
+	// stack asked for its token estimate); started: it had its tokens and
+	// the API was called. Zero if it did not happen.
+	queued, permitted, started time.Time
+	estimate                   int
+	reply                      Reply
+	err                        error
+}
+
+// waitedForRequest and waitedForTokens say which limiter made the call wait.
+func (c *pacedCall) waitedForRequest() bool { return c.permitted.Sub(c.queued) > waited }
+func (c *pacedCall) waitedForTokens() bool {
+	return !c.started.IsZero() && c.started.Sub(c.permitted) > waited
+}
+
+// paced plays the second part: callers sharing a limit of requests and of
+// tokens per second, as an LLM provider sets them.
+func paced(ctx context.Context, w io.Writer, client *Client) error {
+	requests, err := resilience.NewRateLimiter(resilience.RateLimiterConfig{
+		Name: "llm-requests", Limit: requestsPerSecond, Burst: requestBurst,
+	})
+	if err != nil {
+		return err
+	}
+	tokens, err := resilience.NewRateLimiter(resilience.RateLimiterConfig{
+		Name: "llm-tokens", Limit: tokensPerSecond,
+	})
+	if err != nil {
+		return err
+	}
+	// The limiters are shared by every call; the stack is built per call,
+	// around the call's prompt.
+	send := func(ctx context.Context, c *pacedCall) {
+		c.estimate = estimateTokens(c.prompt)
+		c.queued = time.Now()
+		c.reply, c.err = resilience.Compose(func(ctx context.Context) (Reply, error) {
+			c.started = time.Now()
+			return client.Message(ctx, c.prompt)
+		}, resilience.Stack[Reply]{
+			Name:         "llm-paced",
+			RateLimiter:  requests, // one permit per attempt
+			TokenLimiter: tokens,   // the estimate before each attempt...
+			Tokens: func(context.Context) int {
+				if c.permitted.IsZero() { // (asked after the request permit: the demo notes when)
+					c.permitted = time.Now()
+				}
+				return c.estimate
+			},
+			TokensUsed:   func(r Reply) int { return r.Usage.Total() }, // ...settled with the API's count
+			Timeout:      attemptTimeout,
+			TotalTimeout: totalTimeout, // the waits for permits included
+		})(ctx)
+	}
+
+	fmt.Fprintf(w, "\npaced calls: %d callers share limits of %d requests per second (burst %d) and %d tokens per second; a total timeout of %v per call\n",
+		len(pacedPrompts), requestsPerSecond, requestBurst, tokensPerSecond, totalTimeout)
+	fmt.Fprintf(w, "  estimate: a token per 4 bytes of prompt and %d for the answer; the API's count of what was used settles it\n", expectedOutput)
+
+	calls := make([][]*pacedCall, len(pacedPrompts))
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i, prompts := range pacedPrompts {
+		calls[i] = make([]*pacedCall, len(prompts))
+		wg.Go(func() {
+			for j, p := range prompts {
+				c := &pacedCall{prompt: p}
+				send(ctx, c)
+				calls[i][j] = c
+			}
+		})
+	}
+	// Half a permit's interval in: the burst is spent, its calls are
+	// done, and every caller waits for its next permit.
+	interval := time.Second / requestsPerSecond
+	time.Sleep(interval / 2)
+	st := requests.Stats()
+	fmt.Fprintf(w, "  after %v: %d requests sent, %d callers waiting for a request permit\n", interval/2, st.Granted, st.Waiting)
+	wg.Wait()
+
+	// In a fixed order, whatever order the callers ran in.
+	var perInterval []int
+	waitedRequest, waitedTokens, n := 0, 0, 0
+	for i, cs := range calls {
+		for _, c := range cs {
+			n++
+			if c.err != nil {
+				fmt.Fprintf(w, "  caller %d, %q: error: %s\n", i+1, c.prompt, describe(c.err))
+				continue
+			}
+			fmt.Fprintf(w, "  caller %d, %q: %s\n", i+1, c.prompt, settled(c))
+			k := int(c.started.Sub(start) / interval)
+			for len(perInterval) <= k {
+				perInterval = append(perInterval, 0)
+			}
+			perInterval[k]++
+			if c.waitedForRequest() {
+				waitedRequest++
+			}
+			if c.waitedForTokens() {
+				waitedTokens++
+			}
+		}
+	}
+	fmt.Fprintf(w, "  requests sent per %v: %s\n", interval, strings.Trim(fmt.Sprint(perInterval), "[]"))
+	busiest := 0
+	for k := range perInterval {
+		sum := 0
+		for _, m := range perInterval[k:min(k+requestsPerSecond, len(perInterval))] {
+			sum += m
+		}
+		busiest = max(busiest, sum)
+	}
+	verdict := "within"
+	if busiest > requestsPerSecond+requestBurst {
+		verdict = "BEYOND"
+	}
+	fmt.Fprintf(w, "  busiest second: %d requests, %s the %d per second plus the burst of %d\n", busiest, verdict, requestsPerSecond, requestBurst)
+	fmt.Fprintf(w, "  %d of %d calls waited for a request permit, %d for tokens\n", waitedRequest, n, waitedTokens)
+
+	// A document too long for one call: its estimate is more than the
+	// token limiter ever holds, so it is refused at once rather than
+	// waited for. Its halves fit, but the second has to wait for the
+	// tokens the first took.
+	lines := timeline()
+	half := len(lines) / 2
+	doc := []*pacedCall{
+		{prompt: summarise + strings.Join(lines, "")},
+		{prompt: summarise + strings.Join(lines[:half], "")},
+		{prompt: summarise + strings.Join(lines[half:], "")},
+	}
+	fmt.Fprintf(w, "\na long document: an incident timeline of %d lines, %d bytes\n", len(lines), len(doc[0].prompt))
+	for i, c := range doc {
+		send(ctx, c)
+		what := [...]string{"whole", "first half", "second half"}[i]
+		switch {
+		case c.err != nil && c.started.IsZero():
+			fmt.Fprintf(w, "  %s: estimated %d tokens: %s; the API was not called\n", what, c.estimate, describe(c.err))
+		case c.err != nil:
+			fmt.Fprintf(w, "  %s: error: %s\n", what, describe(c.err))
+		case c.waitedForTokens():
+			fmt.Fprintf(w, "  %s: waited for the tokens the first half took; %s\n", what, settled(c))
+		default:
+			fmt.Fprintf(w, "  %s: %s\n", what, settled(c))
+		}
+	}
+
+	rs, ts := requests.Stats(), tokens.Stats()
+	fmt.Fprintln(w, "\npaced summary")
+	fmt.Fprintf(w, "  request limiter %q: granted %d, rejected %d, waiting %d\n", requests.Name(), rs.Granted, rs.Rejected, rs.Waiting)
+	fmt.Fprintf(w, "  token limiter %q: granted %d, rejected %d, waiting %d\n", tokens.Name(), ts.Granted, ts.Rejected, ts.Waiting)
 	return nil
+}
+
+// settled says what a successful call was estimated at and what it used.
+func settled(c *pacedCall) string {
+	used := c.reply.Usage.Total()
+	s := fmt.Sprintf("estimated %d tokens, used %d", c.estimate, used)
+	switch d := used - c.estimate; {
+	case d > 0:
+		s += fmt.Sprintf(" (%d charged)", d)
+	case d < 0:
+		s += fmt.Sprintf(" (%d given back)", -d)
+	}
+	return s
 }
 
 // Client calls a Messages-style API. It is safe for concurrent use.
@@ -183,31 +406,54 @@ type Client struct {
 // answer. A non-2xx answer is a *StatusError; one that a retry cannot help,
 // a 4xx other than 408 and 429, is also marked resilience.Permanent.
 func (c *Client) Complete(ctx context.Context, prompt string) (string, error) {
+	r, err := c.Message(ctx, prompt)
+	return r.Text, err
+}
+
+// Reply is an answer of the API: its text, and the tokens the API says the
+// call used.
+type Reply struct {
+	Text  string
+	Usage Usage
+}
+
+// Usage is the usage object of a Messages answer.
+type Usage struct {
+	InputTokens  int `json:"input_tokens"`
+	OutputTokens int `json:"output_tokens"`
+}
+
+// Total is what the call counts against a limit of tokens per minute.
+func (u Usage) Total() int { return u.InputTokens + u.OutputTokens }
+
+// Message is Complete with the tokens the API counted: what a token limiter
+// is settled with.
+func (c *Client) Message(ctx context.Context, prompt string) (Reply, error) {
 	body, err := json.Marshal(messagesRequest{
 		Model:     "demo-model",
 		MaxTokens: 256,
 		Messages:  nonEmpty(message{Role: "user", Content: prompt}),
 	})
 	if err != nil {
-		return "", err
+		return Reply{}, err
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.BaseURL+"/v1/messages", bytes.NewReader(body))
 	if err != nil {
-		return "", resilience.Permanent(err)
+		return Reply{}, resilience.Permanent(err)
 	}
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Anthropic-Version", "2023-06-01")
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
-		return "", err
+		return Reply{}, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		return "", statusError(resp)
+		return Reply{}, statusError(resp)
 	}
 	var m messagesResponse
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&m); err != nil {
-		return "", fmt.Errorf("llm API: decoding the answer: %w", err)
+		return Reply{}, fmt.Errorf("llm API: decoding the answer: %w", err)
 	}
 	var text strings.Builder
 	for _, b := range m.Content {
@@ -215,7 +461,7 @@ func (c *Client) Complete(ctx context.Context, prompt string) (string, error) {
 			text.WriteString(b.Text)
 		}
 	}
-	return text.String(), nil
+	return Reply{Text: text.String(), Usage: m.Usage}, nil
 }
 
 // nonEmpty drops a message with no content, so that an empty prompt makes
@@ -330,6 +576,10 @@ func describe(err error) string {
 		return "timed out"
 	case errors.Is(err, resilience.ErrBulkheadFull):
 		return "bulkhead full"
+	case errors.Is(err, resilience.ErrRateLimited) && errors.As(err, &re) && re.RetryAfter() < 0:
+		return fmt.Sprintf("refused at once by rate limiter %q, which never holds that many", re.Name)
+	case errors.Is(err, resilience.ErrRateLimited):
+		return "rate limited"
 	case errors.As(err, &ra) && errors.As(err, &se):
 		return fmt.Sprintf("HTTP %d, Retry-After %v", se.StatusCode, ra.RetryAfter())
 	case errors.As(err, &se):
@@ -358,6 +608,7 @@ type messagesResponse struct {
 	Model      string         `json:"model"`
 	Content    []contentBlock `json:"content"`
 	StopReason string         `json:"stop_reason"`
+	Usage      Usage          `json:"usage"`
 }
 
 type contentBlock struct {
@@ -378,7 +629,22 @@ var answers = map[string]string{
 	"What does a circuit breaker do?": "It stops calling a failing service for a while, so that it can recover and callers fail fast.",
 	"What does a timeout protect?":    "The caller's own time: no attempt waits longer than its budget.",
 	"Is the service back?":            "Yes: every policy is back to normal.",
+
+	"What is a token bucket?":                     "A bucket that refills at a steady rate; each call takes permits from it, and waits when it is empty.",
+	"Why pace requests instead of retrying 429s?": "A 429 spends a request and a round trip to learn what the client could have counted itself.",
+	"What does a rate limit per minute mean?":     "That the provider counts your requests and tokens over each minute, and refuses what goes over.",
+	"How are tokens counted?": "By the provider's tokenizer, for the prompt and for the answer: a word is often one token, " +
+		"a long or rare one several, and every punctuation mark counts too, so a client can only estimate before the call.",
+	"Why estimate the tokens before the call?": "So that the call waits for its tokens before it is sent, not after a refusal.",
+	"What if the answer is longer than the estimate?": "Then the call used more tokens than the limiter took for it. The difference is charged to the limiter, " +
+		"which goes into debt: the calls after it wait until the debt is paid back at the limiter's rate. So the estimate " +
+		"need only be right on average; the count in each answer keeps the limiter honest.",
+	"What is the burst of a limiter?":  "How many permits it grants at once after a quiet spell.",
+	"What does a total timeout bound?": "The whole call: its attempts, the waits between them and the waits for permits.",
 }
+
+// summary is the endpoint's answer to a request for a summary.
+const summary = "The primary database refused connections from 02:10; the share of requests answered 503 fell steadily as it recovered."
 
 func serveMessages(w http.ResponseWriter, r *http.Request) {
 	var req messagesRequest
@@ -390,9 +656,18 @@ func serveMessages(w http.ResponseWriter, r *http.Request) {
 		writeAPIError(w, http.StatusBadRequest, "messages: at least one message is required")
 		return
 	}
-	text, ok := answers[req.Messages[len(req.Messages)-1].Content]
-	if !ok {
+	prompt := req.Messages[len(req.Messages)-1].Content
+	text, ok := answers[prompt]
+	switch {
+	case ok:
+	case strings.HasPrefix(prompt, summarise):
+		text = summary
+	default:
 		text = "I have no answer to that."
+	}
+	input := 0
+	for _, m := range req.Messages {
+		input += countTokens(m.Content)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(messagesResponse{
@@ -402,7 +677,30 @@ func serveMessages(w http.ResponseWriter, r *http.Request) {
 		Model:      req.Model,
 		Content:    []contentBlock{{Type: "text", Text: text}},
 		StopReason: "end_turn",
+		Usage:      Usage{InputTokens: input, OutputTokens: countTokens(text)},
 	})
+}
+
+// countTokens is the endpoint's tokenizer: a token per word, number and
+// punctuation mark. Like a real one, it does not count as the client's
+// estimate does.
+func countTokens(s string) int {
+	n, inWord := 0, false
+	for _, r := range s {
+		switch {
+		case unicode.IsLetter(r) || unicode.IsDigit(r):
+			if !inWord {
+				n++
+			}
+			inWord = true
+		case unicode.IsSpace(r):
+			inWord = false
+		default:
+			n++
+			inWord = false
+		}
+	}
+	return n
 }
 
 func writeAPIError(w http.ResponseWriter, status int, msg string) {

@@ -51,6 +51,27 @@ func TestRun(t *testing.T) {
 		`  downstream requests: 11 (3 answered)`,
 		`  breaker "llm": closed`,
 		`  bulkhead "llm": active 0, waiting 0, rejected 0, completed 11`,
+
+		// The second part: callers paced by requests and tokens.
+		`paced calls: 4 callers share limits of 5 requests per second (burst 2) and 600 tokens per second; a total timeout of 2s per call`,
+		`  after 100ms: 2 requests sent, 4 callers waiting for a request permit`,
+		`  caller 1, "What is a token bucket?": estimated 56 tokens, used 29 (27 given back)`,
+		`  caller 1, "Why pace requests instead of retrying 429s?": estimated 61 tokens, used 27 (34 given back)`,
+		`  caller 2, "What does a rate limit per minute mean?": estimated 60 tokens, used 27 (33 given back)`,
+		`  caller 2, "How are tokens counted?": estimated 56 tokens, used 51 (5 given back)`,
+		`  caller 3, "Why estimate the tokens before the call?": estimated 60 tokens, used 26 (34 given back)`,
+		`  caller 3, "What if the answer is longer than the estimate?": estimated 62 tokens, used 74 (12 charged)`,
+		`  caller 4, "What is the burst of a limiter?": estimated 58 tokens, used 20 (38 given back)`,
+		`  caller 4, "What does a total timeout bound?": estimated 58 tokens, used 24 (34 given back)`,
+		`  requests sent per 200ms: 2 1 1 1 1 1 1`, // the burst, then one per 1/5s
+		`  busiest second: 6 requests, within the 5 per second plus the burst of 2`,
+		`  6 of 8 calls waited for a request permit, 0 for tokens`,
+		`a long document: an incident timeline of 36 lines, 3490 bytes`,
+		`  whole: estimated 923 tokens: refused at once by rate limiter "llm-tokens", which never holds that many; the API was not called`,
+		`  first half: estimated 491 tokens, used 405 (86 given back)`,
+		`  second half: waited for the tokens the first half took; estimated 491 tokens, used 405 (86 given back)`,
+		`  request limiter "llm-requests": granted 11, rejected 0, waiting 0`, // the refused document took a request permit
+		`  token limiter "llm-tokens": granted 10, rejected 1, waiting 0`,
 	}
 	lines := strings.Split(out, "\n")
 	i := 0
@@ -165,10 +186,48 @@ func TestDescribe(t *testing.T) {
 		want string
 	}{
 		{&resilience.Error{Err: resilience.ErrBulkheadFull, Name: "llm"}, "bulkhead full"},
+		{&resilience.Error{Err: resilience.ErrRateLimited, Name: "llm-tokens"}, "rate limited"},
 		{errors.New("dial tcp 127.0.0.1:1: connection refused"), "transport error"},
 	} {
 		if got := describe(tc.err); got != tc.want {
 			t.Errorf("describe(%v) = %q; want %q", tc.err, got, tc.want)
 		}
+	}
+}
+
+// TestMessageUsage checks that Message reads the usage the endpoint reports,
+// counted by its own tokenizer, not by the client's estimate.
+func TestMessageUsage(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/messages", serveMessages)
+	srv := flaky.Start(flaky.Script{Handler: mux})
+	defer srv.Close()
+	c := &Client{BaseURL: srv.URL(), HTTP: srv.Client()}
+	r, err := c.Message(t.Context(), "What is a token bucket?")
+	if err != nil {
+		t.Fatalf("Message: %v", err)
+	}
+	if want := answers["What is a token bucket?"]; r.Text != want {
+		t.Errorf("Text = %q; want %q", r.Text, want)
+	}
+	// What, is, a, token, bucket, ? and the answer's words and marks.
+	if r.Usage.InputTokens != 6 || r.Usage.OutputTokens != countTokens(r.Text) || r.Usage.Total() != 6+countTokens(r.Text) {
+		t.Errorf("Usage = %+v; want 6 input tokens and %d output", r.Usage, countTokens(r.Text))
+	}
+	for _, tc := range []struct {
+		in   string
+		want int
+	}{
+		{"", 0},
+		{"Hello, world!", 4},
+		{"02:14: 503 to 90% of requests.", 11},
+		{"  two   words ", 2},
+	} {
+		if got := countTokens(tc.in); got != tc.want {
+			t.Errorf("countTokens(%q) = %d; want %d", tc.in, got, tc.want)
+		}
+	}
+	if got := estimateTokens("What is a token bucket?"); got != 6+expectedOutput {
+		t.Errorf("estimateTokens = %d; want %d", got, 6+expectedOutput)
 	}
 }
