@@ -345,6 +345,9 @@ func (p *pipeline) once(ctx context.Context, attempt attemptFunc) (err error, st
 	}
 	if p.tokenLimiter != nil {
 		if err := p.tokenLimiter.Wait(ctx, p.tokens(ctx)); err != nil {
+			if l != nil {
+				l.giveBack(1) // the request was not sent
+			}
 			return err, false
 		}
 	}

@@ -320,3 +320,20 @@ func TestComposeTokenLimiterNeedsTokens(t *testing.T) {
 		t.Fatalf("%v; want ErrInvalidConfig naming Stack.Tokens", err)
 	}
 }
+
+// An attempt the token limiter refuses is not sent: its request permit is
+// given back.
+func TestTokenRefusalGivesRequestPermitBack(t *testing.T) {
+	requests := mustRateLimiter(t, RateLimiterConfig{Limit: 1, Per: time.Hour, FailFast: true})
+	tokens := mustRateLimiter(t, RateLimiterConfig{Limit: 100, Burst: 100})
+	n := 1000
+	fn := Compose(okFunc, Stack[int]{Name: "refused-tokens", RateLimiter: requests, TokenLimiter: tokens,
+		Tokens: func(context.Context) int { return n }})
+	if _, err := fn(context.Background()); !errors.Is(err, ErrRateLimited) {
+		t.Fatalf("%v; want the token limiter's refusal", err)
+	}
+	n = 10
+	if _, err := fn(context.Background()); err != nil {
+		t.Fatalf("the next call: %v; want the request permit the refused one did not use", err)
+	}
+}
