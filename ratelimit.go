@@ -48,6 +48,7 @@ type RateLimiter struct {
 	maxWait  atomic.Int64 // ns
 	failFast atomic.Bool
 	sw       *atomic.Bool // a registry's switch; nil: always on
+	global   atomic.Pointer[globalBox]
 
 	pause atomic.Int64 // unix ns: no permit before; 0: none
 
@@ -175,25 +176,25 @@ func (l *RateLimiter) Wait(ctx context.Context, n int) error {
 		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: -1}
 	}
 	now := time.Now()
+	need := n // what the bucket must give, after the permits given back
 	if l.pause.Load() <= now.UnixNano() {
-		if n = l.fromCredit(n); n == 0 {
-			l.granted.Add(1)
-			return nil
+		if need = l.fromCredit(n); need == 0 {
+			return l.grant(ctx, n)
 		}
 	}
-	r := l.lim.ReserveN(now, n)
+	r := l.lim.ReserveN(now, need)
 	delay := r.DelayFrom(now)
 	if p := l.pause.Load(); now.UnixNano() < p {
 		delay = max(delay, time.Duration(p-now.UnixNano()))
 	}
 	if delay <= 0 {
-		l.granted.Add(1)
-		return nil
+		return l.grant(ctx, n)
 	}
 	deadline, hasDeadline := ctx.Deadline()
 	maxWait := time.Duration(l.maxWait.Load())
 	if l.failFast.Load() || (maxWait > 0 && delay > maxWait) || (hasDeadline && !now.Add(delay).Before(deadline)) {
 		r.CancelAt(now)
+		l.giveBack(n - need)
 		l.rejected.Add(1)
 		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: delay}
 	}
@@ -203,13 +204,25 @@ func (l *RateLimiter) Wait(ctx context.Context, n int) error {
 	defer t.Stop()
 	select {
 	case <-t.C:
-		l.granted.Add(1)
 		meter().rlWait.Record(ctx, delay.Seconds(), l.mWait...)
-		return nil
+		return l.grant(ctx, n)
 	case <-ctx.Done():
 		r.Cancel()
+		l.giveBack(n - need)
 		return ctx.Err()
 	}
+}
+
+// grant completes a grant of n local permits with the shared limit's, if
+// any.
+func (l *RateLimiter) grant(ctx context.Context, n int) error {
+	if b := l.global.Load(); b != nil {
+		if err := l.takeGlobal(ctx, b, n); err != nil {
+			return err
+		}
+	}
+	l.granted.Add(1)
+	return nil
 }
 
 // Charge takes n more permits without waiting, for use found after the

@@ -31,6 +31,11 @@ type RateLimitConfig struct {
 	MaxWait time.Duration
 	// FailFast is RATE_LIMIT_<SERVICE>_FAIL_FAST.
 	FailFast bool
+	// GlobalRequests and GlobalTokens are RATE_LIMIT_<SERVICE>_GLOBAL_REQUESTS
+	// and _GLOBAL_TOKENS: the fleet's limits per Per, shared through a
+	// store that implements RateStore (the Redis store). 0 means none.
+	GlobalRequests float64
+	GlobalTokens   float64
 }
 
 // limiter returns the RateLimiterConfig of the limit of limit per Per.
@@ -56,6 +61,10 @@ func (c RateLimitConfig) validate(key string) error {
 		return invalid(field+"Burst", c.Burst, "must not be negative")
 	case c.MaxWait < 0:
 		return invalid(field+"MaxWait", c.MaxWait, "must not be negative")
+	case bad(c.GlobalRequests):
+		return invalid(field+"GlobalRequests", c.GlobalRequests, "must not be negative")
+	case bad(c.GlobalTokens):
+		return invalid(field+"GlobalTokens", c.GlobalTokens, "must not be negative")
 	}
 	return nil
 }
@@ -78,13 +87,17 @@ type rateLimitVars struct {
 	Burst    int           `env:"BURST"`
 	MaxWait  time.Duration `env:"MAX_WAIT"`
 	FailFast bool          `env:"FAIL_FAST"`
+
+	GlobalRequests float64 `env:"GLOBAL_REQUESTS"`
+	GlobalTokens   float64 `env:"GLOBAL_TOKENS"`
 }
 
 const rateLimitPrefix = "RATE_LIMIT_"
 
 // loadRateLimits reads RATE_LIMIT_<SERVICE>_* into cfg.RateLimits.
 func (l *loader) loadRateLimits(cfg *Config) {
-	for _, key := range l.names(rateLimitPrefix, "_REQUESTS", "_TOKENS", "_PER", "_BURST", "_MAX_WAIT", "_FAIL_FAST") {
+	// The _GLOBAL_ suffixes first: _GLOBAL_REQUESTS also ends in _REQUESTS.
+	for _, key := range l.names(rateLimitPrefix, "_GLOBAL_REQUESTS", "_GLOBAL_TOKENS", "_REQUESTS", "_TOKENS", "_PER", "_BURST", "_MAX_WAIT", "_FAIL_FAST") {
 		p := rateLimitPrefix + key + "_"
 		if key == reservedKey {
 			l.report(l.prefix+p+"REQUESTS", "rate limits are per service: name the service instead of DEFAULT")
@@ -97,6 +110,10 @@ func (l *loader) loadRateLimits(cfg *Config) {
 		l.check(p+"PER", v.Per > 0, "must be positive")
 		l.check(p+"BURST", v.Burst >= 1, "must be at least 1")
 		l.check(p+"MAX_WAIT", v.MaxWait > 0, "must be positive")
+		l.check(p+"GLOBAL_REQUESTS", v.GlobalRequests > 0 && !math.IsInf(v.GlobalRequests, 0) && v.Requests > 0,
+			"must be a positive number, beside RATE_LIMIT_"+key+"_REQUESTS, the local limit that applies when the store is away")
+		l.check(p+"GLOBAL_TOKENS", v.GlobalTokens > 0 && !math.IsInf(v.GlobalTokens, 0) && v.Tokens > 0,
+			"must be a positive number, beside RATE_LIMIT_"+key+"_TOKENS, the local limit that applies when the store is away")
 		if v.Requests == 0 && v.Tokens == 0 {
 			l.report(l.prefix+p+"REQUESTS", "a rate limit needs RATE_LIMIT_"+key+"_REQUESTS or _TOKENS")
 			continue
@@ -155,11 +172,37 @@ func (r *Registry) limiterLocked(name string, tokens bool) *RateLimiter {
 		return nil // unreachable: validated with the configuration
 	}
 	l.sw = &r.enabled
+	r.attachLimiterLocked(l, key, tokens)
 	if r.limiters == nil {
 		r.limiters = map[string]*RateLimiter{}
 	}
 	r.limiters[lk] = l
 	return l
+}
+
+// attachLimiterLocked shares a service's limiter through the registry's
+// store, if the service has a global limit and the store can share one.
+// r.mu is held.
+func (r *Registry) attachLimiterLocked(l *RateLimiter, key string, tokens bool) {
+	c := r.cfg.RateLimits[key]
+	global := c.GlobalRequests
+	if tokens {
+		global = c.GlobalTokens
+	}
+	rs, ok := r.store.(RateStore)
+	if !ok || global <= 0 {
+		l.SetGlobal(nil)
+		return
+	}
+	per := c.Per
+	if per == 0 {
+		per = time.Minute
+	}
+	burst := c.Burst
+	if burst == 0 {
+		burst = int(min(math.Ceil(global), math.MaxInt32))
+	}
+	l.SetGlobal(rs.GlobalRateLimiter(limiterKey(key, tokens), global, per, burst))
 }
 
 // limitCell returns the cell through which a service's pipelines find its
@@ -204,6 +247,7 @@ func (r *Registry) reloadLimitersLocked() {
 		if err := l.reconfigure(c.limiter(l.name, limit)); err != nil {
 			panic(fmt.Sprintf("resilience: a validated rate limit was refused: %v", err)) // unreachable
 		}
+		r.attachLimiterLocked(l, key, kind == "tokens")
 	}
 	for _, c := range r.limitCells {
 		c.cell.Store(r.limiterLocked(c.name, false))

@@ -100,3 +100,23 @@ func TestRegistryRateLimitsEveryEntryPoint(t *testing.T) {
 		t.Fatalf("db after the Reload removed its limit: %v", err)
 	}
 }
+
+func TestLoadConfigGlobalRateLimits(t *testing.T) {
+	cfg, err := LoadConfigWith(LoadOptions{Environment: map[string]string{
+		"RATE_LIMIT_LLM_REQUESTS": "20", "RATE_LIMIT_LLM_GLOBAL_REQUESTS": "30",
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := cfg.RateLimits["LLM"]; got.GlobalRequests != 30 || got.Requests != 20 {
+		t.Fatalf("LLM %+v; want a global limit of 30 beside the local 20", got)
+	}
+	if _, ok := cfg.RateLimits["LLM_GLOBAL"]; ok {
+		t.Fatal("_GLOBAL_REQUESTS taken for the REQUESTS of a service LLM_GLOBAL")
+	}
+	_, err = LoadConfigWith(LoadOptions{Environment: map[string]string{"RATE_LIMIT_DB_GLOBAL_TOKENS": "1000", "RATE_LIMIT_DB_REQUESTS": "5"}})
+	var ve *VarError
+	if !errors.As(err, &ve) || ve.Var != "RATE_LIMIT_DB_GLOBAL_TOKENS" {
+		t.Fatalf("%v; want RATE_LIMIT_DB_GLOBAL_TOKENS reported: no local token limit beside it", err)
+	}
+}

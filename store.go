@@ -71,6 +71,10 @@ func (r *Registry) UseStore(s Store) {
 	for _, b := range r.bulkheads {
 		r.attachBulkheadLocked(b)
 	}
+	for lk, l := range r.limiters {
+		kind, key, _ := strings.Cut(lk, ":")
+		r.attachLimiterLocked(l, key, kind == "tokens")
+	}
 }
 
 func (r *Registry) attachBreakerLocked(cb *CircuitBreaker) {
