@@ -1,8 +1,9 @@
 // Package redisstore shares the state of resilience policies across the
 // replicas of a service through Redis: when one replica's circuit breaker
 // opens, every replica's opens; a half-open probe is sent by one replica, not
-// all; and a bulkhead's GlobalLimit caps the calls in flight in the whole
-// fleet.
+// all; a bulkhead's GlobalLimit caps the calls in flight in the whole
+// fleet; and a service's RATE_LIMIT_<SVC>_GLOBAL_REQUESTS or _GLOBAL_TOKENS
+// is one rate limit for the whole fleet (see [Store.GlobalRateLimiter]).
 //
 // A blank import is all the wiring a service needs:
 //
@@ -22,8 +23,9 @@
 //
 // Nothing is held across a call: there is no distributed lock around calls,
 // and a closed breaker's calls never touch Redis. Redis is asked on a call
-// path only when a half-open probe is about to go out and when a bulkhead
-// with a GlobalLimit takes a slot, each bounded by [Options.OpTimeout]. When
+// path only when a half-open probe is about to go out, when a bulkhead
+// with a GlobalLimit takes a slot and when a fleet-wide rate limit gives a
+// permit, each bounded by [Options.OpTimeout]. When
 // Redis is slow or down, every replica keeps working on its local breakers
 // and bulkheads (a probe is allowed, a global slot is granted), says so once
 // in its log, and re-converges when Redis answers again. README.md, beside this
@@ -68,7 +70,8 @@ type Options struct {
 	SyncInterval time.Duration
 
 	// OpTimeout bounds every Redis round trip made on a call path: asking
-	// for the half-open probe and taking a global bulkhead slot. A call
+	// for the half-open probe, taking a global bulkhead slot and a permit
+	// of a fleet-wide rate limit. A call
 	// never waits longer than this for Redis. 0 means 50ms.
 	OpTimeout time.Duration
 
@@ -111,8 +114,9 @@ func (o Options) withDefaults() Options {
 	return o
 }
 
-// Store shares breaker state and global bulkhead slots through Redis. It
-// implements [resilience.Store]. It is safe for concurrent use by multiple
+// Store shares breaker state, global bulkhead slots and fleet-wide rate
+// limits through Redis. It implements [resilience.Store] and
+// [resilience.RateStore]. It is safe for concurrent use by multiple
 // goroutines. Build it with [New], or let a registry open it from
 // RESILIENCE_REDIS_URL; the zero value is not usable.
 type Store struct {
