@@ -198,6 +198,14 @@ func (l *RateLimiter) Wait(ctx context.Context, n int) error {
 		l.rejected.Add(1)
 		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: delay}
 	}
+	return l.sleep(ctx, r, delay, n, need)
+}
+
+// sleep waits delay for the permits r reserved, or gives them back when
+// ctx is done first. It is out of Wait so that Wait has no defer: with
+// Wait's many returns its defers were not open-coded, and every return, a
+// granted permit's too, called runtime.deferreturn.
+func (l *RateLimiter) sleep(ctx context.Context, r *rate.Reservation, delay time.Duration, n, need int) error {
 	l.waiting.Add(1)
 	defer l.waiting.Add(-1)
 	t := time.NewTimer(delay)
