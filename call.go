@@ -98,15 +98,25 @@ func (p *pipeline) run(ctx context.Context, attempt attemptFunc, between func())
 func (p *pipeline) runTotal(ctx context.Context, d time.Duration, attempt attemptFunc, between func()) error {
 	tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
 	err := p.guarded(ctx, tctx, attempt, between)
-	if err == nil && p.handoff {
-		// The response body is read after the call returns: the total
-		// deadline bounds it too, and its timer ends the context.
+	var se *StatusError
+	if p.handoff && (err == nil || errors.As(err, &se)) {
+		// A response is handed back, its body read after the call
+		// returns: the total deadline bounds it too, and its timer ends
+		// the context.
 		_ = cancel
 	} else {
 		cancel()
 	}
-	if err != nil && ctx.Err() == nil && ownTimeout(ctx, tctx) && !errors.Is(err, ErrTimeout) {
-		err = &Error{Err: ErrTimeout, Cause: err}
+	if err != nil && ctx.Err() == nil && !errors.Is(err, ErrTimeout) {
+		var e *Error
+		dl, _ := tctx.Deadline()
+		switch {
+		case ownTimeout(ctx, tctx):
+			err = &Error{Err: ErrTimeout, Cause: err}
+		case errors.As(err, &e) && e.Err == ErrRateLimited && e.retryIn >= 0 && !time.Now().Add(e.retryIn).Before(dl):
+			// A wait for permits the call's time would not cover.
+			err = &Error{Err: ErrTimeout, Cause: err}
+		}
 	}
 	return err
 }

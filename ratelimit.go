@@ -238,12 +238,32 @@ func (l *RateLimiter) grant(ctx context.Context, n int) error {
 // limiter goes into debt, and later callers wait for it. It is safe for
 // concurrent use.
 func (l *RateLimiter) Charge(n int) {
+	if !l.on() {
+		return
+	}
 	now := time.Now()
+	// At most maxDebtBursts bursts of debt: a count gone wrong must not
+	// stop the limiter for ever, nor loop here for ever.
+	n = int(min(int64(n), l.burst.Load()*maxDebtBursts))
 	for n > 0 {
 		k := min(n, int(l.burst.Load()))
 		l.lim.ReserveN(now, k) // never cancelled: the debt stands
 		n -= k
 	}
+}
+
+// maxDebtBursts bounds the debt Charge runs up, in bursts.
+const maxDebtBursts = 100
+
+// maxUnix is the latest time UnixNano can say.
+var maxUnix = time.Unix(0, math.MaxInt64)
+
+// unixNano is t.UnixNano, saturated: after 2262 it is undefined.
+func unixNano(t time.Time) int64 {
+	if t.After(maxUnix) {
+		return math.MaxInt64
+	}
+	return t.UnixNano()
 }
 
 // fromCredit takes what it can of n from the permits given back, and
@@ -254,21 +274,30 @@ func (l *RateLimiter) fromCredit(n int) int {
 		if c <= 0 {
 			return n
 		}
-		k := min(c, int64(n))
+		// Credit stands for permits the bucket lacks: as it refills, the
+		// credit is worth less, so that a burst is never exceeded.
+		room := l.burst.Load() - int64(l.lim.TokensAt(time.Now()))
+		if room <= 0 {
+			l.credit.CompareAndSwap(c, 0)
+			return n
+		}
+		k := min(c, int64(n), room)
 		if l.credit.CompareAndSwap(c, c-k) {
 			return n - int(k)
 		}
 	}
 }
 
-// giveBack returns n permits a call took but did not use, up to a burst.
+// giveBack returns n permits a call took but did not use, up to what the
+// bucket lacks of a burst: never more than a burst at once.
 func (l *RateLimiter) giveBack(n int) {
 	if n <= 0 {
 		return
 	}
+	room := l.burst.Load() - int64(l.lim.TokensAt(time.Now()))
 	for {
 		c := l.credit.Load()
-		next := min(c+int64(n), l.burst.Load())
+		next := max(min(c+int64(n), room), 0)
 		if l.credit.CompareAndSwap(c, next) {
 			return
 		}
@@ -279,7 +308,7 @@ func (l *RateLimiter) giveBack(n int) {
 // is spent until t asks. An earlier t than a pause already set changes
 // nothing. It is safe for concurrent use.
 func (l *RateLimiter) PauseUntil(t time.Time) {
-	end := t.UnixNano()
+	end := unixNano(t)
 	for {
 		cur := l.pause.Load()
 		if end <= cur || l.pause.CompareAndSwap(cur, end) {

@@ -79,7 +79,7 @@ func (rt *roundTrip) limitsOf(p *pipeline, resp *http.Response) {
 
 // pauseUntil moves the pause in c to t, if t is later.
 func pauseUntil(c *atomic.Int64, t time.Time) {
-	end := t.UnixNano()
+	end := unixNano(t)
 	for {
 		cur := c.Load()
 		if end <= cur || c.CompareAndSwap(cur, end) {
