@@ -437,7 +437,7 @@ func TestLongerSharedOpenHoldsAnOpenReplicasProbes(t *testing.T) {
 	t.Logf("B closed %v after the shared open's end", time.Since(end))
 
 	var got []string
-	waitFor(t, 2*syncInterval, "three messages", func() bool {
+	waitFor(t, 2*time.Second, "three messages", func() bool {
 		got = append(got, drainMessages(published)...)
 		return len(got) >= 3
 	})
