@@ -141,33 +141,32 @@ func (r *Registry) Timeout(operation string) time.Duration {
 }
 
 func (r *Registry) timeoutCell(operation string) *atomic.Int64 {
-	key := EnvKey(operation)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	c, ok := r.timeouts[key]
-	if !ok {
-		c = new(atomic.Int64)
-		c.Store(int64(r.cfg.Timeout(operation)))
-		r.timeouts[key] = c
+	return cellLocked(&r.timeouts, EnvKey(operation), func() int64 { return int64(r.cfg.Timeout(operation)) })
+}
+
+// cellLocked returns the cell m holds under k, making it with the value
+// first() if there is none. r.mu is held.
+func cellLocked[K comparable](m *map[K]*atomic.Int64, k K, first func() int64) *atomic.Int64 {
+	if c, ok := (*m)[k]; ok {
+		return c
 	}
+	if *m == nil {
+		*m = map[K]*atomic.Int64{}
+	}
+	c := new(atomic.Int64)
+	c.Store(first())
+	(*m)[k] = c
 	return c
 }
 
 // pauseCell returns the cell of a service's pause, which Transport sets
 // from a 429 that says the provider's window is spent.
 func (r *Registry) pauseCell(service string) *atomic.Int64 {
-	key := EnvKey(service)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	c, ok := r.pauses[key]
-	if !ok {
-		c = new(atomic.Int64)
-		if r.pauses == nil {
-			r.pauses = map[string]*atomic.Int64{}
-		}
-		r.pauses[key] = c
-	}
-	return c
+	return cellLocked(&r.pauses, EnvKey(service), func() int64 { return 0 })
 }
 
 // The timeouts of a call's phases beyond the attempt's.
@@ -200,16 +199,7 @@ func (r *Registry) phaseCell(operation string, ph phase) *atomic.Int64 {
 	k := phaseKey{EnvKey(operation), ph}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	c, ok := r.phases[k]
-	if !ok {
-		c = new(atomic.Int64)
-		c.Store(int64(phaseTimeout(ph.of(r.cfg), k.op)))
-		if r.phases == nil {
-			r.phases = map[phaseKey]*atomic.Int64{}
-		}
-		r.phases[k] = c
-	}
-	return c
+	return cellLocked(&r.phases, k, func() int64 { return int64(phaseTimeout(ph.of(r.cfg), k.op)) })
 }
 
 // Reload applies cfg to the live registry without dropping calls in flight:

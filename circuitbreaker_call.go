@@ -1,0 +1,156 @@
+package resilience
+
+import (
+	"context"
+	"errors"
+
+	"github.com/sony/gobreaker/v2"
+)
+
+// How a breaker admits a call and counts its outcome: guard, on gobreaker's
+// Execute, with the repairs a panic, a runtime.Goexit or shadow mode need.
+
+// The stages of a call through guard.
+const (
+	callNotRun   = iota // rejected by gobreaker
+	probeDenied         // a half-open probe another process holds
+	callRunning         // fn running, or it panicked or called Goexit
+	callReturned        // fn returned
+)
+
+// guard runs call if the breaker admits it, through gobreaker's Execute,
+// whose closure does not escape, so that admission allocates nothing (its
+// two-step API allocates a done func per call). call returns the outcome
+// for gobreaker: nil, errFailure or errExcluded; it is told whether the
+// breaker counts it. guard returns the
+// rejection, or nil once call has run, with counted false when the breaker
+// is disabled, forced closed or in shadow mode and call ran uncounted. A
+// panic in call counts as a failure and propagates, and a runtime.Goexit,
+// which gobreaker does not see, is repaired so that no probe is lost.
+func (cb *CircuitBreaker) guard(ctx context.Context, call func(counted bool) error) (counted bool, rejected error) {
+	if m := cb.mode.Load(); m != 0 || !cb.on() {
+		if m&modeForcedOpen != 0 && cb.on() {
+			cb.counts.rejections.Add(1)
+			return false, cb.errOpen
+		}
+		call(false) // disabled, or forced closed: not counted
+		return false, nil
+	}
+	r := cb.rule.Load()
+	if h := cb.hold.Load(); h != 0 {
+		if int64(monotonic()) <= h {
+			return cb.reject(r, call, cb.errOpen)
+		}
+		cb.endHold(h)
+	}
+	g := cb.cur.Load()
+	stage := callNotRun
+	var panicked any
+	defer func() {
+		if stage != callRunning {
+			return
+		}
+		if panicked == nil {
+			// A Goexit, turned into goexitPanic for gobreaker to count
+			// (or drop as stale, by its own generation): swallowed here,
+			// after which the Goexit resumes.
+			if r := recover(); r != goexitPanic {
+				panic(r)
+			}
+		}
+		cb.flush()
+		cb.recordFailure(ctx, "panic")
+	}()
+	_, err := g.gb.Execute(func() (struct{}, error) {
+		cb.flush() // deliver open -> half-open before asking the sync
+		if sb := cb.sync.Load(); sb != nil && cb.lastState() == StateHalfOpen && !sb.s.AllowProbe(ctx, cb.name) {
+			// Another process is probing: give the probe back uncounted.
+			stage = probeDenied
+			return struct{}{}, errExcluded
+		}
+		stage = callRunning
+		defer func() {
+			if stage == callRunning {
+				// Tell a panic from a Goexit, then let gobreaker count it.
+				if r := recover(); r != nil {
+					panicked = r
+					panic(r)
+				}
+				// runtime.Goexit: gobreaker sees no outcome of it, so
+				// give it one.
+				panic(goexitPanic)
+			}
+		}()
+		o := call(true)
+		stage = callReturned
+		return struct{}{}, o
+	})
+	cb.flush()
+	switch stage {
+	case callNotRun:
+		if err == gobreaker.ErrTooManyRequests {
+			return cb.reject(r, call, cb.errTooMany)
+		}
+		return cb.reject(r, call, cb.errOpen)
+	case probeDenied:
+		return cb.reject(r, call, cb.errTooMany)
+	}
+	return true, nil
+}
+
+// reject rejects a call with err, or in shadow mode runs it uncounted.
+func (cb *CircuitBreaker) reject(r *breakerRule, call func(bool) error, err error) (bool, error) {
+	if r.shadow {
+		cb.counts.shadowRejections.Add(1)
+		call(false)
+		return false, nil
+	}
+	cb.counts.rejections.Add(1)
+	return false, err
+}
+
+// replaceAndTrip opens the breaker from half-open, whatever probes are in
+// flight: a fresh generation, tripped, so that they are dropped as stale.
+func (cb *CircuitBreaker) replaceAndTrip() {
+	cb.setMu.Lock()
+	n := cb.newGen()
+	// Open n before it is published: queue ignores it until then, and no
+	// call is admitted by a closed n.
+	n.force.Add(1)
+	n.gb.Execute(func() (struct{}, error) { return struct{}{}, errFailure })
+	n.force.Add(-1)
+	cb.evMu.Lock()
+	cb.cur.Store(n)
+	cb.openedLocked(n)
+	cb.transitionLocked(cb.last, StateOpen)
+	cb.evMu.Unlock()
+	cb.setMu.Unlock()
+}
+
+// goexitPanic stands for a runtime.Goexit in gobreaker's Execute, which
+// counts a panic as a failure (or drops it as stale) and sees nothing of a
+// Goexit.
+var goexitPanic any = goexitMarker{}
+
+type goexitMarker struct{}
+
+// outcome maps a call's result to what gobreaker should count.
+func (cb *CircuitBreaker) outcome(ctx context.Context, err error, reached bool) error {
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil {
+		// The caller gave up: that says nothing about the downstream.
+		return errExcluded
+	}
+	if !reached && (errors.Is(err, ErrBulkheadFull) || errors.Is(err, ErrRateLimited)) {
+		// Local saturation: the call never reached the downstream. One
+		// that did, and whose retry then found the bulkhead full, is
+		// counted: a half-open probe that reached it decides.
+		return errExcluded
+	}
+	if f := cb.hooks.Load().isFailure; f != nil && !f(err) {
+		return nil
+	}
+	return errFailure
+}
