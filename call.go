@@ -163,7 +163,7 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 			return err
 		}
 	}
-	counted, rej := cb.guard(ctx, func(counted bool) error {
+	counted, rej := cb.guard(ctx, r, func(counted bool) error {
 		if r.slow > 0 {
 			admitted = monotonic() // the bucket gobreaker counts the call in
 		}

@@ -22,12 +22,12 @@ const (
 // whose closure does not escape, so that admission allocates nothing (its
 // two-step API allocates a done func per call). call returns the outcome
 // for gobreaker: nil, errFailure or errExcluded; it is told whether the
-// breaker counts it. guard returns the
+// breaker counts it. r is the rule the caller loaded for the call. guard returns the
 // rejection, or nil once call has run, with counted false when the breaker
 // is disabled, forced closed or in shadow mode and call ran uncounted. A
 // panic in call counts as a failure and propagates, and a runtime.Goexit,
 // which gobreaker does not see, is repaired so that no probe is lost.
-func (cb *CircuitBreaker) guard(ctx context.Context, call func(counted bool) error) (counted bool, rejected error) {
+func (cb *CircuitBreaker) guard(ctx context.Context, r *breakerRule, call func(counted bool) error) (counted bool, rejected error) {
 	if m := cb.mode.Load(); m != 0 || !cb.on() {
 		if m&modeForcedOpen != 0 && cb.on() {
 			cb.counts.rejections.Add(1)
@@ -36,7 +36,6 @@ func (cb *CircuitBreaker) guard(ctx context.Context, call func(counted bool) err
 		call(false) // disabled, or forced closed: not counted
 		return false, nil
 	}
-	r := cb.rule.Load()
 	if h := cb.hold.Load(); h != 0 {
 		if int64(monotonic()) <= h {
 			return cb.reject(r, call, cb.errOpen)
