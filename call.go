@@ -17,7 +17,7 @@ import (
 // a gRPC code) into errors the pipeline classifies. A policy added here
 // works for every entry point at once. The order, outermost first:
 //
-//	record(fallback(breaker(retry(timeout(bulkhead(attempt))))))
+//	record(fallback(total timeout(breaker(retry(hedge(rate limit(timeout(bulkhead(attempt)))))))))
 //
 // The fallback is generic and applied by the edge (fallback.go); the
 // recording of resilience.calls is done once per outermost call (edge.go).
@@ -49,6 +49,13 @@ type pipeline struct {
 	idle     *atomic.Int64 // a handed-off body's idle timeout; nil or <= 0: the attempt's
 	stream   *atomic.Int64 // a handed-off body's stream timeout; nil or <= 0: none
 	bulkhead *Bulkhead
+	// hedge, if not nil, sends hedged attempts; hedgeCell, if not nil,
+	// holds it instead: a registry's, which a Reload may add or remove.
+	// hedged is set with either: the edge then runs calls through a race
+	// (hedge_race.go).
+	hedge     *Hedge
+	hedgeCell *atomic.Pointer[Hedge]
+	hedged    bool
 
 	// enforce makes the edge run each attempt, bulkhead slot included, in
 	// a goroutine of its own that the timeout can abandon (timeout.go).
@@ -137,7 +144,8 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 	// Without a retry there is one attempt, and a local rejection
 	// (ErrBulkheadFull, ErrRateLimited) is never the downstream's: reached
 	// matters only between attempts.
-	reached := false
+	// Atomic: hedged attempts run in goroutines of their own.
+	var reached atomic.Bool
 	var admitted time.Duration
 	if r.slow > 0 || p.retry != nil {
 		inner := attempt
@@ -151,14 +159,15 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 			}
 			err := inner(ctx)
 			if err == nil {
-				reached = true
+				// Only the winner of a hedged round returns nil.
+				reached.Store(true)
 				if r.slow > 0 {
 					began, ended = b, monotonic()
 				}
-			} else if !reached && !errors.Is(err, ErrBulkheadFull) {
+			} else if !reached.Load() && !errors.Is(err, ErrBulkheadFull) {
 				// An enforced attempt takes its slot itself, and says
 				// so by its error when it got none.
-				reached = true
+				reached.Store(true)
 			}
 			return err
 		}
@@ -168,7 +177,7 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 			admitted = monotonic() // the bucket gobreaker counts the call in
 		}
 		err = p.retried(ctx, attempt, between)
-		o = cb.outcome(outer, err, reached)
+		o = cb.outcome(outer, err, reached.Load())
 		if counted && o == errFailure {
 			// Before gobreaker counts it: an open it causes lasts as
 			// long as the downstream asked.
@@ -198,14 +207,14 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 func (p *pipeline) retried(ctx context.Context, attempt attemptFunc, between func()) error {
 	rt := p.retry
 	if rt == nil {
-		err, _ := p.once(ctx, attempt)
+		err, _ := p.try(ctx, attempt)
 		return err
 	}
 	r := rt.params()
 	if r.budget != nil {
 		r.budget.deposit()
 	}
-	err, stop := p.once(ctx, attempt)
+	err, stop := p.try(ctx, attempt)
 	if err == nil || stop || !rt.on() {
 		return err
 	}
@@ -282,7 +291,7 @@ func (p *pipeline) retryAfterFailure(ctx context.Context, attempt attemptFunc, b
 			}
 		}
 		var stop bool
-		if err, stop = p.once(ctx, attempt); err == nil {
+		if err, stop = p.try(ctx, attempt); err == nil {
 			in.retrySuccessAfter.Add(ctx, 1, p.site.function...)
 			return nil
 		}
@@ -334,9 +343,33 @@ type stopRetry struct{ err error }
 func (s *stopRetry) Error() string { return s.err.Error() }
 func (s *stopRetry) Unwrap() error { return s.err }
 
+// hedgeNow returns the pipeline's hedge, if it has one now.
+func (p *pipeline) hedgeNow() *Hedge {
+	if p.hedgeCell != nil {
+		return p.hedgeCell.Load()
+	}
+	return p.hedge
+}
+
+// try runs one attempt of the retry policy: hedged, when the pipeline
+// hedges and the call's context carries its race, else once.
+func (p *pipeline) try(ctx context.Context, attempt attemptFunc) (error, bool) {
+	if p.hedged {
+		if h := p.hedgeNow(); h != nil {
+			s, _ := ctx.Value(hedgeKey{}).(*hedgeSeat)
+			if s != nil && s != noHedge && s.i == 0 && s.r.p == p && !s.r.inRound.Load() {
+				return s.r.run(ctx, h, attempt)
+			}
+		}
+	}
+	return p.once(ctx, attempt, nil)
+}
+
 // once runs one attempt under the per-attempt timeout. stop reports an
-// error the attempt marked as final.
-func (p *pipeline) once(ctx context.Context, attempt attemptFunc) (err error, stop bool) {
+// error the attempt marked as final. bind, if not nil, is the race whose
+// round this attempt begins: it gets the attempt's cancel func, to stop it
+// if a hedge wins.
+func (p *pipeline) once(ctx context.Context, attempt attemptFunc, bind *race) (err error, stop bool) {
 	if p.pause != nil {
 		if err := waitPause(ctx, p.pause, p.site.name); err != nil {
 			return err, false
@@ -367,12 +400,20 @@ func (p *pipeline) once(ctx context.Context, attempt attemptFunc) (err error, st
 	}
 	switch {
 	case p.handoff:
-		err, stop = p.onceHandoff(ctx, attempt, d)
-	case d <= 0:
+		err, stop = p.onceHandoff(ctx, attempt, d, bind)
+	case d <= 0 && bind == nil:
 		err, stop = unstop(p.slot(ctx, attempt, nil))
+	case d <= 0:
+		cctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		bind.bindFirst(cancel)
+		err, stop = unstop(p.slot(cctx, attempt, nil))
 	default:
 		tctx, cancel := context.WithTimeoutCause(ctx, d, ErrTimeout)
 		defer cancel() // on every path: a panic must not leave the timer armed
+		if bind != nil {
+			bind.bindFirst(cancel)
+		}
 		if p.enforce {
 			err, stop = unstop(attempt(tctx))
 		} else {

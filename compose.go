@@ -49,6 +49,19 @@ type Stack[T any] struct {
 	EnforceTimeout bool
 	// Bulkhead, if set, caps the attempts running at once.
 	Bulkhead *Bulkhead
+	// Hedge, if set, sends another attempt beside one slow to answer, and
+	// takes the first success: see [Hedge]. It sits inside the retry and
+	// around the rate limits, the timeout and the bulkhead, so each hedged
+	// attempt takes its own permit, timeout and slot.
+	Hedge *Hedge
+	// Check, if set, inspects each successful result: a non-nil error
+	// makes it a failure that the retry, the hedge, the breaker and the
+	// fallback see as they see an error: an empty completion, a refusal,
+	// JSON that does not parse. It is retryable unless the error has a
+	// Retryable() bool method that says otherwise, and its RetryAfter()
+	// time.Duration method, if any, is honoured. Check runs in the
+	// attempt's goroutine and must be safe for concurrent use with Hedge.
+	Check func(T) error
 	// Fallback, if set, answers calls that failed in the end.
 	Fallback Fallback[T]
 }
@@ -56,7 +69,7 @@ type Stack[T any] struct {
 // Compose returns fn protected by the policies in s, in this order, outermost
 // first:
 //
-//	fallback(total timeout(breaker(retry(rate limit(timeout(bulkhead(fn)))))))
+//	fallback(total timeout(breaker(retry(hedge(rate limit(timeout(bulkhead(fn))))))))
 //
 // So the breaker counts one failure per call whose retries were exhausted,
 // each attempt gets the whole timeout, the wait for a bulkhead slot counts
@@ -71,7 +84,7 @@ func Compose[T any](fn Func[T], s Stack[T]) Func[T] {
 	if fn == nil {
 		return failing[T](invalid("Compose fn", nil, "must not be nil"))
 	}
-	p := &pipeline{cb: s.CircuitBreaker, retry: s.Retry, limiter: s.RateLimiter, bulkhead: s.Bulkhead}
+	p := &pipeline{cb: s.CircuitBreaker, retry: s.Retry, limiter: s.RateLimiter, bulkhead: s.Bulkhead, hedge: s.Hedge, hedged: s.Hedge != nil}
 	if s.Timeout != 0 {
 		if err := checkTimeout("Stack.Timeout", false, s.Timeout); err != nil {
 			return failing[T](err)
@@ -97,5 +110,5 @@ func Compose[T any](fn Func[T], s Stack[T]) Func[T] {
 		p.tokenLimiter, p.tokens = s.TokenLimiter, s.Tokens
 		used = s.TokensUsed
 	}
-	return newEdgeUsed(p, s.Name, s.Operation, fn, s.Fallback, kind, used)
+	return newEdgeUsed(p, s.Name, s.Operation, fn, s.Fallback, kind, used, s.Check)
 }

@@ -24,6 +24,7 @@ type edge[T any] struct {
 	self   *edgeMeta   // this edge's identity, for the edges that wrap it
 	inner  *edgeMeta   // the protected Func this edge wraps, if fn is one
 	used   func(T) int // tokens a successful result used; nil: not counted
+	check  func(T) error
 }
 
 // edgeMeta is what an edge that wraps another needs to know of it.
@@ -47,8 +48,9 @@ func newEdge[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback
 }
 
 // newEdgeUsed is newEdge with used, if not nil, reading the tokens a
-// successful result used, to settle the estimate the pipeline took.
-func newEdgeUsed[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback[T], fbKind int, used func(T) int) Func[T] {
+// successful result used, to settle the estimate the pipeline took, and
+// check, if not nil, turning a result it rejects into a failure.
+func newEdgeUsed[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback[T], fbKind int, used func(T) int, check ...func(T) error) Func[T] {
 	inner := lookupEdge(fn)
 	if inner != nil {
 		inner.nested.Store(true)
@@ -60,6 +62,9 @@ func newEdgeUsed[T any](p *pipeline, name, operation string, fn Func[T], fb Fall
 		name = p.site.name // a registry's pipeline, shared
 	}
 	e := &edge[T]{p: p, fn: fn, fb: fb, fbKind: fbKind, self: &edgeMeta{name: name}, inner: inner, used: used}
+	if len(check) > 0 {
+		e.check = check[0]
+	}
 	f := Func[T](e.call)
 	registerFunc(f, e.self, e)
 	return f
@@ -100,27 +105,96 @@ func (e *edge[T]) call(ctx context.Context) (T, error) {
 
 // protect runs the pipeline and the fallback, and reports the outcome.
 func (e *edge[T]) protect(ctx context.Context) (v T, o outcome, err error) {
+	if e.p.hedged {
+		return e.protectHedged(ctx)
+	}
 	var attempt attemptFunc
-	if e.p.enforce {
+	switch {
+	case e.p.enforce || e.check != nil:
 		attempt = func(actx context.Context) error {
 			var err error
-			v, err = enforced(actx, e.p, e.fn)
+			v, err = e.try(actx)
 			return err
 		}
-	} else {
+	default:
 		attempt = func(actx context.Context) error {
 			var err error
 			v, err = e.fn(actx)
 			return err
 		}
 	}
-	if err = e.p.run(ctx, attempt, nil); err == nil {
+	err = e.p.run(ctx, attempt, nil)
+	return e.finish(ctx, v, err)
+}
+
+// try runs fn once, in its own goroutine if the timeout is enforced, and
+// applies the result check.
+func (e *edge[T]) try(ctx context.Context) (T, error) {
+	var v T
+	var err error
+	if e.p.enforce {
+		v, err = enforced(ctx, e.p, e.fn)
+	} else {
+		v, err = e.fn(ctx)
+	}
+	if err == nil && e.check != nil {
+		if cerr := e.check(v); cerr != nil {
+			err = &checkError{cerr}
+		}
+	}
+	return v, err
+}
+
+// hedgeCall is one call of a hedging edge: its race, which is the call's
+// context for the pipeline, and the result the race keeps.
+type hedgeCall[T any] struct {
+	race
+	e *edge[T]
+	v T
+}
+
+func (e *edge[T]) protectHedged(ctx context.Context) (T, outcome, error) {
+	c := &hedgeCall[T]{e: e}
+	c.init(ctx, e.p, c)
+	err := e.p.run(c, c.attempt, nil)
+	// Every attempt has returned, and wrote c.v under the race's lock.
+	return e.finish(ctx, c.v, err)
+}
+
+// attempt runs one attempt of a hedging call, the first on the caller's
+// goroutine or a hedge on its own, and keeps its result if the race says.
+func (c *hedgeCall[T]) attempt(ctx context.Context) error {
+	v, err := c.e.try(ctx)
+	s := seatOf(ctx)
+	if s == nil {
+		c.v = v
+		return err
+	}
+	s.r.mu.Lock()
+	keep := s.r.keepLocked(s.i, err == nil)
+	if keep {
+		c.v = v
+	}
+	s.r.mu.Unlock()
+	if !keep {
+		if err == nil {
+			drop(v)
+		}
+		return errLost
+	}
+	return err
+}
+
+// finish settles the tokens of a call that succeeded, or applies the
+// fallback to one that failed.
+func (e *edge[T]) finish(ctx context.Context, v T, err error) (T, outcome, error) {
+	if err == nil {
 		if e.used != nil {
 			e.p.settleTokens(ctx, e.used(v))
 		}
 		return v, outcomeSuccess, nil
 	}
-	o = classify(ctx, err)
+	o := classify(ctx, err)
 	if e.fb != nil && o != outcomeCanceled {
 		// The caller's own cancellation is passed back, not replaced: a
 		// caller that gave up wants to know it did.

@@ -19,7 +19,7 @@ import (
 // the attempt's context is a *hold, which the attempt keeps with
 // hold.keep. What is not kept is given back when the attempt returns or
 // panics.
-func (p *pipeline) onceHandoff(ctx context.Context, attempt attemptFunc, d time.Duration) (err error, stop bool) {
+func (p *pipeline) onceHandoff(ctx context.Context, attempt attemptFunc, d time.Duration, bind *race) (err error, stop bool) {
 	h := &hold{idle: d}
 	if p.idle != nil {
 		if v := time.Duration(p.idle.Load()); v > 0 {
@@ -30,6 +30,9 @@ func (p *pipeline) onceHandoff(ctx context.Context, attempt attemptFunc, d time.
 		h.stream = time.Duration(p.stream.Load())
 	}
 	h.Context, h.cancel = context.WithCancelCause(ctx)
+	if bind != nil {
+		bind.bindFirst(func() { h.cancel(context.Canceled) })
+	}
 	if d > 0 {
 		h.start = time.Now()
 		h.headers = time.AfterFunc(d, func() { h.cancel(ErrTimeout) })

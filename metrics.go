@@ -59,6 +59,7 @@ type instruments struct {
 	timeoutExceeded, timeoutAbandoned                metric.Int64Counter
 	timeoutDuration                                  metric.Float64Histogram
 	bhRejections                                     metric.Int64Counter
+	hedgeAttempts, hedgeWins, failoverUsed           metric.Int64Counter
 	fbUsed, fbCacheHits                              metric.Int64ObservableCounter
 	callDuration                                     metric.Float64Histogram
 	cbState, bhActive, bhQueue                       metric.Int64ObservableGauge
@@ -155,6 +156,9 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.bhRejections = counter("resilience.bulkhead.rejections", "Calls a bulkhead rejected.", "{call}")
 	in.bhActive = gauge("resilience.bulkhead.active_operations", "Calls inside a bulkhead.", "{call}")
 	in.bhQueue = gauge("resilience.bulkhead.queue_depth", "Callers waiting for a bulkhead slot.", "{call}")
+	in.hedgeAttempts = counter("resilience.hedge.attempts", "Hedged attempts sent beside an attempt slow to answer.", "{attempt}")
+	in.hedgeWins = counter("resilience.hedge.wins", "Hedged rounds that succeeded, by whether a hedge (hedged true) or the first attempt answered.", "{call}")
+	in.failoverUsed = counter("resilience.failover.used", "Calls a Failover answered, by the index of the function that answered.", "{call}")
 	in.fbUsed = observedCounter("resilience.fallback.used", "Failed calls answered by a fallback.", "{call}")
 	in.fbCacheHits = observedCounter("resilience.fallback.cache_hits", "Failed calls answered from a fallback cache.", "{call}")
 	in.calls = observedCounter("resilience.calls", "Protected calls, by outcome.", "{call}")
@@ -465,6 +469,7 @@ type site struct {
 	fbUsed          [numFallbackKinds]keyedCounts // by fallback_type, then error.type; observed
 	fbHits          keyedCounts                   // by error.type; observed
 	retryAttempts   optCache                      // by attempt_number and error.type
+	hedgeWins       [2][]metric.AddOption         // hedged false, true
 	timeoutDuration []metric.RecordOption
 }
 
@@ -488,6 +493,7 @@ func newSite(name, operation string) *site {
 		s.durations[o] = recSet(attrName.String(name), attrOutcome.String(outcomeNames[o]))
 	}
 	s.function = addSet(attrFunction.String(name))
+	s.hedgeWins = hedgeWinAttrs(name)
 	s.timeoutDuration = recSet(attrFunction.String(name), attrOperationType.String(operation))
 	if actual, loaded := sites.LoadOrStore(key, s); loaded {
 		return actual.(*site)

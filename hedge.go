@@ -1,0 +1,169 @@
+package resilience
+
+import (
+	"math"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// HedgeConfig configures a [Hedge]. The zero value of each field but Delay
+// means its documented default. It is a plain value that [NewHedge] copies.
+type HedgeConfig struct {
+	// Name identifies the hedge in errors and, for a protected function
+	// that has no other stable name, in metrics.
+	Name string
+
+	// Delay is how long an attempt may go without an answer before another
+	// one is sent beside it, and then between further ones. 0 sends them
+	// all at once; it must not be negative.
+	Delay time.Duration
+
+	// MaxHedges is the most attempts sent beside each attempt of the
+	// retry policy. 0 means 1; at most 10.
+	MaxHedges int
+
+	// Quantile, in (0, 1), makes the delay that quantile of the latencies
+	// of the last 256 answered attempts, never below Delay: 0.95 sends a
+	// hedge for the slowest 5% of attempts, whatever their usual speed.
+	// 0 means Delay alone.
+	Quantile float64
+
+	// Budget, if set, caps the hedges as a share of calls: a hedge it
+	// refuses is not sent, and the attempt waits alone. Share it with
+	// the retry policy to cap both together.
+	Budget *RetryBudget
+}
+
+// Hedge sends another attempt beside one that is slow to answer, and takes
+// the first success, as "The Tail at Scale" describes: for idempotent reads
+// and auth checks whose p99 is far above their p50. It sits inside the
+// retry and outside the rate limit, the per-attempt timeout and the
+// bulkhead: every hedged attempt takes its own permit, timeout and slot,
+// and the breaker sees one outcome per call.
+//
+// The first attempt runs in the caller's goroutine, the hedges each in one
+// of their own. When one succeeds, the contexts of the others are cancelled
+// at once and their results are dropped (an [io.Closer] result, or an
+// *http.Response's body, is closed); the call returns when they have
+// returned, so that nothing they hold outlives it. If all fail, the last
+// error is returned. An attempt that fails before any hedge was sent ends
+// the round at once, for the retry policy to decide.
+//
+// A Hedge is safe for concurrent use by multiple goroutines and may be
+// shared by several protected functions. Build it with [NewHedge].
+type Hedge struct {
+	name   string
+	params atomic.Pointer[hedgeParams]
+	lat    latencies
+}
+
+type hedgeParams struct {
+	delay    time.Duration
+	max      int
+	quantile float64
+	budget   *RetryBudget
+}
+
+// maxHedges bounds HedgeConfig.MaxHedges: more parallel copies of one call
+// than this is a load test, not a hedge.
+const maxHedges = 10
+
+// NewHedge returns a hedge configured by cfg, or an error matching
+// [ErrInvalidConfig] that names the first invalid field and its value.
+func NewHedge(cfg HedgeConfig) (*Hedge, error) {
+	p, err := cfg.params()
+	if err != nil {
+		return nil, err
+	}
+	h := &Hedge{name: cfg.Name}
+	h.params.Store(p)
+	return h, nil
+}
+
+func (cfg HedgeConfig) params() (*hedgeParams, error) {
+	switch {
+	case cfg.Delay < 0:
+		return nil, invalid("HedgeConfig.Delay", cfg.Delay, "must not be negative")
+	case cfg.MaxHedges < 0 || cfg.MaxHedges > maxHedges:
+		return nil, invalid("HedgeConfig.MaxHedges", cfg.MaxHedges, "must be between 0 and 10")
+	case math.IsNaN(cfg.Quantile) || cfg.Quantile < 0 || cfg.Quantile >= 1:
+		return nil, invalid("HedgeConfig.Quantile", cfg.Quantile, "must be 0, or above 0 and below 1")
+	}
+	p := &hedgeParams{delay: cfg.Delay, max: cfg.MaxHedges, quantile: cfg.Quantile, budget: cfg.Budget}
+	if p.max == 0 {
+		p.max = 1
+	}
+	return p, nil
+}
+
+// Name returns the hedge's name.
+func (h *Hedge) Name() string { return h.name }
+
+// Delay returns the wait before the next hedge: Delay, or with a Quantile,
+// that quantile of recent latencies when it is longer.
+func (h *Hedge) Delay() time.Duration { return h.delay(h.params.Load()) }
+
+func (h *Hedge) delay(p *hedgeParams) time.Duration {
+	if p.quantile > 0 {
+		if q := time.Duration(h.lat.quantile.Load()); q > p.delay {
+			return q
+		}
+	}
+	return p.delay
+}
+
+// reconfigure applies cfg to a live hedge, for a registry's Reload.
+func (h *Hedge) reconfigure(p *hedgeParams) { h.params.Store(p) }
+
+// WithHedge returns fn with hedged attempts: see [Hedge]. A nil h yields a
+// function that reports [ErrInvalidConfig].
+func WithHedge[T any](fn Func[T], h *Hedge) Func[T] {
+	switch {
+	case fn == nil:
+		return failing[T](invalid("WithHedge fn", nil, "must not be nil"))
+	case h == nil:
+		return failing[T](invalid("WithHedge h", nil, "must not be nil"))
+	}
+	name := ""
+	if nameOf(fn) == "" {
+		name = h.name
+	}
+	return newEdge(&pipeline{hedge: h, hedged: true}, name, "", fn, nil, 0)
+}
+
+// latencies keeps the latencies of the last answered attempts, for a
+// quantile delay. The quantile is recomputed every latencyEvery records,
+// off the lock, so that a record costs a lock and a store.
+type latencies struct {
+	mu       sync.Mutex
+	ring     [latencyWindow]time.Duration
+	n, next  int
+	since    int
+	quantile atomic.Int64
+}
+
+const (
+	latencyWindow = 256
+	latencyEvery  = 32
+	latencyMin    = 32 // records before a quantile is trusted
+)
+
+func (l *latencies) add(d time.Duration, q float64) {
+	l.mu.Lock()
+	l.ring[l.next] = d
+	l.next = (l.next + 1) % latencyWindow
+	l.n = min(l.n+1, latencyWindow)
+	l.since++
+	if l.since < latencyEvery || l.n < latencyMin {
+		l.mu.Unlock()
+		return
+	}
+	l.since = 0
+	s := make([]time.Duration, l.n)
+	copy(s, l.ring[:l.n])
+	l.mu.Unlock()
+	slices.Sort(s)
+	l.quantile.Store(int64(s[min(int(q*float64(len(s))), len(s)-1)]))
+}
