@@ -105,7 +105,7 @@ func (e *edge[T]) call(ctx context.Context) (T, error) {
 
 // protect runs the pipeline and the fallback, and reports the outcome.
 func (e *edge[T]) protect(ctx context.Context) (v T, o outcome, err error) {
-	if e.p.hedged {
+	if e.p.hedged && e.p.hedgeNow() != nil {
 		return e.protectHedged(ctx)
 	}
 	var attempt attemptFunc

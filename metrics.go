@@ -360,8 +360,11 @@ func errorType(err error) string {
 	// Retries exhausted, stale: the type of what failed. A loop rather
 	// than errors.As, whose target escapes and costs an allocation.
 	for x := err; x != nil; x = errors.Unwrap(x) {
-		if se, ok := x.(*StatusError); ok {
-			return se.errorType() // a failing HTTP status: "http_503"
+		switch x := x.(type) {
+		case *StatusError:
+			return x.errorType() // a failing HTTP status: "http_503"
+		case *checkError:
+			return "check" // a result Stack.Check or Transport.Check rejected
 		}
 	}
 	for x := err; x != nil; x = errors.Unwrap(x) {
