@@ -355,9 +355,9 @@ func (p *pipeline) hedgeNow() *Hedge {
 // hedges and the call's context carries its race, else once.
 func (p *pipeline) try(ctx context.Context, attempt attemptFunc) (error, bool) {
 	if p.hedged {
-		if h := p.hedgeNow(); h != nil {
+		if h := p.hedgeNow(); h != nil && h.on() {
 			s, _ := ctx.Value(hedgeKey{}).(*hedgeSeat)
-			if s != nil && s != noHedge && s.i == 0 && s.r.p == p && !s.r.inRound.Load() {
+			if s != nil && s.i == 0 && s.r.p == p && !s.r.inRound.Load() {
 				return s.r.run(ctx, h, attempt)
 			}
 		}

@@ -60,6 +60,12 @@ type Config struct {
 	// RateLimitConfig. A service without an entry is not rate limited.
 	RateLimits map[string]RateLimitConfig
 
+	// Hedges holds HEDGE_<SERVICE>_DELAY, _MAX (MaxHedges), _QUANTILE and
+	// _BUDGET per service: see HedgingConfig. A service without an entry
+	// is not hedged: a hedge sends a call twice, so hedging is for the
+	// services whose calls are safe to repeat, named one by one.
+	Hedges map[string]HedgingConfig
+
 	// StoreURL is RESILIENCE_STORE_URL, or RESILIENCE_REDIS_URL: where the
 	// registry shares breaker state and global bulkhead slots with the other
 	// processes of its fleet, through the Store registered for the URL's
@@ -105,6 +111,7 @@ func (c Config) Clone() Config {
 	c.CircuitBreakers = maps.Clone(c.CircuitBreakers)
 	c.Bulkheads = maps.Clone(c.Bulkheads)
 	c.RateLimits = maps.Clone(c.RateLimits)
+	c.Hedges = maps.Clone(c.Hedges)
 	c.TotalTimeouts = maps.Clone(c.TotalTimeouts)
 	c.IdleTimeouts = maps.Clone(c.IdleTimeouts)
 	c.StreamTimeouts = maps.Clone(c.StreamTimeouts)
@@ -189,6 +196,9 @@ func (c Config) Validate() error {
 		}
 	}
 	if err := c.validateRateLimits(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.validateHedges(); err != nil {
 		errs = append(errs, err)
 	}
 	if err := c.DefaultBulkhead.validate(); err != nil {
@@ -356,6 +366,7 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 	}
 
 	l.loadRateLimits(&cfg)
+	l.loadHedges(&cfg)
 
 	if len(l.errs) > 0 {
 		return DefaultConfig(), errors.Join(l.errs...)

@@ -33,6 +33,10 @@ func (p *pipeline) onceHandoff(ctx context.Context, attempt attemptFunc, d time.
 	if bind != nil {
 		bind.bindFirst(func() { h.cancel(context.Canceled) })
 	}
+	if sc, ok := ctx.(*seatCtx); ok {
+		// A hedge: its context lives as long as its hold.
+		sc.handed, h.after = true, sc.cancel
+	}
 	if d > 0 {
 		h.start = time.Now()
 		h.headers = time.AfterFunc(d, func() { h.cancel(ErrTimeout) })
@@ -66,6 +70,7 @@ type hold struct {
 	idleTimer       *time.Timer // the body's idle timeout
 	streamTimer     *time.Timer // the body's stream timeout
 	done            atomic.Bool
+	after           context.CancelFunc // a hedge's context, ended with the hold
 }
 
 // Value makes the hold findable from the attempt's context and what is
@@ -145,6 +150,9 @@ func (h *hold) free() {
 		return
 	}
 	h.cancel(nil)
+	if h.after != nil {
+		h.after()
+	}
 	if h.b != nil {
 		h.grel()
 		h.b.release()

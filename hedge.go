@@ -57,7 +57,12 @@ type Hedge struct {
 	name   string
 	params atomic.Pointer[hedgeParams]
 	lat    latencies
+	sched  schedule
+	sw     *atomic.Bool // a registry's on/off switch; nil means always on
 }
+
+// on reports whether the hedge sends hedges: a disabled registry's do not.
+func (h *Hedge) on() bool { return h.sw == nil || h.sw.Load() }
 
 type hedgeParams struct {
 	delay    time.Duration
@@ -114,8 +119,12 @@ func (h *Hedge) delay(p *hedgeParams) time.Duration {
 	return p.delay
 }
 
-// reconfigure applies cfg to a live hedge, for a registry's Reload.
-func (h *Hedge) reconfigure(p *hedgeParams) { h.params.Store(p) }
+// reconfigure gives a live hedge new parameters, for a registry's Reload.
+// A new quantile applies at once, to the latencies already recorded.
+func (h *Hedge) reconfigure(p *hedgeParams) {
+	h.params.Store(p)
+	h.lat.recompute(p.quantile)
+}
 
 // WithHedge returns fn with hedged attempts: see [Hedge]. A nil h yields a
 // function that reports [ErrInvalidConfig].
@@ -135,13 +144,17 @@ func WithHedge[T any](fn Func[T], h *Hedge) Func[T] {
 
 // latencies keeps the latencies of the last answered attempts, for a
 // quantile delay. The quantile is recomputed every latencyEvery records,
-// off the lock, so that a record costs a lock and a store.
+// into a scratch copy sorted off the record lock, so that a record costs a
+// lock and a store.
 type latencies struct {
 	mu       sync.Mutex
 	ring     [latencyWindow]time.Duration
 	n, next  int
 	since    int
 	quantile atomic.Int64
+
+	sorting sync.Mutex // guards scratch; a record that finds it held skips the recompute
+	scratch [latencyWindow]time.Duration
 }
 
 const (
@@ -150,20 +163,40 @@ const (
 	latencyMin    = 32 // records before a quantile is trusted
 )
 
+// add records one latency d and, every latencyEvery records, recomputes
+// quantile q.
 func (l *latencies) add(d time.Duration, q float64) {
 	l.mu.Lock()
 	l.ring[l.next] = d
 	l.next = (l.next + 1) % latencyWindow
 	l.n = min(l.n+1, latencyWindow)
 	l.since++
-	if l.since < latencyEvery || l.n < latencyMin {
-		l.mu.Unlock()
+	due := l.since >= latencyEvery
+	if due {
+		l.since = 0
+	}
+	l.mu.Unlock()
+	if due {
+		l.recompute(q)
+	}
+}
+
+// recompute sets the quantile q of the recorded latencies, or 0 (Delay
+// alone) without q or with too few records.
+func (l *latencies) recompute(q float64) {
+	if !l.sorting.TryLock() {
+		return // another goroutine is at it
+	}
+	defer l.sorting.Unlock()
+	l.mu.Lock()
+	n := l.n
+	copy(l.scratch[:n], l.ring[:n])
+	l.mu.Unlock()
+	if q <= 0 || n < latencyMin {
+		l.quantile.Store(0)
 		return
 	}
-	l.since = 0
-	s := make([]time.Duration, l.n)
-	copy(s, l.ring[:l.n])
-	l.mu.Unlock()
+	s := l.scratch[:n]
 	slices.Sort(s)
-	l.quantile.Store(int64(s[min(int(q*float64(len(s))), len(s)-1)]))
+	l.quantile.Store(int64(s[min(int(q*float64(n)), n-1)]))
 }

@@ -36,24 +36,35 @@ type race struct {
 	max         int
 	delay       time.Duration
 	budget      *RetryBudget
-	timer       *hedgeTimer
+	timer       *time.Timer // in a synctest bubble; else the hedge's schedule
+	due         time.Duration // when the next hedge is due, on the schedule
+	index       int           // in the schedule's heap; -1: not in it
+	scheduled   uint64        // the round it is in the heap for
+	bubble      bool
 	stopped     bool // no more hedges this round
 	won         bool
+	firstDone   bool
 	winner      int
 	sent        int
-	running     int
-	firstDone   bool
-	firstLost   bool
-	firstCancel func()
-	cancels     []context.CancelFunc
-	lastErr     error
-	lastStop    bool
-	done        chan struct{} // closed when the round's last hedge returns
-	panicked    bool
-	panicVal    any
+	firstCancel func()      // written once bound is false, read once it is true
+	bound       atomic.Bool // the first attempt gave its cancel func
+	lostFirst   atomic.Bool // a hedge won: the first attempt is to stop
 	policy      *Hedge
 	quantile    float64       // the round's; 0: attempts are not timed
 	start       time.Duration // the first attempt's, to time it
+	v           *volley       // made when the round sends its first hedge
+}
+
+// volley is what a round that sent hedges keeps of them: a round whose
+// first attempt answers in time never needs it.
+type volley struct {
+	running  int
+	cancels  []context.CancelFunc
+	lastErr  error
+	lastStop bool
+	done     chan struct{} // closed when the round's last hedge returns
+	panicked bool
+	panicVal any
 }
 
 // attempter runs one attempt of an edge, from the heap.
@@ -70,10 +81,6 @@ type hedgeSeat struct {
 
 type hedgeKey struct{}
 
-// noHedge, as the hedgeKey value of a call's context, keeps the call from
-// being hedged: Transport marks requests that must not be sent twice.
-var noHedge = &hedgeSeat{}
-
 // errLost is a hedged attempt's error when another attempt won: its result
 // was dropped.
 var errLost = errors.New("resilience: a hedged attempt lost to another")
@@ -81,14 +88,12 @@ var errLost = errors.New("resilience: a hedged attempt lost to another")
 func (r *race) init(ctx context.Context, p *pipeline, call attempter) {
 	r.Context, r.p, r.call = ctx, p, call
 	r.seat0.r = r
+	r.index = -1
 }
 
 // Value makes the race findable from the call's context.
 func (r *race) Value(key any) any {
 	if key == (hedgeKey{}) {
-		if v := r.Context.Value(key); v == noHedge {
-			return v
-		}
 		return &r.seat0
 	}
 	return r.Context.Value(key)
@@ -97,7 +102,12 @@ func (r *race) Value(key any) any {
 // seatCtx is a hedge's context.
 type seatCtx struct {
 	context.Context
-	s hedgeSeat
+	s      hedgeSeat
+	cancel context.CancelFunc
+	// handed is set when a handoff attempt's hold took over cancel: a
+	// response handed to the caller keeps its context until its body is
+	// closed.
+	handed bool
 }
 
 func (c *seatCtx) Value(key any) any {
@@ -111,7 +121,7 @@ func (c *seatCtx) Value(key any) any {
 // it is not an attempt of a running round.
 func seatOf(ctx context.Context) *hedgeSeat {
 	s, _ := ctx.Value(hedgeKey{}).(*hedgeSeat)
-	if s == nil || s == noHedge || (s.i == 0 && !s.r.inRound.Load()) {
+	if s == nil || (s.i == 0 && !s.r.inRound.Load()) {
 		return nil
 	}
 	return s
@@ -136,12 +146,19 @@ func (r *race) keepLocked(i int, ok bool) bool {
 func (r *race) stopLocked(winner int) {
 	r.stopped = true
 	if winner != 0 {
-		r.firstLost = true
-		if r.firstCancel != nil {
+		// With bindFirst, a Dekker handshake: whichever of the two
+		// stores comes second sees the other's, so the first attempt is
+		// cancelled once or twice, never missed, and bindFirst needs no
+		// lock.
+		r.lostFirst.Store(true)
+		if r.bound.Load() {
 			r.firstCancel()
 		}
 	}
-	for j, c := range r.cancels {
+	if r.v == nil {
+		return
+	}
+	for j, c := range r.v.cancels {
 		if j+1 != winner {
 			c()
 		}
@@ -150,19 +167,18 @@ func (r *race) stopLocked(winner int) {
 
 // bindFirst gives the race the cancel func of the round's first attempt.
 func (r *race) bindFirst(cancel func()) {
-	r.mu.Lock()
-	if r.firstLost {
+	r.firstCancel = cancel
+	r.bound.Store(true)
+	if r.lostFirst.Load() {
 		cancel()
-	} else {
-		r.firstCancel = cancel
 	}
-	r.mu.Unlock()
 }
 
-// noteLocked records an attempt's error as the round's last.
+// noteLocked records an attempt's error as the last of a round that sent
+// hedges.
 func (r *race) noteLocked(err error, stop bool) {
-	if err != nil && !r.won && !errors.Is(err, errLost) {
-		r.lastErr, r.lastStop = err, stop
+	if r.v != nil && err != nil && !r.won && !errors.Is(err, errLost) {
+		r.v.lastErr, r.v.lastStop = err, stop
 	}
 }
 
@@ -175,14 +191,15 @@ func (r *race) run(ctx context.Context, h *Hedge, attempt attemptFunc) (error, b
 	r.mu.Lock()
 	r.round++
 	r.parent, r.max, r.delay, r.budget = ctx, hp.max, h.delay(hp), hp.budget
-	r.stopped, r.won, r.winner, r.sent, r.running = false, false, 0, 0, 0
-	r.firstDone, r.firstLost, r.firstCancel = false, false, nil
-	r.cancels, r.lastErr, r.lastStop, r.done = r.cancels[:0], nil, false, nil
+	r.stopped, r.won, r.winner, r.sent, r.v = false, false, 0, 0, nil
+	r.firstDone, r.firstCancel = false, nil
+	r.bound.Store(false)
+	r.lostFirst.Store(false)
 	r.policy, r.quantile, r.start = h, hp.quantile, 0
 	if r.quantile > 0 {
 		r.start = monotonic()
 	}
-	r.timer = armHedge(r, r.round, r.delay)
+	r.arm(h, r.round)
 	r.mu.Unlock()
 	r.inRound.Store(true)
 	finished := false
@@ -201,10 +218,9 @@ func (r *race) run(ctx context.Context, h *Hedge, attempt attemptFunc) (error, b
 // error.
 func (r *race) finish(h *Hedge, hp *hedgeParams, err error, stop bool) (error, bool) {
 	r.mu.Lock()
-	r.firstDone, r.stopped, r.firstCancel = true, true, nil
-	if r.timer.stop() {
-		r.timer = nil
-	}
+	r.firstDone, r.stopped = true, true
+	r.bound.Store(false) // the first attempt has returned: nothing to cancel
+	r.disarm(h)
 	r.noteLocked(err, stop)
 	if r.sent == 0 {
 		r.mu.Unlock()
@@ -214,15 +230,17 @@ func (r *race) finish(h *Hedge, hp *hedgeParams, err error, stop bool) (error, b
 		}
 		return err, stop
 	}
-	if r.running > 0 {
-		done := r.done
+	v := r.v
+	if v.running > 0 {
 		r.mu.Unlock()
-		<-done
+		<-v.done
 		r.mu.Lock()
 	}
-	won, winner, panicked, pv := r.won, r.winner, r.panicked, r.panicVal
-	err, stop = r.lastErr, r.lastStop
+	won, winner := r.won, r.winner
 	r.mu.Unlock()
+	// The hedges have all returned: v is no longer written.
+	panicked, pv := v.panicked, v.panicVal
+	err, stop = v.lastErr, v.lastStop
 	r.inRound.Store(false)
 	if panicked {
 		panic(pv)
@@ -230,7 +248,10 @@ func (r *race) finish(h *Hedge, hp *hedgeParams, err error, stop bool) (error, b
 	if !won {
 		return err, stop
 	}
-	if winner == 0 && hp.quantile > 0 {
+	if hp.quantile > 0 {
+		// When a hedge won, the first attempt's time so far is a lower
+		// bound of its latency: recorded too, or the slow tail that the
+		// quantile is to find would never be seen.
 		h.lat.add(monotonic()-r.start, hp.quantile)
 	}
 	meter().hedgeWins.Add(r.parent, 1, r.p.site.hedgeWins[min(winner, 1)]...)
@@ -243,7 +264,7 @@ func (r *race) abandon() {
 	r.mu.Lock()
 	r.won = true // no result is kept any more
 	r.stopLocked(-1)
-	r.timer.stop()
+	r.disarm(r.policy)
 	r.mu.Unlock()
 	r.inRound.Store(false)
 }
@@ -266,17 +287,17 @@ func (r *race) fire(n uint64) {
 		r.mu.Unlock()
 		return
 	}
-	r.sent++
-	r.running++
-	if r.done == nil {
-		r.done = make(chan struct{})
+	if r.v == nil {
+		r.v = &volley{done: make(chan struct{})}
 	}
+	v := r.v
+	r.sent++
+	v.running++
 	c := &seatCtx{s: hedgeSeat{r: r, i: r.sent}}
-	var cancel context.CancelFunc
-	c.Context, cancel = context.WithCancel(r.parent)
-	r.cancels = append(r.cancels, cancel)
+	c.Context, c.cancel = context.WithCancel(r.parent)
+	v.cancels = append(v.cancels, c.cancel)
 	if r.sent < r.max {
-		r.timer = armHedge(r, n, r.delay)
+		r.arm(r.policy, n)
 	}
 	timed := r.quantile > 0
 	r.mu.Unlock()
@@ -284,16 +305,18 @@ func (r *race) fire(n uint64) {
 		c.s.start = monotonic()
 	}
 	meter().hedgeAttempts.Add(r.parent, 1, r.p.site.function...)
-	r.hedge(c, cancel)
+	r.hedge(c, v)
 }
 
-// hedge runs one hedged attempt in its own goroutine, the timer's.
-func (r *race) hedge(c *seatCtx, cancel context.CancelFunc) {
+// hedge runs one hedged attempt in its own goroutine.
+func (r *race) hedge(c *seatCtx, v *volley) {
 	var err error
 	var stop bool
 	returned := false
 	defer func() {
-		cancel()
+		if !c.handed {
+			c.cancel()
+		}
 		var pv any
 		if !returned {
 			if pv = recover(); pv == nil {
@@ -301,19 +324,19 @@ func (r *race) hedge(c *seatCtx, cancel context.CancelFunc) {
 			}
 		}
 		r.mu.Lock()
-		if pv != nil && !r.panicked {
+		if pv != nil && !v.panicked {
 			// Re-raised in the caller's goroutine, which waits for this
 			// one: a panic in a goroutine of ours must not end the
 			// process.
-			r.panicked, r.panicVal = true, pv
+			v.panicked, v.panicVal = true, pv
 			r.won = true
 			r.stopLocked(-1)
 		}
 		r.noteLocked(err, stop)
-		won := r.won && r.winner == c.s.i && !r.panicked
+		won := r.won && r.winner == c.s.i && !v.panicked
 		h, q := r.policy, r.quantile
-		if r.running--; r.running == 0 && r.firstDone {
-			close(r.done)
+		if v.running--; v.running == 0 && r.firstDone {
+			close(v.done)
 		}
 		r.mu.Unlock()
 		if won && q > 0 {
@@ -342,61 +365,4 @@ func hedgeWinAttrs(name string) [2][]metric.AddOption {
 		addSet(attrFunction.String(name), attribute.Bool("hedged", false)),
 		addSet(attrFunction.String(name), attribute.Bool("hedged", true)),
 	}
-}
-
-// hedgeTimer sends a race's hedges. Timers made outside a testing/synctest
-// bubble are pooled: a hedged call whose first attempt answers in time
-// then allocates no timer. A timer is reused only once it is stopped before
-// it fired, so a late fire never reaches a new race.
-type hedgeTimer struct {
-	t     *time.Timer
-	r     *race
-	n     uint64
-	delay time.Duration
-	fake  bool // made in a bubble: never pooled
-}
-
-var hedgeTimers sync.Pool
-
-// armHedge returns a timer that calls r.fire(n) after d.
-func armHedge(r *race, n uint64, d time.Duration) *hedgeTimer {
-	bubble := inBubble()
-	var t *hedgeTimer
-	if !bubble {
-		t, _ = hedgeTimers.Get().(*hedgeTimer)
-	}
-	if t == nil {
-		t = &hedgeTimer{fake: bubble}
-		t.r, t.n = r, n
-		t.t = time.AfterFunc(d, t.fire)
-		return t
-	}
-	t.r, t.n = r, n
-	t.t.Reset(d)
-	return t
-}
-
-func (t *hedgeTimer) fire() { t.r.fire(t.n) }
-
-// stop stops t, and pools it when it had not fired, reporting whether it
-// had not.
-func (t *hedgeTimer) stop() bool {
-	if t == nil || !t.t.Stop() {
-		return false
-	}
-	if !t.fake {
-		t.r = nil
-		hedgeTimers.Put(t)
-	}
-	return true
-}
-
-// inBubble reports whether the calling goroutine runs in a testing/synctest
-// bubble, where the clock has no monotonic reading. A timer made in a
-// bubble runs on the bubble's fake clock and must never be touched from
-// outside it (the runtime treats that as fatal), nor a real timer used in a
-// bubble, whose fake clock it would not follow.
-func inBubble() bool {
-	now := time.Now()
-	return now == now.Round(0)
 }

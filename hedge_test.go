@@ -324,3 +324,67 @@ func TestHedgeConfigErrorsNameTheField(t *testing.T) {
 		t.Errorf("WithHedge(fn, nil) = %v, want ErrInvalidConfig", err)
 	}
 }
+
+func TestHedgeOfADisabledRegistrySendsNoHedge(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reg := mustRegistry(t, map[string]string{"RESILIENCE_ENABLED": "false", "HEDGE_SEARCH_DELAY": "10ms"})
+		h := reg.Hedge("search")
+		if h == nil {
+			t.Fatal("no hedge for search")
+		}
+		s := &slowFirst{late: 50 * time.Millisecond}
+		if v, err := WithHedge(s.fn, h)(context.Background()); err != nil || v != 1 {
+			t.Fatalf("got %v, %v; want the first attempt's answer", v, err)
+		}
+		if s.calls != 1 {
+			t.Errorf("a disabled registry's hedge sent %d attempts, want 1", s.calls)
+		}
+	})
+}
+
+func TestHedgeQuantileSeesTheTailOfAttemptsThatLost(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		// Every tenth first attempt hangs until cancelled; the hedge
+		// answers in 1ms. Were only winners timed, the 0.95 quantile
+		// would be 1ms and Delay would stay; the losers' time so far
+		// (at least Delay) must count.
+		var n atomic.Int32
+		fn := func(ctx context.Context) (int, error) {
+			i := n.Add(1)
+			if i%11 == 1 {
+				<-ctx.Done()
+				return 0, ctx.Err()
+			}
+			time.Sleep(time.Millisecond)
+			return 1, nil
+		}
+		h := mustHedge(t, HedgeConfig{Delay: 20 * time.Millisecond, Quantile: 0.95})
+		f := WithHedge(fn, h)
+		for range 2 * latencyWindow {
+			f(context.Background())
+		}
+		if d := h.Delay(); d <= 20*time.Millisecond {
+			t.Errorf("delay = %v; the slow 10%% of first attempts were not seen", d)
+		}
+	})
+}
+
+func TestHedgeReloadedQuantileAppliesAtOnce(t *testing.T) {
+	h := mustHedge(t, HedgeConfig{Delay: time.Millisecond, Quantile: 0.5})
+	for i := range latencyWindow {
+		h.lat.add(time.Duration(i+1)*time.Millisecond, 0.5)
+	}
+	if d := h.Delay(); d < 120*time.Millisecond || d > 136*time.Millisecond {
+		t.Fatalf("median delay = %v, want about 128ms", d)
+	}
+	p, _ := HedgeConfig{Delay: time.Millisecond, Quantile: 0.9}.params()
+	h.reconfigure(p)
+	if d := h.Delay(); d < 225*time.Millisecond || d > 235*time.Millisecond {
+		t.Errorf("after a Reload to the 0.9 quantile the delay is %v, want about 230ms at once", d)
+	}
+	p, _ = HedgeConfig{Delay: time.Millisecond}.params()
+	h.reconfigure(p)
+	if d := h.Delay(); d != time.Millisecond {
+		t.Errorf("after a Reload without a quantile the delay is %v, want Delay", d)
+	}
+}

@@ -30,6 +30,7 @@ type Registry struct {
 	limiters  map[string]*RateLimiter    // by limiterKey
 	// limitCells hold each service's request limiter for its pipelines.
 	limitCells map[string]limitCell
+	hedges     map[string]*serviceHedge // by EnvKey of the service
 	retry      *Retry
 	store      Store
 	ownsStore  bool // opened from cfg.StoreURL: Close closes it
@@ -246,6 +247,7 @@ func (r *Registry) Reload(cfg Config) error {
 		c.Store(int64(phaseTimeout(k.phase.of(cfg), k.op)))
 	}
 	r.reloadLimitersLocked()
+	r.reloadHedgesLocked()
 	wasOn := r.enabled.Swap(cfg.Enabled)
 	if wasOn && !cfg.Enabled {
 		// Callers queued for a slot pass through too, as every later
@@ -339,6 +341,7 @@ func (r *Registry) pipeline(service string, handoff bool) *pipeline {
 		handoff:  handoff,
 	}
 	p.limitCell = r.limitCell(service)
+	p.hedgeCell, p.hedged = r.hedgeCell(service), true
 	p.pause = r.pauseCell(service)
 	p.setSite(newSite(service, service))
 	actual, _ := r.pipelines.LoadOrStore(k, p)

@@ -72,6 +72,18 @@ type Transport struct {
 	// breaker, bulkhead and timeout in the registry. nil means the
 	// request's host without its port.
 	Service func(*http.Request) string
+
+	// Check, if set, inspects each response whose status is not a
+	// failure: a non-nil error makes it a failure that the retry, the
+	// hedge and the breaker see as they see a failing status (for
+	// example a 200 whose body says the model is overloaded). Its error
+	// is retryable unless it has a Retryable() bool method that says
+	// otherwise, and its RetryAfter() time.Duration method, if any, is
+	// honoured. Check may read the body: what it reads is kept, and the
+	// body stays whole for the caller when the response passes. When the
+	// retries end on a rejected response, RoundTrip returns the error,
+	// not the response. Check must be safe for concurrent use.
+	Check func(*http.Response) error
 }
 
 // RoundTrip implements [http.RoundTripper].
@@ -89,11 +101,22 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if !p.on() {
 		return base.RoundTrip(req)
 	}
-	rt := &roundTrip{base: base, req: req, p: p, reg: reg, service: service}
-	rt.idempotent = isIdempotent(req) || req.Header.Get("Idempotency-Key") != ""
+	rt := &roundTrip{base: base, req: req, p: p, reg: reg, service: service, check: t.Check}
+	key := req.Header.Get("Idempotency-Key") != ""
+	rt.idempotent = isIdempotent(req) || key
 	rt.hasBody = req.Body != nil && req.Body != http.NoBody
 	rt.replayable = !rt.hasBody || req.GetBody != nil
-	return rt.do(p)
+	return rt.do(p, rt.replayable && (hedgeable(req.Method) || key))
+}
+
+// hedgeable reports whether a request of this method may be sent twice at
+// once: a read, with no effect for a second copy to repeat.
+func hedgeable(method string) bool {
+	switch method {
+	case "", http.MethodGet, http.MethodHead, http.MethodOptions:
+		return true
+	}
+	return false
 }
 
 func (t *Transport) serviceOf(req *http.Request) string {
@@ -110,6 +133,7 @@ func (t *Transport) serviceOf(req *http.Request) string {
 // classify, and keep each response open, with its slot and timeout, until
 // the pipeline says whether it is the answer.
 type roundTrip struct {
+	race // the call's context when it is hedged
 	base                            http.RoundTripper
 	req                             *http.Request
 	idempotent, hasBody, replayable bool
@@ -118,10 +142,17 @@ type roundTrip struct {
 	p                               *pipeline
 	reg                             *Registry
 	service                         string
+	check                           func(*http.Response) error
 }
 
-func (rt *roundTrip) do(p *pipeline) (resp *http.Response, err error) {
+func (rt *roundTrip) do(p *pipeline, hedge bool) (resp *http.Response, err error) {
 	ctx := rt.req.Context()
+	pctx := ctx
+	if hedge && p.hedged && p.hedgeNow() != nil {
+		// Hedged: attempts run concurrently, and settle through the race.
+		rt.race.init(ctx, p, rt)
+		pctx = &rt.race
+	}
 	s := p.site
 	rec := s.begin(ctx)
 	o, returned := outcomeFailure, false // a panic: a failed call
@@ -134,7 +165,7 @@ func (rt *roundTrip) do(p *pipeline) (resp *http.Response, err error) {
 		}
 		s.end(ctx, rec, o)
 	}()
-	err = p.run(ctx, rt.attempt, rt.between)
+	err = p.run(pctx, rt.attempt, rt.between)
 	o, returned = classify(ctx, err), true
 	if rt.last != nil {
 		if err == nil || rt.isLastStatus(err) {
@@ -173,17 +204,24 @@ func (rt *roundTrip) between() {
 }
 
 func (rt *roundTrip) attempt(ctx context.Context) error {
-	rt.between()
+	seat := seatOf(ctx)
+	hedge := seat != nil && seat.i > 0
+	if !hedge {
+		// A hedge must not touch what the round's other attempts hold.
+		rt.between()
+	}
 	out := rt.req.WithContext(ctx)
 	if rt.hasBody {
-		if rt.bodyUsed {
+		if hedge || rt.bodyUsed {
 			body, err := rt.req.GetBody()
 			if err != nil {
 				return &stopRetry{err}
 			}
 			out.Body = body
 		}
-		rt.bodyUsed = true
+		if !hedge {
+			rt.bodyUsed = true
+		}
 	}
 	resp, err := rt.base.RoundTrip(out)
 	if err == nil && resp == nil {
@@ -199,7 +237,32 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 		}
 		return err
 	}
-	rt.last = resp
+	err = rt.judge(ctx, resp)
+	if seat == nil {
+		rt.last = resp
+		return err
+	}
+	r := seat.r
+	r.mu.Lock()
+	keep := r.keepLocked(seat.i, err == nil)
+	if keep {
+		if rt.last != nil {
+			discard(rt.last) // an earlier failure of the round
+		}
+		rt.last = resp
+	}
+	r.mu.Unlock()
+	if !keep {
+		discard(resp)
+		return errLost
+	}
+	return err
+}
+
+// judge prepares an attempt's response for the caller and says what it is
+// to the policies: nil, or a failing status or rejected response as an
+// error.
+func (rt *roundTrip) judge(ctx context.Context, resp *http.Response) error {
 	h := holdFrom(ctx)
 	h.keep()
 	switch {
@@ -221,6 +284,14 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 	}
 	retry, said := shouldRetry(resp.Header)
 	if !isFailureStatus(resp.StatusCode) && !(said && retry && resp.StatusCode >= 400) {
+		if rt.check != nil && resp.StatusCode != http.StatusSwitchingProtocols {
+			if err := checkResponse(resp, rt.check); err != nil {
+				if !rt.replayable {
+					return &stopRetry{err}
+				}
+				return err
+			}
+		}
 		return nil
 	}
 	se := &StatusError{StatusCode: resp.StatusCode, resp: resp, hint: -1}
