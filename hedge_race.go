@@ -36,7 +36,7 @@ type race struct {
 	max         int
 	delay       time.Duration
 	budget      *RetryBudget
-	timer       *time.Timer // in a synctest bubble; else the hedge's schedule
+	timer       *time.Timer   // in a synctest bubble; else the hedge's schedule
 	due         time.Duration // when the next hedge is due, on the schedule
 	index       int           // in the schedule's heap; -1: not in it
 	scheduled   uint64        // the round it is in the heap for

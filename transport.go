@@ -133,7 +133,7 @@ func (t *Transport) serviceOf(req *http.Request) string {
 // classify, and keep each response open, with its slot and timeout, until
 // the pipeline says whether it is the answer.
 type roundTrip struct {
-	race // the call's context when it is hedged
+	race                            // the call's context when it is hedged
 	base                            http.RoundTripper
 	req                             *http.Request
 	idempotent, hasBody, replayable bool
