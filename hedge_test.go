@@ -388,3 +388,28 @@ func TestHedgeReloadedQuantileAppliesAtOnce(t *testing.T) {
 		t.Errorf("after a Reload without a quantile the delay is %v, want Delay", d)
 	}
 }
+
+type closer struct{ closed atomic.Bool }
+
+func (c *closer) Close() error { c.closed.Store(true); return nil }
+
+func TestHedgeClosesALosingCloser(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		late, fast := &closer{}, &closer{}
+		var n atomic.Int32
+		fn := func(ctx context.Context) (*closer, error) {
+			if n.Add(1) == 1 {
+				time.Sleep(50 * time.Millisecond) // ignores its context
+				return late, nil
+			}
+			return fast, nil
+		}
+		got, err := WithHedge(fn, mustHedge(t, HedgeConfig{Delay: 10 * time.Millisecond}))(context.Background())
+		if err != nil || got != fast {
+			t.Fatalf("got %p, %v; want the hedge's result", got, err)
+		}
+		if !late.closed.Load() || fast.closed.Load() {
+			t.Errorf("late closed %v, winner closed %v; want only the loser closed", late.closed.Load(), fast.closed.Load())
+		}
+	})
+}

@@ -211,6 +211,11 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 		rt.between()
 	}
 	out := rt.req.WithContext(ctx)
+	if hedge {
+		// Sent beside another copy: a base that sets headers (a tracer's)
+		// must not write to the map the other copy is reading.
+		out = rt.req.Clone(ctx)
+	}
 	if rt.hasBody {
 		if hedge || rt.bodyUsed {
 			body, err := rt.req.GetBody()

@@ -180,3 +180,33 @@ func TestTransportHedgesPostWithIdempotencyKey(t *testing.T) {
 		t.Errorf("body %q after %d POSTs, want the hedge's answer after 2", body, srv.posts.Load())
 	}
 }
+
+func TestTransportClosesTheLosersResponse(t *testing.T) {
+	var n atomic.Int32
+	loser := &trackedBody{Reader: strings.NewReader("late answer")}
+	base := roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if n.Add(1) == 1 {
+			// A base that ignores cancellation and answers late.
+			time.Sleep(60 * time.Millisecond) // the slow answer under test
+			return &http.Response{StatusCode: 200, Body: loser, ContentLength: -1, Request: r}, nil
+		}
+		return &http.Response{StatusCode: 200, Body: io.NopCloser(strings.NewReader("hedge answer")), ContentLength: -1, Request: r}, nil
+	})
+	reg := transportRegistry(t, map[string]string{"HEDGE_API_DELAY": "0.01"})
+	c := &http.Client{Transport: &Transport{Registry: reg, Base: base, Service: func(*http.Request) string { return "api" }}}
+	resp, err := c.Get("http://api.invalid/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "hedge answer" {
+		t.Errorf("body %q, want the hedge's", body)
+	}
+	if !loser.closed.Load() {
+		t.Error("the losing attempt's response was not closed by the time the call returned")
+	}
+	if s := reg.Bulkhead("api").Stats(); s.Active != 0 {
+		t.Errorf("bulkhead active after the call: %d", s.Active)
+	}
+}
