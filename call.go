@@ -177,6 +177,12 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 			admitted = monotonic() // the bucket gobreaker counts the call in
 		}
 		err = p.retried(ctx, attempt, between)
+		if p.hedged && !reached.Load() {
+			// Hedges run the edge's attempt, not the wrapper above.
+			if s, _ := ctx.Value(hedgeKey{}).(*hedgeSeat); s != nil && s.r.p == p && s.r.reached.Load() {
+				reached.Store(true)
+			}
+		}
 		o = cb.outcome(outer, err, reached.Load())
 		if counted && o == errFailure {
 			// Before gobreaker counts it: an open it causes lasts as

@@ -29,6 +29,10 @@ type race struct {
 	p               *pipeline
 	call            attempter
 	inRound         atomic.Bool
+	// reached is set when a hedge got past the bulkhead: the call's
+	// outcome is then the downstream's, for the breaker, as guarded
+	// tracks for the attempts it wraps.
+	reached atomic.Bool
 
 	mu          sync.Mutex
 	parent      context.Context // the round's: what the hedges derive from
@@ -345,6 +349,9 @@ func (r *race) hedge(c *seatCtx, v *volley) {
 	}()
 	err, stop = r.p.once(c, r.call.attempt, nil)
 	returned = true
+	if !errors.Is(err, ErrBulkheadFull) {
+		r.reached.Store(true)
+	}
 }
 
 // drop releases a losing attempt's result: its body, if it is an HTTP

@@ -24,9 +24,10 @@ import (
 
 const dashboardPath = "../../dashboards/resilience.json"
 
-// The rows the original design's dashboard section asks for, and the rate
-// limiters' since RateLimiter.
-var wantRows = []string{"Circuit breakers", "Retries", "Timeouts", "Bulkheads", "Rate limiters", "Fallbacks"}
+// The rows the original design's dashboard section asks for, the rate
+// limiters' since RateLimiter, and hedging and failover's since Hedge and
+// Failover.
+var wantRows = []string{"Circuit breakers", "Retries", "Timeouts", "Bulkheads", "Rate limiters", "Fallbacks", "Hedging and failover"}
 
 type dashboard struct {
 	ID            *int `json:"id"`

@@ -16,7 +16,11 @@
 // runs out, the bulkhead queues and rejects, a rate limiter keeps the
 // recommender's quota (its callers exceed it now and then: some attempts
 // wait for a permit, a few are refused), and the fallbacks answer with a
-// fixed value, a cached one and a stale one.
+// fixed value, a cached one and a stale one. A stock lookup is hedged: an
+// attempt slow to answer gets a second one beside it, which usually wins,
+// and now and then loses to the first. A completion fails over from a
+// primary provider to a backup one, whose outages come at other times, so
+// that the backup answers whenever the primary fails or its breaker is open.
 //
 // dashboards/resilience.json at the root of the repository is a Grafana
 // dashboard for these metrics; the test in this directory evaluates each of
@@ -140,6 +144,7 @@ const (
 	recLimit    = 70                     // the recommender's quota: attempts a second
 	recBurst    = 4                      // attempts let through at once after a quiet spell
 	recMaxWait  = 15 * time.Millisecond  // the longest an attempt waits for its permit
+	stockDelay  = 20 * time.Millisecond  // the stock lookup's hedge delay: above a usual answer, below a slow one
 )
 
 // httpError is the downstream's failure: its type, *main.httpError, is the
@@ -200,7 +205,7 @@ func (d *downstream) exchangeRate(ctx context.Context) (string, error) {
 	return d.call(ctx, true, "1.08")
 }
 
-// traffic calls the downstream through four protected functions until ctx
+// traffic calls the downstream through six protected functions until ctx
 // is done, then waits for every call to end.
 func traffic(ctx context.Context) error {
 	d := &downstream{start: time.Now()}
@@ -333,6 +338,61 @@ func traffic(ctx context.Context) error {
 	}
 	getRate := rates.Wrap("EUR/USD", d.exchangeRate)
 
+	// The stock lookup, hedged: an attempt with no answer after stockDelay
+	// gets a second one beside it, and the first success wins, the other
+	// being cancelled. A usual answer takes 2 to 10ms, so only the slow
+	// replies and the hangs (one attempt in five) are hedged. The hedge
+	// usually wins (hedged="true" in resilience.hedge.wins); when it fails
+	// or is slow itself, a slow first attempt answers first
+	// (hedged="false"). A round where both hang times out, and is retried.
+	stockHedge, err := resilience.NewHedge(resilience.HedgeConfig{
+		Name: "stock", Delay: stockDelay, MaxHedges: 1,
+	})
+	if err != nil {
+		return err
+	}
+	stockRetry, err := resilience.NewRetry(resilience.RetryConfig{
+		MaxAttempts: 2, InitialDelay: 5 * time.Millisecond, MaxDelay: 10 * time.Millisecond,
+	})
+	if err != nil {
+		return err
+	}
+	getStock := resilience.Compose(
+		func(ctx context.Context) (string, error) { return d.call(ctx, true, "12 in stock") },
+		resilience.Stack[string]{
+			Name: "get_stock", Operation: "db",
+			Retry: stockRetry, Hedge: stockHedge, Timeout: 100 * time.Millisecond,
+		})
+
+	// The completion, from a primary provider or else a backup one, each
+	// with its own policies, through Failover. The backup is a downstream
+	// of its own, half a cycle out of step with the primary, so that their
+	// outages never overlap: resilience.failover.used counts the answers by
+	// index, 0 the primary's and 1 the backup's, which answers when the
+	// primary fails (one call in five, and every call of its outage) or
+	// when the primary's breaker is open and rejects the call at once.
+	backup := &downstream{start: d.start.Add(-cycle / 2)}
+	primaryBreaker, err := resilience.NewCircuitBreaker(resilience.CircuitBreakerConfig{
+		Name: "completion-primary", FailMax: 5, OpenTimeout: 500 * time.Millisecond,
+		DisableLogging: true,
+	})
+	if err != nil {
+		return err
+	}
+	getCompletion := resilience.Failover(
+		resilience.Compose(
+			func(ctx context.Context) (string, error) { return d.call(ctx, true, "primary completion") },
+			resilience.Stack[string]{
+				Name: "get_completion", Operation: "llm",
+				CircuitBreaker: primaryBreaker, Timeout: 80 * time.Millisecond,
+			}),
+		resilience.Compose(
+			func(ctx context.Context) (string, error) { return backup.call(ctx, true, "backup completion") },
+			resilience.Stack[string]{
+				Name: "get_completion_backup", Operation: "llm", Timeout: 80 * time.Millisecond,
+			}),
+	)
+
 	var wg sync.WaitGroup
 	worker := func(call resilience.Func[string]) {
 		wg.Go(func() {
@@ -358,10 +418,14 @@ func traffic(ctx context.Context) error {
 	}
 	worker(getProfile)
 	worker(getRate)
+	for range 2 {
+		worker(getStock)
+	}
+	worker(getCompletion)
 	wg.Wait()
 
 	// The calls the enforced timeout abandoned end within a hang.
-	for d.inflight.Load() > 0 {
+	for d.inflight.Load() > 0 || backup.inflight.Load() > 0 {
 		time.Sleep(5 * time.Millisecond)
 	}
 	return nil

@@ -203,6 +203,10 @@ func TestMetricsEndpoint(t *testing.T) {
 		// refused, which the fallback answered.
 		`resilience_rate_limiter_wait_seconds_bucket{name="recommender"`,
 		`error_type="rate_limited"`,
+		// Rounds won by a hedge and by the first attempt beside one, and
+		// a completion the backup answered after the primary failed.
+		`hedged="true"`, `hedged="false"`,
+		`resilience_failover_used_total{function="get_completion",index="1"`,
 	}
 	url := start(t)
 
