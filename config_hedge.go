@@ -31,10 +31,12 @@ type HedgingConfig struct {
 	// below Delay. 0 means Delay alone.
 	Quantile float64
 	// Budget is HEDGE_<SERVICE>_BUDGET: in (0, 1], the hedge gets a
-	// [RetryBudget] of its own with that Ratio and the other settings at
-	// their defaults (a floor of 10 hedges a second over a window of 10s),
-	// so that hedges add at most that share of the service's calls, plus
-	// the floor. 0 means no budget.
+	// [RetryBudget] of its own with that Ratio over the default window of
+	// 10s and no floor, so that hedges add at most that share of the
+	// service's calls, whatever the rate. (A retry budget's floor keeps a
+	// quiet service retrying its rare failures; a hedge needs no such
+	// thing, and a floor of 10 a second would let a quiet service double
+	// its load.) 0 means no budget.
 	Budget float64
 }
 
@@ -208,7 +210,7 @@ func hedgeBudget(c HedgingConfig, cur *hedgeParams) *RetryBudget {
 	if cur != nil && cur.budget != nil && cur.budget.ratio == c.Budget {
 		return cur.budget
 	}
-	b, err := NewRetryBudget(RetryBudgetConfig{Ratio: c.Budget})
+	b, err := NewRetryBudget(RetryBudgetConfig{Ratio: c.Budget, MinPerSecond: -1})
 	if err != nil {
 		return nil // unreachable: Validate checked c.Budget
 	}

@@ -233,8 +233,8 @@ func TestRegistryHedgeParams(t *testing.T) {
 		var rat float64
 		if got.budget != nil {
 			rat = got.budget.ratio
-			if got.budget.floor != 100 || got.budget.window != 10*time.Second {
-				t.Errorf("%v: budget floor %v, window %v; want RetryBudget's defaults, 100 over 10s", tc.env, got.budget.floor, got.budget.window)
+			if got.budget.floor != 0 || got.budget.window != 10*time.Second {
+				t.Errorf("%v: budget floor %v, window %v; want no floor over RetryBudget's default 10s", tc.env, got.budget.floor, got.budget.window)
 			}
 		}
 		got.budget = nil
@@ -343,8 +343,7 @@ func TestForServiceHedgeMax(t *testing.T) {
 	})
 }
 
-// HEDGE_<SVC>_BUDGET caps the hedges at its ratio of calls plus
-// RetryBudget's default floor of 100 per 10s.
+// HEDGE_<SVC>_BUDGET caps the hedges at its ratio of calls, with no floor.
 func TestForServiceHedgeBudget(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		reg := mustRegistry(t, map[string]string{"HEDGE_SEARCH_DELAY": "10ms", "HEDGE_SEARCH_BUDGET": "0.5", "RETRY_MAX_ATTEMPTS": "1"})
@@ -371,9 +370,9 @@ func TestForServiceHedgeBudget(t *testing.T) {
 		}
 		hedges := int(total.Load()) - n
 		// Without a budget 300; with RetryBudget's default ratio, 0.1,
-		// 130; with no floor, 150.
-		if want := 100 + n/2; hedges != want {
-			t.Errorf("%d slow calls sent %d hedges; want %d, the floor of 100 and half the calls", n, hedges, want)
+		// 30; with its default floor of 100 per 10s, 250.
+		if want := n / 2; hedges != want {
+			t.Errorf("%d slow calls sent %d hedges; want %d, half the calls", n, hedges, want)
 		}
 	})
 }

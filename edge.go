@@ -2,6 +2,7 @@ package resilience
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"reflect"
 	"runtime"
@@ -164,8 +165,14 @@ func (e *edge[T]) protectHedged(ctx context.Context) (T, outcome, error) {
 // attempt runs one attempt of a hedging call, the first on the caller's
 // goroutine or a hedge on its own, and keeps its result if the race says.
 func (c *hedgeCall[T]) attempt(ctx context.Context) error {
+	s := seatOf(ctx, &c.race)
+	if s != nil && !c.e.p.enforce {
+		s.sent(ctx) // inside its slot
+	}
 	v, err := c.e.try(ctx)
-	s := seatOf(ctx)
+	if s != nil && c.e.p.enforce && !errors.Is(err, ErrBulkheadFull) {
+		s.sent(ctx) // enforced took its slot itself
+	}
 	if s == nil {
 		c.v = v
 		return err

@@ -27,7 +27,8 @@ type HedgeConfig struct {
 	// Quantile, in (0, 1), makes the delay that quantile of the latencies
 	// of the last 256 answered attempts, never below Delay: 0.95 sends a
 	// hedge for the slowest 5% of attempts, whatever their usual speed.
-	// 0 means Delay alone.
+	// Until 32 latencies are known the delay is Delay, and with a Delay of
+	// 0 no hedge is sent. 0 means Delay alone.
 	Quantile float64
 
 	// Budget, if set, caps the hedges as a share of calls: a hedge it
@@ -107,17 +108,29 @@ func (cfg HedgeConfig) params() (*hedgeParams, error) {
 func (h *Hedge) Name() string { return h.name }
 
 // Delay returns the wait before the next hedge: Delay, or with a Quantile,
-// that quantile of recent latencies when it is longer.
+// that quantile of recent latencies when it is longer. With a Quantile and
+// a Delay of 0, it is negative until 32 latencies are known: no hedge is
+// sent before then.
 func (h *Hedge) Delay() time.Duration { return h.delay(h.params.Load()) }
 
 func (h *Hedge) delay(p *hedgeParams) time.Duration {
 	if p.quantile > 0 {
-		if q := time.Duration(h.lat.quantile.Load()); q > p.delay {
+		q := time.Duration(h.lat.quantile.Load())
+		if q > p.delay {
 			return q
+		}
+		if q == 0 && p.delay == 0 {
+			// No latency known yet and no floor: sending every hedge
+			// at once would multiply the load after each start.
+			return noHedgeYet
 		}
 	}
 	return p.delay
 }
+
+// noHedgeYet is the delay of a quantile hedge without a floor before it
+// has seen latencies: none is sent.
+const noHedgeYet = -1
 
 // reconfigure gives a live hedge new parameters, for a registry's Reload.
 // A new quantile applies at once, to the latencies already recorded.

@@ -103,6 +103,16 @@ func (r *race) Value(key any) any {
 	return r.Context.Value(key)
 }
 
+// sent is called by a hedge's attempt once it holds its permits and slot
+// and sends the call: the hedge is counted, and the call's outcome is the
+// downstream's for the breaker.
+func (s *hedgeSeat) sent(ctx context.Context) {
+	if s.i > 0 {
+		s.r.reached.Store(true)
+		meter().hedgeAttempts.Add(ctx, 1, s.r.p.site.function...)
+	}
+}
+
 // seatCtx is a hedge's context.
 type seatCtx struct {
 	context.Context
@@ -121,11 +131,12 @@ func (c *seatCtx) Value(key any) any {
 	return c.Context.Value(key)
 }
 
-// seatOf returns the seat of the attempt whose context is ctx, or nil when
-// it is not an attempt of a running round.
-func seatOf(ctx context.Context) *hedgeSeat {
+// seatOf returns the seat of the attempt whose context is ctx in r, or
+// nil when it is not an attempt of a running round of r: a call made with
+// the context of another call's attempt must not take that call's seat.
+func seatOf(ctx context.Context, r *race) *hedgeSeat {
 	s, _ := ctx.Value(hedgeKey{}).(*hedgeSeat)
-	if s == nil || (s.i == 0 && !s.r.inRound.Load()) {
+	if s == nil || s.r != r || (s.i == 0 && !s.r.inRound.Load()) {
 		return nil
 	}
 	return s
@@ -308,7 +319,6 @@ func (r *race) fire(n uint64) {
 	if timed {
 		c.s.start = monotonic()
 	}
-	meter().hedgeAttempts.Add(r.parent, 1, r.p.site.function...)
 	r.hedge(c, v)
 }
 
@@ -349,9 +359,6 @@ func (r *race) hedge(c *seatCtx, v *volley) {
 	}()
 	err, stop = r.p.once(c, r.call.attempt, nil)
 	returned = true
-	if !errors.Is(err, ErrBulkheadFull) {
-		r.reached.Store(true)
-	}
 }
 
 // drop releases a losing attempt's result: its body, if it is an HTTP

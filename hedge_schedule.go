@@ -25,6 +25,9 @@ type schedule struct {
 
 // arm schedules the hedge of round n after r.delay. r.mu is held.
 func (r *race) arm(h *Hedge, n uint64) {
+	if r.delay < 0 {
+		return // noHedgeYet
+	}
 	now := monotonic()
 	if r.bubble = now < 0; r.bubble {
 		// Before the package was loaded: a synctest bubble, whose fake

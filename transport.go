@@ -204,10 +204,13 @@ func (rt *roundTrip) between() {
 }
 
 func (rt *roundTrip) attempt(ctx context.Context) error {
-	seat := seatOf(ctx)
+	seat := seatOf(ctx, &rt.race)
 	hedge := seat != nil && seat.i > 0
-	if !hedge {
-		// A hedge must not touch what the round's other attempts hold.
+	if seat == nil {
+		// In a hedged round, what the round's attempts hold is settled
+		// under its lock, and the retry gives back the last round's
+		// before the next: a first attempt delayed by its permit must
+		// not close a hedge's answer.
 		rt.between()
 	}
 	out := rt.req.WithContext(ctx)
@@ -227,6 +230,9 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 		if !hedge {
 			rt.bodyUsed = true
 		}
+	}
+	if seat != nil {
+		seat.sent(ctx)
 	}
 	resp, err := rt.base.RoundTrip(out)
 	if err == nil && resp == nil {
