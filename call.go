@@ -177,7 +177,7 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 			admitted = monotonic() // the bucket gobreaker counts the call in
 		}
 		err = p.retried(ctx, attempt, between)
-		if p.hedged && !reached.Load() {
+		if p.hedged && !reached.Load() && p.hedgeNow() != nil {
 			// Hedges run the edge's attempt, not the wrapper above.
 			if s, _ := ctx.Value(hedgeKey{}).(*hedgeSeat); s != nil && s.r.p == p && s.r.reached.Load() {
 				reached.Store(true)
