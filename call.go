@@ -376,14 +376,23 @@ func (p *pipeline) try(ctx context.Context, attempt attemptFunc) (error, bool) {
 // round this attempt begins: it gets the attempt's cancel func, to stop it
 // if a hedge wins.
 func (p *pipeline) once(ctx context.Context, attempt attemptFunc, bind *race) (err error, stop bool) {
+	l := p.limiter
+	if p.limitCell != nil {
+		l = p.limitCell.Load()
+	}
+	if bind != nil && (l != nil || p.tokenLimiter != nil || (p.pause != nil && p.pause.Load() != 0)) {
+		// The first attempt of a hedged round may wait for permits: a
+		// hedge that wins meanwhile must end the wait too, so the
+		// attempt's own context starts here, and is the one bound.
+		cctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		bind.bindFirst(cancel)
+		ctx, bind = cctx, nil
+	}
 	if p.pause != nil {
 		if err := waitPause(ctx, p.pause, p.site.name); err != nil {
 			return err, false
 		}
-	}
-	l := p.limiter
-	if p.limitCell != nil {
-		l = p.limitCell.Load()
 	}
 	if l != nil {
 		// Before the attempt's timeout starts: a wait for a permit is

@@ -78,7 +78,7 @@ type Stack[T any] struct {
 //
 // The stack is built once, here, into the same pipeline that [ForService]
 // and [Transport] run; a call allocates nothing beyond what
-// context.WithTimeout needs for the timeout. A call is recorded once in
+// context.WithTimeout needs for the timeout, and, with a Hedge, its race. A call is recorded once in
 // resilience.calls, also when the result is wrapped again.
 func Compose[T any](fn Func[T], s Stack[T]) Func[T] {
 	if fn == nil {

@@ -410,7 +410,7 @@ func TestReloadHedges(t *testing.T) {
 		expect("before", false, 0)
 
 		env["HEDGE_SEARCH_DELAY"] = "20ms"
-		env["HEDGE_SEARCH_BUDGET"] = "0.5"
+		env["HEDGE_SEARCH_BUDGET"] = "1"
 		reload()
 		h := reg.Hedge("search")
 		if h == nil || h.Delay() != 20*time.Millisecond {

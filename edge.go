@@ -2,7 +2,6 @@ package resilience
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"reflect"
 	"runtime"
@@ -167,12 +166,9 @@ func (e *edge[T]) protectHedged(ctx context.Context) (T, outcome, error) {
 func (c *hedgeCall[T]) attempt(ctx context.Context) error {
 	s := seatOf(ctx, &c.race)
 	if s != nil && !c.e.p.enforce {
-		s.sent(ctx) // inside its slot
+		s.sent(ctx) // inside its slot; enforced says so once it has one
 	}
 	v, err := c.e.try(ctx)
-	if s != nil && c.e.p.enforce && !errors.Is(err, ErrBulkheadFull) {
-		s.sent(ctx) // enforced took its slot itself
-	}
 	if s == nil {
 		c.v = v
 		return err
@@ -191,6 +187,8 @@ func (c *hedgeCall[T]) attempt(ctx context.Context) error {
 	}
 	return err
 }
+
+func (c *hedgeCall[T]) dropKept() { drop(c.v) }
 
 // finish settles the tokens of a call that succeeded, or applies the
 // fallback to one that failed.

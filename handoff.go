@@ -33,8 +33,10 @@ func (p *pipeline) onceHandoff(ctx context.Context, attempt attemptFunc, d time.
 	if bind != nil {
 		bind.bindFirst(func() { h.cancel(context.Canceled) })
 	}
-	if sc, ok := ctx.(*seatCtx); ok {
-		// A hedge: its context lives as long as its hold.
+	if sc, ok := ctx.(*seatCtx); ok && sc.s.r.p == p {
+		// One of this pipeline's hedges (not a call made with another
+		// pipeline's hedge context): its context lives as long as its
+		// hold.
 		sc.handed, h.after = true, sc.cancel
 	}
 	if d > 0 {

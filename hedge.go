@@ -33,7 +33,10 @@ type HedgeConfig struct {
 
 	// Budget, if set, caps the hedges as a share of calls: a hedge it
 	// refuses is not sent, and the attempt waits alone. Share it with
-	// the retry policy to cap both together.
+	// the retry policy of the same stack to cap retries and hedges
+	// together: a call is then counted once. A budget's floor
+	// (MinPerSecond) lets that many hedges a second through whatever the
+	// calls; a hedge seldom wants one (-1 for none).
 	Budget *RetryBudget
 }
 
@@ -51,6 +54,15 @@ type HedgeConfig struct {
 // returned, so that nothing they hold outlives it. If all fail, the last
 // error is returned. An attempt that fails before any hedge was sent ends
 // the round at once, for the retry policy to decide.
+//
+// An attempt's context ends when the call returns, as a per-attempt
+// timeout's does: a result read after the call returns, such as an
+// *http.Response's body, cannot be read through it (use [Transport], which
+// keeps a response's attempt open until its body is closed). A call a
+// hedge answered is not timed for the breaker's slow-call trigger. Hedges
+// are sent for what the first attempt has not answered after the delay,
+// its waits for permits and a slot included: under a saturated rate
+// limiter, prefer a Delay above the usual wait.
 //
 // A Hedge is safe for concurrent use by multiple goroutines and may be
 // shared by several protected functions. Build it with [NewHedge].

@@ -71,9 +71,11 @@ type volley struct {
 	panicVal any
 }
 
-// attempter runs one attempt of an edge, from the heap.
+// attempter runs one attempt of an edge, from the heap, and drops the
+// result a hedge won with when the call panics instead of returning it.
 type attempter interface {
 	attempt(ctx context.Context) error
+	dropKept()
 }
 
 // hedgeSeat says which attempt of which race an attempt's context is.
@@ -200,8 +202,10 @@ func (r *race) noteLocked(err error, stop bool) {
 // run runs one round: attempt, and hedges of it while it has no answer.
 func (r *race) run(ctx context.Context, h *Hedge, attempt attemptFunc) (error, bool) {
 	hp := h.params.Load()
-	if hp.budget != nil {
-		hp.budget.deposit()
+	if b := hp.budget; b != nil && r.round == 0 && (r.p.retry == nil || r.p.retry.params().budget != b) {
+		// One deposit per call, and none when the retry, sharing the
+		// budget, made it.
+		b.deposit()
 	}
 	r.mu.Lock()
 	r.round++
@@ -274,13 +278,28 @@ func (r *race) finish(h *Hedge, hp *hedgeParams, err error, stop bool) (error, b
 }
 
 // abandon ends a round whose first attempt panicked: the hedges are
-// cancelled and their results dropped; the panic goes on.
+// cancelled and waited for, so that nothing they hold outlives the call,
+// and a result one of them won with is dropped; the panic goes on.
 func (r *race) abandon() {
 	r.mu.Lock()
+	winner := 0
+	if r.won {
+		winner = r.winner
+	}
 	r.won = true // no result is kept any more
+	r.firstDone = true
 	r.stopLocked(-1)
 	r.disarm(r.policy)
+	v := r.v
+	if v != nil && v.running > 0 {
+		r.mu.Unlock()
+		<-v.done
+		r.mu.Lock()
+	}
 	r.mu.Unlock()
+	if winner > 0 {
+		r.call.dropKept()
+	}
 	r.inRound.Store(false)
 }
 
@@ -292,7 +311,9 @@ func (r *race) fire(n uint64) {
 		r.mu.Unlock()
 		return
 	}
-	if r.parent.Err() != nil {
+	if r.parent.Err() != nil || !r.policy.on() || r.p.hedgeNow() != r.policy {
+		// The caller gave up, or the registry was switched off or its
+		// hedge removed since the round began.
 		r.stopped = true
 		r.mu.Unlock()
 		return

@@ -3,6 +3,7 @@ package resilience
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"time"
 )
 
@@ -103,7 +104,16 @@ func enforced[T any](ctx context.Context, p *pipeline, fn Func[T]) (T, error) {
 		var zero T
 		return zero, err
 	}
+	if p.hedged {
+		if s, _ := ctx.Value(hedgeKey{}).(*hedgeSeat); s != nil && s.r.p == p {
+			s.sent(ctx) // a hedge in its slot
+		}
+	}
 	ch := make(chan result, 1)
+	// state decides, once, whether the result is handed over (1) or the
+	// caller left (2): a result nobody will read is dropped, closed if it
+	// is a Closer, rather than left in the channel.
+	var state atomic.Int32
 	go func() {
 		returned := false
 		defer func() {
@@ -116,19 +126,24 @@ func enforced[T any](ctx context.Context, p *pipeline, fn Func[T]) (T, error) {
 		var r result
 		r.v, r.err = fn(ctx)
 		returned = true
+		if !state.CompareAndSwap(0, 1) {
+			if r.err == nil {
+				drop(r.v)
+			}
+			return
+		}
 		ch <- r
 	}()
 	var r result
 	select {
 	case r = <-ch:
 	case <-ctx.Done():
-		select {
-		case r = <-ch: // finished at the same moment: keep the result
-		default:
+		if state.CompareAndSwap(0, 2) {
 			meter().timeoutAbandoned.Add(ctx, 1, p.site.function...)
 			var zero T
 			return zero, ctx.Err()
 		}
+		r = <-ch // finished at the same moment: keep the result
 	}
 	if r.panicked {
 		if r.panicVal == nil {

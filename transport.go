@@ -59,6 +59,16 @@ import (
 // has its body closed, as a RoundTripper must. Close every body, as
 // net/http asks.
 //
+// Hedging. With HEDGE_<SERVICE>_DELAY set for its service, a request that
+// can be sent twice (GET, HEAD or OPTIONS, or any method with an
+// Idempotency-Key header) and whose body can be replayed is hedged: after
+// the delay without an answer, another copy is sent, each with its own
+// permit, timeout and slot, and the first success is returned; the losers
+// are cancelled and their responses closed before RoundTrip returns. Other
+// requests are never hedged. Hedged copies are clones of the request and
+// take their bodies from GetBody, concurrently: it must be safe for that,
+// as http.NewRequest's is.
+//
 // A Transport is safe for concurrent use by multiple goroutines; do not
 // copy it after first use.
 type Transport struct {
@@ -101,12 +111,30 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if !p.on() {
 		return base.RoundTrip(req)
 	}
-	rt := &roundTrip{base: base, req: req, p: p, reg: reg, service: service, check: t.Check}
+	rt := roundTrip{base: base, req: req, p: p, reg: reg, service: service, check: t.Check}
 	key := req.Header.Get("Idempotency-Key") != ""
 	rt.idempotent = isIdempotent(req) || key
 	rt.hasBody = req.Body != nil && req.Body != http.NoBody
 	rt.replayable = !rt.hasBody || req.GetBody != nil
-	return rt.do(p, rt.replayable && (hedgeable(req.Method) || key))
+	if rt.replayable && (hedgeable(req.Method) || key) && p.hedged && p.hedgeNow() != nil {
+		// Hedged: attempts run concurrently and settle through the
+		// race, which runs them from the heap. Only then is the request
+		// state allocated: an unhedged request keeps it on the stack.
+		h := &hedgedTrip{roundTrip: rt}
+		h.race.init(req.Context(), p, &h.roundTrip)
+		h.roundTrip.race = &h.race
+		// What hedges copy: the first attempt's base may write to the
+		// request's header map while they run.
+		h.hreq = req.Clone(req.Context())
+		return h.do(p, &h.race)
+	}
+	return rt.do(p, req.Context())
+}
+
+// hedgedTrip is a hedged request's state and its race, in one allocation.
+type hedgedTrip struct {
+	roundTrip
+	race race
 }
 
 // hedgeable reports whether a request of this method may be sent twice at
@@ -133,26 +161,24 @@ func (t *Transport) serviceOf(req *http.Request) string {
 // classify, and keep each response open, with its slot and timeout, until
 // the pipeline says whether it is the answer.
 type roundTrip struct {
-	race                            // the call's context when it is hedged
+	race                            *race // the call's, when it is hedged
+	hreq                            *http.Request
 	base                            http.RoundTripper
 	req                             *http.Request
 	idempotent, hasBody, replayable bool
 	bodyUsed                        bool           // req.Body was handed to base
 	last                            *http.Response // the last attempt's response, still open
+	lastStatus                      bool           // last failed with its status: a StatusError
 	p                               *pipeline
 	reg                             *Registry
 	service                         string
 	check                           func(*http.Response) error
 }
 
-func (rt *roundTrip) do(p *pipeline, hedge bool) (resp *http.Response, err error) {
+// do runs the request through p, with pctx, the request's context or,
+// when it is hedged, its race.
+func (rt *roundTrip) do(p *pipeline, pctx context.Context) (resp *http.Response, err error) {
 	ctx := rt.req.Context()
-	pctx := ctx
-	if hedge && p.hedged && p.hedgeNow() != nil {
-		// Hedged: attempts run concurrently, and settle through the race.
-		rt.race.init(ctx, p, rt)
-		pctx = &rt.race
-	}
 	s := p.site
 	rec := s.begin(ctx)
 	o, returned := outcomeFailure, false // a panic: a failed call
@@ -168,7 +194,7 @@ func (rt *roundTrip) do(p *pipeline, hedge bool) (resp *http.Response, err error
 	err = p.run(pctx, rt.attempt, rt.between)
 	o, returned = classify(ctx, err), true
 	if rt.last != nil {
-		if err == nil || rt.isLastStatus(err) {
+		if err == nil || (rt.lastStatus && isStatusError(err)) {
 			// The answer, or a failing status whose retries ended: the
 			// caller gets the response, as from any RoundTripper.
 			return rt.last, nil
@@ -188,11 +214,21 @@ func (rt *roundTrip) closeUnsent() {
 	}
 }
 
-// isLastStatus reports whether err is, or wraps, the failing status of the
-// last attempt's response.
-func (rt *roundTrip) isLastStatus(err error) bool {
-	var se *StatusError
-	return errors.As(err, &se) && se.resp == rt.last
+func (rt *roundTrip) dropKept() { rt.between() }
+
+// isStatusError reports whether err is, or wraps, a failing status. In a
+// hedged round the status may be another attempt's than the response
+// kept: both failed by their status, and the one kept is the answer.
+func isStatusError(err error) bool {
+	// A loop rather than errors.As, whose target escapes and costs an
+	// allocation per attempt; the errors this package wraps a status in
+	// have one cause each.
+	for x := err; x != nil; x = errors.Unwrap(x) {
+		if _, ok := x.(*StatusError); ok {
+			return true
+		}
+	}
+	return false
 }
 
 // between gives back what the last attempt's response holds.
@@ -204,7 +240,7 @@ func (rt *roundTrip) between() {
 }
 
 func (rt *roundTrip) attempt(ctx context.Context) error {
-	seat := seatOf(ctx, &rt.race)
+	seat := seatOf(ctx, rt.race)
 	hedge := seat != nil && seat.i > 0
 	if seat == nil {
 		// In a hedged round, what the round's attempts hold is settled
@@ -216,8 +252,8 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 	out := rt.req.WithContext(ctx)
 	if hedge {
 		// Sent beside another copy: a base that sets headers (a tracer's)
-		// must not write to the map the other copy is reading.
-		out = rt.req.Clone(ctx)
+		// must not write to the map another copy is reading.
+		out = rt.hreq.Clone(ctx)
 	}
 	if rt.hasBody {
 		if hedge || rt.bodyUsed {
@@ -250,21 +286,20 @@ func (rt *roundTrip) attempt(ctx context.Context) error {
 	}
 	err = rt.judge(ctx, resp)
 	if seat == nil {
-		rt.last = resp
+		rt.last, rt.lastStatus = resp, isStatusError(err)
 		return err
 	}
 	r := seat.r
 	r.mu.Lock()
 	keep := r.keepLocked(seat.i, err == nil)
+	prev := resp
 	if keep {
-		if rt.last != nil {
-			discard(rt.last) // an earlier failure of the round
-		}
-		rt.last = resp
+		// An earlier failure of the round, if any, gives way.
+		prev, rt.last, rt.lastStatus = rt.last, resp, isStatusError(err)
 	}
 	r.mu.Unlock()
+	discard(prev) // off the lock: draining a body may take a while
 	if !keep {
-		discard(resp)
 		return errLost
 	}
 	return err
