@@ -34,29 +34,24 @@ type race struct {
 	// tracks for the attempts it wraps.
 	reached atomic.Bool
 
-	mu          sync.Mutex
-	parent      context.Context // the round's: what the hedges derive from
-	round       uint64
-	max         int
-	delay       time.Duration
-	budget      *RetryBudget
-	timer       *time.Timer   // in a synctest bubble; else the hedge's schedule
-	due         time.Duration // when the next hedge is due, on the schedule
-	index       int           // in the schedule's heap; -1: not in it
-	scheduled   uint64        // the round it is in the heap for
-	bubble      bool
-	stopped     bool // no more hedges this round
-	won         bool
-	firstDone   bool
-	winner      int
-	sent        int
-	firstCancel func()      // written once bound is false, read once it is true
-	bound       atomic.Bool // the first attempt gave its cancel func
-	lostFirst   atomic.Bool // a hedge won: the first attempt is to stop
-	policy      *Hedge
-	quantile    float64       // the round's; 0: attempts are not timed
-	start       time.Duration // the first attempt's, to time it
-	v           *volley       // made when the round sends its first hedge
+	mu        sync.Mutex
+	parent    context.Context // the round's: what the hedges derive from
+	round     uint64
+	delay     time.Duration
+	policy    *Hedge
+	hp        *hedgeParams  // the round's
+	timer     *time.Timer   // in a synctest bubble; else the hedge's schedule
+	due       time.Duration // when the next hedge is due, on the schedule
+	scheduled uint64        // the round it is in the heap for
+	// Packed together: the race is allocated per hedged call.
+	bubble, stopped, won, firstDone bool          // stopped: no more hedges this round
+	winner, sent                    int32         // the attempt that won; hedges sent
+	index                           int32         // in the schedule's heap; -1: not in it
+	firstCancel                     func()        // written once bound is false, read once it is true
+	bound                           atomic.Bool   // the first attempt gave its cancel func
+	lostFirst                       atomic.Bool   // a hedge won: the first attempt is to stop
+	start                           time.Duration // the first attempt's, to time it
+	v                               *volley       // made when the round sends its first hedge
 }
 
 // volley is what a round that sent hedges keeps of them: a round whose
@@ -80,9 +75,8 @@ type attempter interface {
 
 // hedgeSeat says which attempt of which race an attempt's context is.
 type hedgeSeat struct {
-	r     *race
-	i     int           // 0: the round's first attempt
-	start time.Duration // a hedge's, to time it
+	r *race
+	i int32 // 0: the round's first attempt
 }
 
 type hedgeKey struct{}
@@ -119,6 +113,7 @@ func (s *hedgeSeat) sent(ctx context.Context) {
 type seatCtx struct {
 	context.Context
 	s      hedgeSeat
+	start  time.Duration // to time it
 	cancel context.CancelFunc
 	// handed is set when a handoff attempt's hold took over cancel: a
 	// response handed to the caller keeps its context until its body is
@@ -147,7 +142,7 @@ func seatOf(ctx context.Context, r *race) *hedgeSeat {
 // keep settles an attempt that returned: it reports whether its result is
 // kept, a success being kept only if it is the first. The caller writes the
 // kept result before unlocking r.mu.
-func (r *race) keepLocked(i int, ok bool) bool {
+func (r *race) keepLocked(i int32, ok bool) bool {
 	if r.won {
 		return false
 	}
@@ -160,7 +155,7 @@ func (r *race) keepLocked(i int, ok bool) bool {
 
 // stopLocked ends the round for every attempt but the winner, -1 for
 // none: no more hedges, and the others' contexts cancelled.
-func (r *race) stopLocked(winner int) {
+func (r *race) stopLocked(winner int32) {
 	r.stopped = true
 	if winner != 0 {
 		// With bindFirst, a Dekker handshake: whichever of the two
@@ -176,7 +171,7 @@ func (r *race) stopLocked(winner int) {
 		return
 	}
 	for j, c := range r.v.cancels {
-		if j+1 != winner {
+		if int32(j+1) != winner {
 			c()
 		}
 	}
@@ -209,13 +204,13 @@ func (r *race) run(ctx context.Context, h *Hedge, attempt attemptFunc) (error, b
 	}
 	r.mu.Lock()
 	r.round++
-	r.parent, r.max, r.delay, r.budget = ctx, hp.max, h.delay(hp), hp.budget
+	r.parent, r.hp, r.delay = ctx, hp, h.delay(hp)
 	r.stopped, r.won, r.winner, r.sent, r.v = false, false, 0, 0, nil
 	r.firstDone, r.firstCancel = false, nil
 	r.bound.Store(false)
 	r.lostFirst.Store(false)
-	r.policy, r.quantile, r.start = h, hp.quantile, 0
-	if r.quantile > 0 {
+	r.policy, r.start = h, 0
+	if hp.quantile > 0 {
 		r.start = monotonic()
 	}
 	r.arm(h, r.round)
@@ -282,7 +277,7 @@ func (r *race) finish(h *Hedge, hp *hedgeParams, err error, stop bool) (error, b
 // and a result one of them won with is dropped; the panic goes on.
 func (r *race) abandon() {
 	r.mu.Lock()
-	winner := 0
+	var winner int32
 	if r.won {
 		winner = r.winner
 	}
@@ -307,7 +302,7 @@ func (r *race) abandon() {
 // attempt answered, and arms the timer for the next.
 func (r *race) fire(n uint64) {
 	r.mu.Lock()
-	if n != r.round || r.stopped || r.won || r.sent >= r.max {
+	if n != r.round || r.stopped || r.won || int(r.sent) >= r.hp.max {
 		r.mu.Unlock()
 		return
 	}
@@ -318,7 +313,7 @@ func (r *race) fire(n uint64) {
 		r.mu.Unlock()
 		return
 	}
-	if r.budget != nil && !r.budget.withdraw() {
+	if b := r.hp.budget; b != nil && !b.withdraw() {
 		r.stopped = true
 		r.mu.Unlock()
 		return
@@ -332,13 +327,13 @@ func (r *race) fire(n uint64) {
 	c := &seatCtx{s: hedgeSeat{r: r, i: r.sent}}
 	c.Context, c.cancel = context.WithCancel(r.parent)
 	v.cancels = append(v.cancels, c.cancel)
-	if r.sent < r.max {
+	if int(r.sent) < r.hp.max {
 		r.arm(r.policy, n)
 	}
-	timed := r.quantile > 0
+	timed := r.hp.quantile > 0
 	r.mu.Unlock()
 	if timed {
-		c.s.start = monotonic()
+		c.start = monotonic()
 	}
 	r.hedge(c, v)
 }
@@ -369,13 +364,13 @@ func (r *race) hedge(c *seatCtx, v *volley) {
 		}
 		r.noteLocked(err, stop)
 		won := r.won && r.winner == c.s.i && !v.panicked
-		h, q := r.policy, r.quantile
+		h, q := r.policy, r.hp.quantile
 		if v.running--; v.running == 0 && r.firstDone {
 			close(v.done)
 		}
 		r.mu.Unlock()
 		if won && q > 0 {
-			h.lat.add(monotonic()-c.s.start, q)
+			h.lat.add(monotonic()-c.start, q)
 		}
 	}()
 	err, stop = r.p.once(c, r.call.attempt, nil)

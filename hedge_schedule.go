@@ -70,7 +70,7 @@ func (s *schedule) add(r *race, now, due time.Duration) {
 func (s *schedule) remove(r *race) {
 	s.mu.Lock()
 	if r.index >= 0 {
-		heap.Remove(&s.due, r.index)
+		heap.Remove(&s.due, int(r.index))
 	}
 	s.mu.Unlock()
 }
@@ -109,12 +109,12 @@ func (h raceHeap) Len() int           { return len(h) }
 func (h raceHeap) Less(i, j int) bool { return h[i].due < h[j].due }
 func (h raceHeap) Swap(i, j int) {
 	h[i], h[j] = h[j], h[i]
-	h[i].index, h[j].index = i, j
+	h[i].index, h[j].index = int32(i), int32(j)
 }
 
 func (h *raceHeap) Push(x any) {
 	r := x.(*race)
-	r.index = len(*h)
+	r.index = int32(len(*h))
 	*h = append(*h, r)
 }
 
