@@ -43,6 +43,13 @@ type BulkheadConfig struct {
 	// LLM calls in flight in the whole fleet". 0 means no global cap. It
 	// needs a Registry with a Store; a bulkhead built on its own ignores it.
 	GlobalLimit int
+
+	// Adaptive, if set, makes Limit a starting point: the limit then
+	// moves between Adaptive.MinLimit and Adaptive.MaxLimit, driven by the
+	// latency of the calls and by overload signals (ErrTimeout,
+	// ErrRateLimited, HTTP 429, 503 and 529 through Transport), as Netflix
+	// concurrency-limits does. See [AdaptiveConfig].
+	Adaptive *AdaptiveConfig
 }
 
 // BulkheadStats is a snapshot of a bulkhead's counters.
@@ -72,6 +79,8 @@ type Bulkhead struct {
 	errFull  *Error       // returned on every rejection, so it allocates nothing
 	sw       *atomic.Bool // a registry's switch, set before the Bulkhead is shared; nil: always on
 	global   atomic.Pointer[limiterBox]
+	adapt    atomic.Pointer[adaptive] // nil: a fixed limit
+	inUse    atomic.Int32             // active, for adaptive samples without the lock
 
 	mu        sync.Mutex // guards what follows, and maxQueue, maxWait and failFast
 	limit     int
@@ -84,6 +93,8 @@ type Bulkhead struct {
 type waiter struct {
 	ready  chan struct{} // closed when the slot is handed over, or the waiter let through
 	bypass bool          // set under mu before ready is closed: let through without a slot
+	shed   bool          // set under mu before ready is closed: displaced by a higher priority
+	prio   int           // Shed's priority; 0 for the pipeline's callers
 }
 
 // errBypassed is what acquire returns to a waiter let through without a
@@ -116,6 +127,13 @@ func (cfg BulkheadConfig) validate() error {
 	case cfg.GlobalLimit < 0:
 		return invalid("BulkheadConfig.GlobalLimit", cfg.GlobalLimit, "must not be negative")
 	}
+	if cfg.Adaptive != nil {
+		limit := cfg.Limit
+		if limit == 0 {
+			limit = defaultBulkheadLimit
+		}
+		return cfg.Adaptive.validate(limit)
+	}
 	return nil
 }
 
@@ -136,15 +154,21 @@ func NewBulkhead(cfg BulkheadConfig) (*Bulkhead, error) {
 	if b.limit == 0 {
 		b.limit = defaultBulkheadLimit
 	}
+	if cfg.Adaptive != nil {
+		b.adapt.Store(newAdaptive(*cfg.Adaptive, b.limit))
+	}
 	observeBulkhead(b)
 	return b, nil
 }
 
+// Adaptive reports whether the bulkhead's limit adapts.
+func (b *Bulkhead) Adaptive() bool { return b.adapt.Load() != nil }
+
 // Name returns the bulkhead's name. It is safe for concurrent use.
 func (b *Bulkhead) Name() string { return b.name }
 
-// Limit returns the number of calls allowed inside at once. It is safe for
-// concurrent use.
+// Limit returns the number of calls allowed inside at once: for an
+// adaptive bulkhead, the limit it has now. It is safe for concurrent use.
 func (b *Bulkhead) Limit() int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -180,6 +204,14 @@ func (b *Bulkhead) reconfigure(cfg BulkheadConfig) {
 	}
 	b.mu.Lock()
 	b.maxQueue, b.maxWait, b.failFast = cfg.MaxQueue, cfg.MaxWait, cfg.FailFast
+	if a := b.adapt.Load(); a != nil && cfg.Adaptive != nil {
+		// Still adaptive: keep what it learnt, within the new bounds.
+		limit = a.reconfigure(*cfg.Adaptive, limit)
+	} else if cfg.Adaptive != nil {
+		b.adapt.Store(newAdaptive(*cfg.Adaptive, limit))
+	} else {
+		b.adapt.Store(nil)
+	}
 	b.limit = limit
 	b.grantLocked()
 	b.mu.Unlock()
@@ -273,6 +305,7 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 	b.mu.Lock()
 	if b.active < b.limit && b.waiters.Len() == 0 {
 		b.active++
+		b.inUse.Store(int32(b.active))
 		b.mu.Unlock()
 		return nil
 	}
@@ -286,10 +319,26 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 		return err
 	}
 	w := &waiter{ready: make(chan struct{})}
-	elem := b.waiters.PushBack(w)
+	elem := b.queueLocked(w)
 	maxWait := b.maxWait
 	b.mu.Unlock()
+	return b.wait(ctx, w, elem, maxWait)
+}
 
+// queueLocked puts w in the queue behind every waiter of its priority or
+// higher: arrival order within a priority.
+func (b *Bulkhead) queueLocked(w *waiter) *list.Element {
+	for e := b.waiters.Back(); e != nil; e = e.Prev() {
+		if e.Value.(*waiter).prio >= w.prio {
+			return b.waiters.InsertAfter(w, e)
+		}
+	}
+	return b.waiters.PushFront(w)
+}
+
+// wait waits for w's slot, at most maxWait (0: until ctx is done), and
+// leaves the queue on every other way out.
+func (b *Bulkhead) wait(ctx context.Context, w *waiter, elem *list.Element, maxWait time.Duration) error {
 	var expired <-chan time.Time
 	if maxWait > 0 {
 		t := time.NewTimer(maxWait)
@@ -299,8 +348,11 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 	var err error
 	select {
 	case <-w.ready:
-		if w.bypass {
+		switch {
+		case w.bypass:
 			return errBypassed
+		case w.shed:
+			return b.errFull // counted by whoever displaced it
 		}
 		return nil
 	case <-ctx.Done():
@@ -319,7 +371,7 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 	select {
 	case <-w.ready:
 		// The slot was handed over as we gave up: pass it on.
-		if !w.bypass {
+		if !w.bypass && !w.shed {
 			b.active--
 			b.grantLocked()
 		}
@@ -328,7 +380,7 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 		// Leaving the head of the queue may unblock those behind.
 		b.grantLocked()
 	}
-	if err == b.errFull {
+	if err == b.errFull && !w.shed {
 		b.rejected++
 	}
 	b.mu.Unlock()
@@ -343,17 +395,53 @@ func (b *Bulkhead) release() {
 	b.mu.Unlock()
 }
 
+// observe feeds an adaptive bulkhead the call that held a slot from start
+// (monotonic) and ended with err; a fixed bulkhead ignores it.
+func (b *Bulkhead) observe(a *adaptive, start time.Duration, err error) {
+	now := monotonic()
+	if n := a.sample(now, now-start, int(b.inUse.Load()), isOverload(err)); n > 0 {
+		b.mu.Lock()
+		if b.adapt.Load() == a {
+			b.limit = n
+			b.grantLocked()
+		}
+		b.mu.Unlock()
+	}
+}
+
+// isOverload reports whether err says the downstream is overloaded: a
+// timeout, a rate limit, or an HTTP 429, 503 or 529.
+func isOverload(err error) bool {
+	if err == nil {
+		return false
+	}
+	if errors.Is(err, ErrTimeout) || errors.Is(err, ErrRateLimited) {
+		return true
+	}
+	for x := err; x != nil; x = errors.Unwrap(x) {
+		if se, ok := x.(*StatusError); ok {
+			switch se.StatusCode {
+			case 429, 503, statusOverloaded:
+				return true
+			}
+			return false
+		}
+	}
+	return false
+}
+
 // grantLocked hands free slots to waiters in arrival order.
 func (b *Bulkhead) grantLocked() {
 	for b.active < b.limit {
 		front := b.waiters.Front()
 		if front == nil {
-			return
+			break
 		}
 		b.waiters.Remove(front)
 		b.active++
 		close(front.Value.(*waiter).ready)
 	}
+	b.inUse.Store(int32(b.active))
 }
 
 // WithBulkhead returns fn guarded by b: it runs only while holding one of b's

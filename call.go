@@ -467,12 +467,26 @@ func (p *pipeline) slot(ctx context.Context, attempt attemptFunc, h *hold) error
 	if b == nil {
 		return attempt(ctx)
 	}
-	if h != nil {
-		h.b, h.grel = b, grel
+	a := b.adapt.Load()
+	if a == nil {
+		if h != nil {
+			h.b, h.grel = b, grel
+			return attempt(ctx)
+		}
+		defer give(b, grel)
 		return attempt(ctx)
 	}
-	defer give(b, grel)
-	return attempt(ctx)
+	// An adaptive bulkhead learns from each attempt's latency and error,
+	// to the response headers for a handed-off body.
+	start := monotonic()
+	if h != nil {
+		h.b, h.grel = b, grel
+	} else {
+		defer give(b, grel)
+	}
+	err = attempt(ctx)
+	b.observe(a, start, err)
+	return err
 }
 
 // take waits for the pipeline's bulkhead slot, and its global one, as the

@@ -62,7 +62,8 @@ type instruments struct {
 	hedgeAttempts, hedgeWins, failoverUsed           metric.Int64Counter
 	fbUsed, fbCacheHits                              metric.Int64ObservableCounter
 	callDuration                                     metric.Float64Histogram
-	cbState, bhActive, bhQueue                       metric.Int64ObservableGauge
+	cbState, bhActive, bhQueue, bhLimit              metric.Int64ObservableGauge
+	shedRejections                                   metric.Int64Counter
 	reg                                              metric.Registration
 }
 
@@ -156,6 +157,8 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.bhRejections = counter("resilience.bulkhead.rejections", "Calls a bulkhead rejected.", "{call}")
 	in.bhActive = gauge("resilience.bulkhead.active_operations", "Calls inside a bulkhead.", "{call}")
 	in.bhQueue = gauge("resilience.bulkhead.queue_depth", "Callers waiting for a bulkhead slot.", "{call}")
+	in.bhLimit = gauge("resilience.bulkhead.limit", "Calls a bulkhead lets in at once now: its limit, which an adaptive bulkhead moves.", "{call}")
+	in.shedRejections = counter("resilience.shed.rejections", "Inbound requests Shed answered with 503 because no slot was free, by priority.", "{request}")
 	in.hedgeAttempts = counter("resilience.hedge.attempts", "Hedged attempts sent beside an attempt slow to answer.", "{attempt}")
 	in.hedgeWins = counter("resilience.hedge.wins", "Hedged rounds that succeeded, by whether a hedge (hedged true) or the first attempt answered.", "{call}")
 	in.failoverUsed = counter("resilience.failover.used", "Calls a Failover answered, by the index of the function that answered.", "{call}")
@@ -163,7 +166,7 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.fbCacheHits = observedCounter("resilience.fallback.cache_hits", "Failed calls answered from a fallback cache.", "{call}")
 	in.calls = observedCounter("resilience.calls", "Protected calls, by outcome.", "{call}")
 	in.callDuration = histogram("resilience.call.duration", "Duration of protected calls, retries and waits included.")
-	reg, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error { return observe(in, o) }, in.cbState, in.bhActive, in.bhQueue, in.cbSuccesses, in.cbRejections, in.cbSlowCalls, in.cbThreshold, in.rlGranted, in.rlRejected, in.rlWaiting, in.calls, in.fbUsed, in.fbCacheHits)
+	reg, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error { return observe(in, o) }, in.cbState, in.bhActive, in.bhQueue, in.bhLimit, in.cbSuccesses, in.cbRejections, in.cbSlowCalls, in.cbThreshold, in.rlGranted, in.rlRejected, in.rlWaiting, in.calls, in.fbUsed, in.fbCacheHits)
 	errs = append(errs, err)
 	in.reg = reg
 	// An SDK reports these to otel's error handler too and leaves a working
@@ -261,6 +264,7 @@ func observe(in *instruments, o metric.Observer) error {
 		attrs := metric.WithAttributeSet(attribute.NewSet(attrResourceType.String(b.name)))
 		o.ObserveInt64(in.bhActive, int64(s.Active), attrs)
 		o.ObserveInt64(in.bhQueue, int64(s.Waiting), attrs)
+		o.ObserveInt64(in.bhLimit, int64(b.Limit()), attrs)
 	})
 	for _, s := range observed.sites {
 		for oc := range numOutcomes {

@@ -124,8 +124,18 @@ func enforced[T any](ctx context.Context, p *pipeline, fn Func[T]) (T, error) {
 			}
 		}()
 		var r result
+		var start time.Duration
+		a := (*adaptive)(nil)
+		if b != nil {
+			if a = b.adapt.Load(); a != nil {
+				start = monotonic()
+			}
+		}
 		r.v, r.err = fn(ctx)
 		returned = true
+		if a != nil {
+			b.observe(a, start, r.err)
+		}
 		if !state.CompareAndSwap(0, 1) {
 			if r.err == nil {
 				drop(r.v)

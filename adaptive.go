@@ -1,0 +1,232 @@
+package resilience
+
+import (
+	"math"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// AdaptiveAlgorithm chooses how an adaptive bulkhead moves its limit.
+type AdaptiveAlgorithm int
+
+const (
+	// AdaptiveGradient, the default, follows Netflix concurrency-limits'
+	// Gradient2: it compares the latency of each window of calls with a
+	// long-term average and shrinks the limit in proportion when calls
+	// slow down (queueing downstream), grows it by a small queue
+	// allowance while they do not. Overload signals count as the
+	// steepest slope.
+	AdaptiveGradient AdaptiveAlgorithm = iota
+	// AdaptiveAIMD adds one to the limit after a window without overload
+	// in which the limit was used, and multiplies it by 0.9 after one
+	// with an overload signal, as TCP's congestion avoidance (and Netflix
+	// concurrency-limits' AIMDLimit) does. It ignores latency.
+	AdaptiveAIMD
+)
+
+// String returns "gradient" or "aimd", the names BULKHEAD_<R>_ADAPTIVE
+// takes.
+func (a AdaptiveAlgorithm) String() string {
+	switch a {
+	case AdaptiveGradient:
+		return "gradient"
+	case AdaptiveAIMD:
+		return "aimd"
+	}
+	return "AdaptiveAlgorithm(" + strconv.Itoa(int(a)) + ")"
+}
+
+// AdaptiveConfig makes a bulkhead's limit adaptive. The zero value of
+// each field means its documented default.
+type AdaptiveConfig struct {
+	// MinLimit is the lowest the limit goes. 0 means 1.
+	MinLimit int
+	// MaxLimit is the highest the limit goes. 0 means 10 times the
+	// bulkhead's starting Limit.
+	MaxLimit int
+	// Algorithm is AdaptiveGradient (the default) or AdaptiveAIMD.
+	Algorithm AdaptiveAlgorithm
+	// Smoothing, in (0, 1], is how far each window moves the gradient's
+	// limit toward its new estimate. 0 means 0.2, Gradient2's.
+	Smoothing float64
+	// Window is how long calls are sampled before the limit moves. 0
+	// means 100ms. A window closes only once it holds at least 10 calls,
+	// so a quiet bulkhead keeps its limit.
+	Window time.Duration
+}
+
+const (
+	defaultSmoothing     = 0.2
+	defaultAdaptWindow   = 100 * time.Millisecond
+	adaptMinSamples      = 10
+	gradientTolerance    = 1.5  // Gradient2's: latency may grow by half before the limit shrinks
+	gradientLongWindow   = 600  // Gradient2's long-term average, in windows
+	aimdBackoff          = 0.9  // AIMDLimit's backoffRatio
+	gradientMinSlope     = 0.5  // a window never more than halves the estimate
+	gradientDecayTrigger = 2.0  // long/short latency ratio past which the long average is pulled down
+	gradientDecay        = 0.95 // how far, per window
+)
+
+func (cfg *AdaptiveConfig) validate(limit int) error {
+	switch {
+	case cfg.MinLimit < 0:
+		return invalid("AdaptiveConfig.MinLimit", cfg.MinLimit, "must not be negative")
+	case cfg.MaxLimit < 0:
+		return invalid("AdaptiveConfig.MaxLimit", cfg.MaxLimit, "must not be negative")
+	case cfg.MaxLimit > 0 && cfg.MaxLimit < max(cfg.MinLimit, 1):
+		return invalid("AdaptiveConfig.MaxLimit", cfg.MaxLimit, "must not be below MinLimit")
+	case cfg.Algorithm != AdaptiveGradient && cfg.Algorithm != AdaptiveAIMD:
+		return invalid("AdaptiveConfig.Algorithm", cfg.Algorithm, "must be AdaptiveGradient or AdaptiveAIMD")
+	case math.IsNaN(cfg.Smoothing) || cfg.Smoothing < 0 || cfg.Smoothing > 1:
+		return invalid("AdaptiveConfig.Smoothing", cfg.Smoothing, "must be above 0 and at most 1, or 0 for 0.2")
+	case cfg.Window < 0:
+		return invalid("AdaptiveConfig.Window", cfg.Window, "must not be negative")
+	}
+	lo, hi := cfg.bounds(limit)
+	if limit < lo || limit > hi {
+		return invalid("BulkheadConfig.Limit", limit, "must be between the adaptive MinLimit and MaxLimit")
+	}
+	return nil
+}
+
+// bounds returns the limit's range for a bulkhead starting at limit.
+func (cfg *AdaptiveConfig) bounds(limit int) (lo, hi int) {
+	lo, hi = max(cfg.MinLimit, 1), cfg.MaxLimit
+	if hi == 0 {
+		hi = max(10*limit, lo)
+	}
+	return lo, hi
+}
+
+// adaptive is the state of an adaptive limit: a window of samples, and
+// the algorithm's estimate. It is guarded by its own mutex, taken once per
+// call that finishes; the bulkhead learns a new limit only when a window
+// closes.
+type adaptive struct {
+	mu        sync.Mutex
+	algo      AdaptiveAlgorithm
+	lo, hi    float64
+	smoothing float64
+	window    time.Duration
+
+	estimate float64 // the limit, unrounded
+	longRTT  float64 // Gradient2's long-term average latency, ns; 0: none yet
+	longN    int     // windows averaged into longRTT, up to gradientLongWindow
+
+	// The window being sampled.
+	start    time.Duration // monotonic; 0: no sample yet
+	sum      time.Duration
+	n        int
+	dropped  bool
+	maxInUse int
+}
+
+func newAdaptive(cfg AdaptiveConfig, limit int) *adaptive {
+	a := &adaptive{estimate: float64(limit)}
+	a.configure(cfg, limit)
+	return a
+}
+
+// configure applies cfg, keeping what was learnt; the estimate is moved
+// into the new bounds.
+func (a *adaptive) configure(cfg AdaptiveConfig, limit int) {
+	lo, hi := cfg.bounds(limit)
+	a.algo, a.lo, a.hi = cfg.Algorithm, float64(lo), float64(hi)
+	a.smoothing, a.window = cfg.Smoothing, cfg.Window
+	if a.smoothing == 0 {
+		a.smoothing = defaultSmoothing
+	}
+	if a.window == 0 {
+		a.window = defaultAdaptWindow
+	}
+	a.estimate = min(max(a.estimate, a.lo), a.hi)
+}
+
+// reconfigure applies cfg to a live adaptive limit and returns the limit
+// to use now: what was learnt, moved into the new bounds.
+func (a *adaptive) reconfigure(cfg AdaptiveConfig, limit int) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.configure(cfg, limit)
+	return int(a.estimate)
+}
+
+// sample records one call that took rtt with inUse calls inside when it
+// started, overloaded or not, at now. It returns the new limit when this
+// sample closed a window and the limit moved, else 0.
+func (a *adaptive) sample(now, rtt time.Duration, inUse int, overload bool) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.n == 0 {
+		a.start = now
+	}
+	a.n++
+	a.sum += rtt
+	a.dropped = a.dropped || overload
+	a.maxInUse = max(a.maxInUse, inUse)
+	if now-a.start < a.window || a.n < adaptMinSamples {
+		return 0
+	}
+	before := int(a.estimate)
+	switch a.algo {
+	case AdaptiveAIMD:
+		a.aimd()
+	default:
+		a.gradient(float64(a.sum) / float64(a.n))
+	}
+	a.n, a.sum, a.dropped, a.maxInUse = 0, 0, false, 0
+	if after := int(a.estimate); after != before {
+		return after
+	}
+	return 0
+}
+
+// aimd is Netflix concurrency-limits' AIMDLimit: multiply by the backoff
+// ratio after an overload, else add one if the limit was used (at least
+// half of it), so that an idle bulkhead does not grow without evidence.
+func (a *adaptive) aimd() {
+	switch {
+	case a.dropped:
+		a.estimate = max(a.lo, math.Floor(a.estimate*aimdBackoff))
+	case float64(a.maxInUse)*2 >= a.estimate:
+		a.estimate = min(a.hi, a.estimate+1)
+	}
+}
+
+// gradient is Netflix concurrency-limits' Gradient2Limit, fed the mean
+// latency of a window (their WindowedLimit with an average sample):
+//
+//	gradient = clamp(tolerance * longRTT / shortRTT, 0.5, 1)
+//	new      = estimate * gradient + queue, queue = sqrt(estimate)
+//	estimate = estimate * (1 - smoothing) + new * smoothing
+//
+// The long-term latency is an exponential average over 600 windows, pulled
+// down faster when it is twice the short one (the load has passed). A
+// window that was not used to half the limit does not grow it. An overload
+// signal in the window is the steepest slope, 0.5.
+func (a *adaptive) gradient(short float64) {
+	if short <= 0 {
+		short = 1
+	}
+	if a.longN < gradientLongWindow {
+		a.longN++
+	}
+	if a.longRTT == 0 {
+		a.longRTT = short
+	} else {
+		a.longRTT += (short - a.longRTT) / float64(a.longN)
+	}
+	if a.longRTT/short > gradientDecayTrigger {
+		a.longRTT *= gradientDecay
+	}
+	slope := min(1, max(gradientMinSlope, gradientTolerance*a.longRTT/short))
+	if a.dropped {
+		slope = gradientMinSlope
+	} else if float64(a.maxInUse) < a.estimate/2 {
+		return // app-limited: no evidence the limit could be higher
+	}
+	next := a.estimate*slope + math.Sqrt(a.estimate)
+	next = a.estimate*(1-a.smoothing) + next*a.smoothing
+	a.estimate = min(a.hi, max(a.lo, next))
+}
