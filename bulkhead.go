@@ -395,11 +395,11 @@ func (b *Bulkhead) release() {
 	b.mu.Unlock()
 }
 
-// observe feeds an adaptive bulkhead the call that held a slot from start
-// (monotonic) and ended with err; a fixed bulkhead ignores it.
-func (b *Bulkhead) observe(a *adaptive, start time.Duration, err error) {
+// observe feeds an adaptive bulkhead a call that held a slot from start
+// (monotonic) and ended overloaded, or not.
+func (b *Bulkhead) observe(a *adaptive, start time.Duration, overload bool) {
 	now := monotonic()
-	if n := a.sample(now, now-start, int(b.inUse.Load()), isOverload(err)); n > 0 {
+	if n := a.sample(now, now-start, int(b.inUse.Load()), overload); n > 0 {
 		b.mu.Lock()
 		if b.adapt.Load() == a {
 			b.limit = n

@@ -485,7 +485,9 @@ func (p *pipeline) slot(ctx context.Context, attempt attemptFunc, h *hold) error
 		defer give(b, grel)
 	}
 	err = attempt(ctx)
-	b.observe(a, start, err)
+	// The attempt's own timeout says overload as ErrTimeout does: inside
+	// the slot the attempt's error is still the context's.
+	b.observe(a, start, isOverload(err) || (err != nil && context.Cause(ctx) == ErrTimeout))
 	return err
 }
 

@@ -121,7 +121,7 @@ func (h *shedHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer give(b, grel)
 	if a := b.adapt.Load(); a != nil {
 		start := monotonic()
-		defer func() { b.observe(a, start, nil) }()
+		defer func() { b.observe(a, start, false) }()
 	}
 	h.next.ServeHTTP(w, r)
 }

@@ -134,7 +134,7 @@ func enforced[T any](ctx context.Context, p *pipeline, fn Func[T]) (T, error) {
 		r.v, r.err = fn(ctx)
 		returned = true
 		if a != nil {
-			b.observe(a, start, r.err)
+			b.observe(a, start, isOverload(r.err) || (r.err != nil && context.Cause(ctx) == ErrTimeout))
 		}
 		if !state.CompareAndSwap(0, 1) {
 			if r.err == nil {
