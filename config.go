@@ -76,7 +76,8 @@ type Config struct {
 	// DefaultBulkhead is BULKHEAD_DEFAULT_*, for resources without their own.
 	DefaultBulkhead BulkheadConfig
 	// Bulkheads holds BULKHEAD_<RESOURCE>_LIMIT, _MAX_QUEUE, _MAX_WAIT,
-	// _FAIL_FAST and _GLOBAL_LIMIT per resource.
+	// _FAIL_FAST, _GLOBAL_LIMIT, and _ADAPTIVE (gradient or aimd),
+	// _MIN_LIMIT and _MAX_LIMIT (Adaptive) per resource.
 	Bulkheads map[string]BulkheadConfig
 }
 
@@ -115,6 +116,7 @@ func (c Config) Clone() Config {
 	c.TotalTimeouts = maps.Clone(c.TotalTimeouts)
 	c.IdleTimeouts = maps.Clone(c.IdleTimeouts)
 	c.StreamTimeouts = maps.Clone(c.StreamTimeouts)
+	c.cloneAdaptive()
 	return c
 }
 
@@ -279,6 +281,13 @@ type bulkheadVars struct {
 	GlobalLimit int           `env:"GLOBAL_LIMIT"`
 }
 
+// bulkheadSuffixes are the variables read per bulkhead; a suffix that ends
+// another (_GLOBAL_LIMIT, _LIMIT) comes first, so that it is matched first.
+// _ADAPTIVE, _MIN_LIMIT and _MAX_LIMIT are read by loadAdaptive.
+var bulkheadSuffixes = []string{
+	"_GLOBAL_LIMIT", "_MIN_LIMIT", "_MAX_LIMIT", "_LIMIT", "_MAX_QUEUE", "_MAX_WAIT", "_FAIL_FAST", "_ADAPTIVE",
+}
+
 const (
 	breakerPrefix  = "CIRCUIT_BREAKER_"
 	bulkheadPrefix = "BULKHEAD_"
@@ -345,7 +354,7 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 
 	l.loadBreakers(&cfg)
 
-	for _, key := range defaultFirst(l.names(bulkheadPrefix, "_GLOBAL_LIMIT", "_LIMIT", "_MAX_QUEUE", "_MAX_WAIT", "_FAIL_FAST")) {
+	for _, key := range defaultFirst(l.names(bulkheadPrefix, bulkheadSuffixes...)) {
 		base, ok := cfg.Bulkheads[key]
 		if !ok || key == reservedKey {
 			base = cfg.DefaultBulkhead

@@ -3,9 +3,9 @@ package resilience_test
 import (
 	"context"
 	"fmt"
-	"runtime"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 
 	"github.com/resilience-go/resilience"
 )
