@@ -367,6 +367,7 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 		l.check(p+"MAX_WAIT", v.MaxWait >= 0, "must not be negative")
 		l.check(p+"GLOBAL_LIMIT", v.GlobalLimit >= 0, "must not be negative")
 		bc := BulkheadConfig{Limit: v.Limit, MaxQueue: v.MaxQueue, MaxWait: v.MaxWait, FailFast: v.FailFast, GlobalLimit: v.GlobalLimit}
+		bc.Adaptive = l.loadAdaptive(p, base.Adaptive, v.Limit)
 		if key == reservedKey {
 			cfg.DefaultBulkhead = bc
 		} else {
