@@ -94,7 +94,10 @@ func (cfg *AdaptiveConfig) validate(limit int) error {
 func (cfg *AdaptiveConfig) bounds(limit int) (lo, hi int) {
 	lo, hi = max(cfg.MinLimit, 1), cfg.MaxLimit
 	if hi == 0 {
-		hi = max(10*limit, lo)
+		hi = math.MaxInt
+		if limit <= math.MaxInt/10 {
+			hi = max(10*limit, lo)
+		}
 	}
 	return lo, hi
 }
@@ -149,6 +152,14 @@ func (a *adaptive) reconfigure(cfg AdaptiveConfig, limit int) int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.configure(cfg, limit)
+	return int(a.estimate)
+}
+
+// set moves the estimate to limit, within the bounds, and returns it.
+func (a *adaptive) set(limit int) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.estimate = min(max(float64(limit), a.lo), a.hi)
 	return int(a.estimate)
 }
 

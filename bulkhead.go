@@ -178,12 +178,17 @@ func (b *Bulkhead) Limit() int {
 // SetLimit changes the number of calls allowed inside at once, for calls
 // already waiting too. Growing admits waiters at once; shrinking admits no
 // one until enough calls in flight have finished, and never interrupts them.
-// It is safe for concurrent use.
+// An adaptive bulkhead moves on from there, within its bounds: a limit
+// outside them is taken as the nearest bound. It is safe for concurrent
+// use.
 func (b *Bulkhead) SetLimit(limit int) error {
 	if limit <= 0 {
 		return invalid("Bulkhead.SetLimit limit", limit, "must be positive")
 	}
 	b.mu.Lock()
+	if a := b.adapt.Load(); a != nil {
+		limit = a.set(limit)
+	}
 	b.limit = limit
 	b.grantLocked()
 	b.mu.Unlock()
