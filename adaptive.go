@@ -215,7 +215,7 @@ func (a *adaptive) aimd() {
 // The long-term latency is an exponential average over 600 windows, pulled
 // down faster when it is twice the short one (the load has passed). A
 // window that was not used to half the limit does not grow it. An overload
-// signal in the window is the steepest slope, 0.5.
+// signal in the window is the steepest slope, 0.5, without the allowance.
 func (a *adaptive) gradient(short float64) {
 	if short <= 0 {
 		short = 1
@@ -232,12 +232,17 @@ func (a *adaptive) gradient(short float64) {
 		a.longRTT *= gradientDecay
 	}
 	slope := min(1, max(gradientMinSlope, gradientTolerance*a.longRTT/short))
-	if a.dropped {
-		slope = gradientMinSlope
-	} else if float64(a.maxInUse) < a.estimate/2 {
+	queue := math.Sqrt(a.estimate)
+	switch {
+	case a.dropped:
+		// Overloaded: the steepest slope, and no allowance to grow, or
+		// the limit would settle at 4 (x/2 + sqrt(x) = x) however
+		// overloaded the downstream.
+		slope, queue = gradientMinSlope, 0
+	case float64(a.maxInUse) < a.estimate/2:
 		return // app-limited: no evidence the limit could be higher
 	}
-	next := a.estimate*slope + math.Sqrt(a.estimate)
+	next := a.estimate*slope + queue
 	next = a.estimate*(1-a.smoothing) + next*a.smoothing
 	a.estimate = min(a.hi, max(a.lo, next))
 }

@@ -2,7 +2,6 @@ package resilience
 
 import (
 	"errors"
-	"math"
 	"strings"
 	"testing"
 	"time"
@@ -60,7 +59,7 @@ func TestAdaptiveGradientOverloadHalvesAtMost(t *testing.T) {
 	feed(a, &now, 1, 10*time.Millisecond, 40, false)
 	before := a.estimate
 	feed(a, &now, 1, 10*time.Millisecond, 40, true)
-	want := before*gradientMinSlope + math.Sqrt(before)
+	want := before * gradientMinSlope
 	if d := a.estimate - want; d > 1e-9 || d < -1e-9 {
 		t.Errorf("estimate %.3f after an overloaded window from %.3f, want %.3f", a.estimate, before, want)
 	}
@@ -120,6 +119,18 @@ func TestAdaptiveConfigErrorsNameTheField(t *testing.T) {
 		err := tc.cfg.validate(tc.limit)
 		if !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), tc.field) {
 			t.Errorf("%+v: %v, want ErrInvalidConfig naming %s", tc.cfg, err, tc.field)
+		}
+	}
+}
+
+func TestAdaptiveGradientOverloadGoesBelowFour(t *testing.T) {
+	// x/2 + sqrt(x) holds still at 4: with the allowance on overloaded
+	// windows, no overload could take the limit below it.
+	for _, start := range []int{1, 2, 8, 40} {
+		a := newAdaptive(AdaptiveConfig{}, start)
+		var now time.Duration
+		if l := feed(a, &now, 60, 10*time.Millisecond, start, true); l != 1 {
+			t.Errorf("from %d: limit %d after 60 overloaded windows, want MinLimit 1", start, l)
 		}
 	}
 }

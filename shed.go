@@ -32,6 +32,7 @@ type ShedConfig struct {
 	// newcomer of higher priority sheds the lowest waiting request in its
 	// place. A request of PriorityHighest is never shed. So a request of
 	// lower priority is always shed before any of higher priority waits.
+	// Keep its values to a few: each is a metric attribute.
 	Priority func(*http.Request) int
 
 	// RetryAfter is the Retry-After a shed request is answered with,
@@ -113,7 +114,9 @@ func (h *shedHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	grel, err := b.acquireGlobal(ctx)
 	if err != nil {
 		b.giveBack()
-		if errors.Is(err, ErrBulkheadFull) {
+		if ctx.Err() == nil {
+			// Full, or a global limiter that failed some other way:
+			// either way the request is not served, and says so.
 			h.reject(ctx, w, prio)
 		}
 		return

@@ -25,9 +25,9 @@ import (
 const dashboardPath = "../../dashboards/resilience.json"
 
 // The rows the original design's dashboard section asks for, the rate
-// limiters' since RateLimiter, and hedging and failover's since Hedge and
-// Failover.
-var wantRows = []string{"Circuit breakers", "Retries", "Timeouts", "Bulkheads", "Rate limiters", "Fallbacks", "Hedging and failover"}
+// limiters' since RateLimiter, hedging and failover's since Hedge and
+// Failover, and load shedding's since Shed.
+var wantRows = []string{"Circuit breakers", "Retries", "Timeouts", "Bulkheads", "Load shedding", "Rate limiters", "Fallbacks", "Hedging and failover"}
 
 type dashboard struct {
 	ID            *int `json:"id"`

@@ -22,6 +22,17 @@
 // primary provider to a backup one, whose outages come at other times, so
 // that the backup answers whenever the primary fails or its breaker is open.
 //
+// A search index slows down as calls pile into it, and four times as much
+// while it reindexes, 5s to 7s into each cycle; its adaptive bulkhead
+// finds the limit the index can take, so resilience.bulkhead.limit moves:
+// up to 12, one per caller, while the index is fast, down to about half of
+// that while it reindexes. And the program serves a storefront of its own,
+// on another loopback port, guarded by resilience.Shed with a bulkhead of
+// two slots: its shoppers ask for more than that, so page views (priority
+// 0) are shed with 503 whenever no slot is free, and checkouts (priority
+// 1), which wait briefly for a slot ahead of them, now and then
+// (resilience.shed.rejections, by priority).
+//
 // dashboards/resilience.json at the root of the repository is a Grafana
 // dashboard for these metrics; the test in this directory evaluates each of
 // its queries against a real Prometheus scraping this program.
@@ -145,6 +156,15 @@ const (
 	recBurst    = 4                      // attempts let through at once after a quiet spell
 	recMaxWait  = 15 * time.Millisecond  // the longest an attempt waits for its permit
 	stockDelay  = 20 * time.Millisecond  // the stock lookup's hedge delay: above a usual answer, below a slow one
+
+	searchCost     = time.Millisecond      // a search's latency per call inside the index, itself included
+	reindexStart   = 5 * time.Second       // into each cycle
+	reindexEnd     = 7 * time.Second       // into each cycle
+	reindexSlow    = 4                     // how many times slower a search is while the index reindexes
+	searchTimeout  = 40 * time.Millisecond // reached while reindexing with 10 calls inside
+	searchCallers  = 12                    // more than the index takes at once while it reindexes
+	searchStart    = 4                     // the adaptive limit's start
+	searchMaxLimit = searchCallers         // enough for every caller while the index is fast
 )
 
 // httpError is the downstream's failure: its type, *main.httpError, is the
@@ -205,8 +225,41 @@ func (d *downstream) exchangeRate(ctx context.Context) (string, error) {
 	return d.call(ctx, true, "1.08")
 }
 
-// traffic calls the downstream through six protected functions until ctx
-// is done, then waits for every call to end.
+// searchIndex is a downstream that slows down as calls pile into it, as a
+// database does once every connection is busy: a search takes about 2ms
+// plus searchCost per call inside, and reindexSlow times that while the
+// index reindexes. It is safe for concurrent use.
+type searchIndex struct {
+	start  time.Time
+	inside atomic.Int64
+}
+
+func (s *searchIndex) reindexing() bool {
+	t := time.Since(s.start) % cycle
+	return t >= reindexStart && t < reindexEnd
+}
+
+func (s *searchIndex) search(ctx context.Context) (string, error) {
+	n := s.inside.Add(1)
+	defer s.inside.Add(-1)
+	cost := searchCost
+	if s.reindexing() {
+		cost *= reindexSlow
+	}
+	latency := 2*time.Millisecond + time.Duration(n)*cost + rand.N(time.Millisecond)
+	t := time.NewTimer(latency)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return "", ctx.Err()
+	case <-t.C:
+		return "3 results", nil
+	}
+}
+
+// traffic calls the downstreams through seven protected functions, and
+// the storefront as its shoppers, until ctx is done, then waits for every
+// call to end.
 func traffic(ctx context.Context) error {
 	d := &downstream{start: time.Now()}
 
@@ -393,6 +446,33 @@ func traffic(ctx context.Context) error {
 			}),
 	)
 
+	// The search, through an adaptive bulkhead: its limit starts at
+	// searchStart and follows the index. While the index is fast, the
+	// latency hardly grows with the calls inside, and the limit grows to
+	// let every caller in. While it reindexes, the latency climbs with each
+	// call let in, and with 10 calls inside a search runs past its timeout,
+	// an overload signal: the gradient shrinks the limit to about half,
+	// and the callers beyond it queue for a slot (or time out there,
+	// rejected by the bulkhead).
+	idx := &searchIndex{start: d.start}
+	searchBulkhead, err := resilience.NewBulkhead(resilience.BulkheadConfig{
+		Name: "search-index", Limit: searchStart,
+		Adaptive: &resilience.AdaptiveConfig{MinLimit: 2, MaxLimit: searchMaxLimit},
+	})
+	if err != nil {
+		return err
+	}
+	search := resilience.Compose(idx.search, resilience.Stack[string]{
+		Name: "search", Operation: "db", Bulkhead: searchBulkhead, Timeout: searchTimeout,
+	})
+
+	// The storefront, this service's own inbound side, and its shoppers:
+	// three viewing pages and two checking out.
+	shop, err := openStorefront()
+	if err != nil {
+		return err
+	}
+
 	var wg sync.WaitGroup
 	worker := func(call resilience.Func[string]) {
 		wg.Go(func() {
@@ -422,11 +502,20 @@ func traffic(ctx context.Context) error {
 		worker(getStock)
 	}
 	worker(getCompletion)
+	for range searchCallers {
+		worker(search)
+	}
+	for range 3 {
+		worker(shop.visit("/"))
+	}
+	for range 2 {
+		worker(shop.visit("/checkout"))
+	}
 	wg.Wait()
 
 	// The calls the enforced timeout abandoned end within a hang.
 	for d.inflight.Load() > 0 || backup.inflight.Load() > 0 {
 		time.Sleep(5 * time.Millisecond)
 	}
-	return nil
+	return shop.close()
 }

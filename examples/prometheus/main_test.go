@@ -207,6 +207,10 @@ func TestMetricsEndpoint(t *testing.T) {
 		// a completion the backup answered after the primary failed.
 		`hedged="true"`, `hedged="false"`,
 		`resilience_failover_used_total{function="get_completion",index="1"`,
+		// Page views the storefront shed (only Shed's counter has a
+		// priority label); the search index's adaptive limit is checked
+		// by TestAdaptiveLimit.
+		`priority="0",resource_type="storefront"`,
 	}
 	url := start(t)
 
@@ -242,6 +246,40 @@ func TestMetricsEndpoint(t *testing.T) {
 	for _, in := range ins {
 		t.Logf("%-45s %-10s %s", in.promName, in.promType, in.otelName)
 	}
+}
+
+// TestAdaptiveLimit scrapes the example's /metrics until the search
+// index's adaptive limit has moved both ways: up from where it started,
+// while the index is fast, and down by a quarter or more from its highest,
+// while it reindexes.
+func TestAdaptiveLimit(t *testing.T) {
+	url := start(t)
+	limit := regexp.MustCompile(`(?m)^resilience_bulkhead_limit\{[^}]*resource_type="search-index"[^}]*\} (\S+)$`)
+	var seen []int
+	high, fell := 0, false
+	deadline := time.Now().Add(30 * time.Second)
+	for !fell && time.Now().Before(deadline) {
+		body, err := get(url)
+		if err != nil {
+			t.Fatalf("GET %s: %v", url, err)
+		}
+		if m := limit.FindStringSubmatch(body); m != nil {
+			n, err := strconv.Atoi(m[1])
+			if err != nil {
+				t.Fatalf("resilience_bulkhead_limit = %q, want an integer", m[1])
+			}
+			if len(seen) == 0 || seen[len(seen)-1] != n {
+				seen = append(seen, n)
+			}
+			high = max(high, n)
+			fell = high > searchStart && n <= high*3/4
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !fell {
+		t.Fatalf("after 30s, the search-index limit went %v: want it above %d, then a quarter below its highest", seen, searchStart)
+	}
+	t.Logf("search-index limit: %v", seen)
 }
 
 // TestFallbackTypes checks that the fallbacks of Stack.Fallback are told
