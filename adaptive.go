@@ -83,6 +83,9 @@ func (cfg *AdaptiveConfig) validate(limit int) error {
 	case cfg.Window < 0:
 		return invalid("AdaptiveConfig.Window", cfg.Window, "must not be negative")
 	}
+	if limit > maxAdaptiveLimit {
+		return invalid("BulkheadConfig.Limit", limit, "must be at most 1073741824 (2^30) for an adaptive bulkhead")
+	}
 	lo, hi := cfg.bounds(limit)
 	if limit < lo || limit > hi {
 		return invalid("BulkheadConfig.Limit", limit, "must be between the adaptive MinLimit and MaxLimit")
@@ -90,16 +93,18 @@ func (cfg *AdaptiveConfig) validate(limit int) error {
 	return nil
 }
 
+// maxAdaptiveLimit caps an adaptive limit, whatever MaxLimit says: the
+// estimate is a float64, and a limit near math.MaxInt would not survive
+// the round trip. No bulkhead lets a billion calls in at once.
+const maxAdaptiveLimit = 1 << 30
+
 // bounds returns the limit's range for a bulkhead starting at limit.
 func (cfg *AdaptiveConfig) bounds(limit int) (lo, hi int) {
-	lo, hi = max(cfg.MinLimit, 1), cfg.MaxLimit
+	lo, hi = min(max(cfg.MinLimit, 1), maxAdaptiveLimit), cfg.MaxLimit
 	if hi == 0 {
-		hi = math.MaxInt
-		if limit <= math.MaxInt/10 {
-			hi = max(10*limit, lo)
-		}
+		hi = max(10*min(limit, maxAdaptiveLimit), lo)
 	}
-	return lo, hi
+	return lo, min(hi, maxAdaptiveLimit)
 }
 
 // adaptive is the state of an adaptive limit: a window of samples, and
