@@ -25,7 +25,7 @@ all: test lint
 # The root module and the nested ones: the benchmarks comparison, the chaos
 # scenarios, the Redis store and the Prometheus example each have their own
 # go.mod, so that their dependencies never reach the core's users.
-MODULES := . internal/benchmarks internal/chaos redisstore examples/prometheus
+MODULES := . internal/benchmarks internal/chaos internal/plots redisstore examples/prometheus
 
 test:
 	@for m in $(MODULES); do \
@@ -77,6 +77,7 @@ fuzz:
 # The load scenario asserts its rate (1000 calls/s) only without -race.
 load:
 	cd internal/chaos && $(GO) test -count=1 -run '^TestLoad$$' -v .
+	cd internal/chaos && $(GO) test -count=1 -run '^TestAdaptiveLimit$$' -v .
 
 # A short fuzz of the whole stack's invariants.
 chaos-fuzz:

@@ -4,6 +4,7 @@ import (
 	"math"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -116,18 +117,21 @@ type adaptive struct {
 	algo      AdaptiveAlgorithm
 	lo, hi    float64
 	smoothing float64
-	window    time.Duration
 
 	estimate float64 // the limit, unrounded
 	longRTT  float64 // Gradient2's long-term average latency, ns; 0: none yet
 	longN    int     // windows averaged into longRTT, up to gradientLongWindow
 
-	// The window being sampled.
-	start    time.Duration // monotonic; 0: no sample yet
-	sum      time.Duration
-	n        int
-	dropped  bool
-	maxInUse int
+	// The window being sampled, counted without the lock: it is taken
+	// once a window, by the sample that closes it, so that concurrent
+	// calls do not queue on it. A sample that lands while a window is
+	// being closed may be counted in neither; the next window has others.
+	window   atomic.Int64 // ns
+	start    atomic.Int64 // monotonic ns of the window's first sample
+	sum      atomic.Int64 // ns
+	n        atomic.Int64
+	dropped  atomic.Bool
+	maxInUse atomic.Int64
 }
 
 func newAdaptive(cfg AdaptiveConfig, limit int) *adaptive {
@@ -141,13 +145,15 @@ func newAdaptive(cfg AdaptiveConfig, limit int) *adaptive {
 func (a *adaptive) configure(cfg AdaptiveConfig, limit int) {
 	lo, hi := cfg.bounds(limit)
 	a.algo, a.lo, a.hi = cfg.Algorithm, float64(lo), float64(hi)
-	a.smoothing, a.window = cfg.Smoothing, cfg.Window
+	a.smoothing = cfg.Smoothing
 	if a.smoothing == 0 {
 		a.smoothing = defaultSmoothing
 	}
-	if a.window == 0 {
-		a.window = defaultAdaptWindow
+	w := cfg.Window
+	if w == 0 {
+		w = defaultAdaptWindow
 	}
+	a.window.Store(int64(w))
 	a.estimate = min(max(a.estimate, a.lo), a.hi)
 }
 
@@ -172,40 +178,59 @@ func (a *adaptive) set(limit int) int {
 // started, overloaded or not, at now. It returns the new limit when this
 // sample closed a window and the limit moved, else 0.
 func (a *adaptive) sample(now, rtt time.Duration, inUse int, overload bool) int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.n == 0 {
-		a.start = now
+	n := a.n.Add(1)
+	if n == 1 {
+		a.start.Store(int64(now))
 	}
-	a.n++
-	a.sum += rtt
-	a.dropped = a.dropped || overload
-	a.maxInUse = max(a.maxInUse, inUse)
-	if now-a.start < a.window || a.n < adaptMinSamples {
+	a.sum.Add(int64(rtt))
+	if overload && !a.dropped.Load() {
+		a.dropped.Store(true)
+	}
+	for m := a.maxInUse.Load(); int64(inUse) > m && !a.maxInUse.CompareAndSwap(m, int64(inUse)); m = a.maxInUse.Load() {
+	}
+	if n < adaptMinSamples || now-time.Duration(a.start.Load()) < time.Duration(a.window.Load()) {
 		return 0
 	}
+	if !a.mu.TryLock() {
+		return 0 // another sample is closing the window, or a Reload is on
+	}
+	defer a.mu.Unlock()
+	if n = a.n.Load(); n < adaptMinSamples {
+		return 0 // closed by another sample just now
+	}
+	w := window{n: n, sum: a.sum.Load(), dropped: a.dropped.Load(), maxInUse: a.maxInUse.Load()}
+	a.n.Store(0)
+	a.sum.Store(0)
+	a.dropped.Store(false)
+	a.maxInUse.Store(0)
 	before := int(a.estimate)
 	switch a.algo {
 	case AdaptiveAIMD:
-		a.aimd()
+		a.aimd(w)
 	default:
-		a.gradient(float64(a.sum) / float64(a.n))
+		a.gradient(w)
 	}
-	a.n, a.sum, a.dropped, a.maxInUse = 0, 0, false, 0
 	if after := int(a.estimate); after != before {
 		return after
 	}
 	return 0
 }
 
+// window is what a closed window of samples says.
+type window struct {
+	n, sum   int64
+	dropped  bool
+	maxInUse int64
+}
+
 // aimd is Netflix concurrency-limits' AIMDLimit: multiply by the backoff
 // ratio after an overload, else add one if the limit was used (at least
 // half of it), so that an idle bulkhead does not grow without evidence.
-func (a *adaptive) aimd() {
+func (a *adaptive) aimd(w window) {
 	switch {
-	case a.dropped:
+	case w.dropped:
 		a.estimate = max(a.lo, math.Floor(a.estimate*aimdBackoff))
-	case float64(a.maxInUse)*2 >= a.estimate:
+	case float64(w.maxInUse)*2 >= a.estimate:
 		a.estimate = min(a.hi, a.estimate+1)
 	}
 }
@@ -221,7 +246,8 @@ func (a *adaptive) aimd() {
 // down faster when it is twice the short one (the load has passed). A
 // window that was not used to half the limit does not grow it. An overload
 // signal in the window is the steepest slope, 0.5, without the allowance.
-func (a *adaptive) gradient(short float64) {
+func (a *adaptive) gradient(w window) {
+	short := float64(w.sum) / float64(w.n)
 	if short <= 0 {
 		short = 1
 	}
@@ -239,12 +265,12 @@ func (a *adaptive) gradient(short float64) {
 	slope := min(1, max(gradientMinSlope, gradientTolerance*a.longRTT/short))
 	queue := math.Sqrt(a.estimate)
 	switch {
-	case a.dropped:
+	case w.dropped:
 		// Overloaded: the steepest slope, and no allowance to grow, or
 		// the limit would settle at 4 (x/2 + sqrt(x) = x) however
 		// overloaded the downstream.
 		slope, queue = gradientMinSlope, 0
-	case float64(a.maxInUse) < a.estimate/2:
+	case float64(w.maxInUse) < a.estimate/2:
 		return // app-limited: no evidence the limit could be higher
 	}
 	next := a.estimate*slope + queue

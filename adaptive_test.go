@@ -12,7 +12,7 @@ import (
 func feed(a *adaptive, now *time.Duration, windows int, rtt time.Duration, inUse int, overload bool) int {
 	for range windows {
 		for range adaptMinSamples {
-			*now += (a.window + adaptMinSamples - 2) / (adaptMinSamples - 1)
+			*now += (time.Duration(a.window.Load()) + adaptMinSamples - 2) / (adaptMinSamples - 1)
 			a.sample(*now, rtt, inUse, overload)
 		}
 	}

@@ -327,7 +327,7 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 	elem := b.queueLocked(w)
 	maxWait := b.maxWait
 	b.mu.Unlock()
-	return b.wait(ctx, w, elem, maxWait)
+	return b.wait(ctx, w, elem, maxWait, true)
 }
 
 // queueLocked puts w in the queue behind every waiter of its priority or
@@ -342,8 +342,10 @@ func (b *Bulkhead) queueLocked(w *waiter) *list.Element {
 }
 
 // wait waits for w's slot, at most maxWait (0: until ctx is done), and
-// leaves the queue on every other way out.
-func (b *Bulkhead) wait(ctx context.Context, w *waiter, elem *list.Element, maxWait time.Duration) error {
+// leaves the queue on every other way out. attempt says the caller is an
+// attempt of the pipeline, whose own timeout ending in the queue is the
+// bulkhead's rejection; for Shed it is the request's deadline.
+func (b *Bulkhead) wait(ctx context.Context, w *waiter, elem *list.Element, maxWait time.Duration, attempt bool) error {
 	var expired <-chan time.Time
 	if maxWait > 0 {
 		t := time.NewTimer(maxWait)
@@ -362,7 +364,7 @@ func (b *Bulkhead) wait(ctx context.Context, w *waiter, elem *list.Element, maxW
 		return nil
 	case <-ctx.Done():
 		err = ctx.Err()
-		if context.Cause(ctx) == ErrTimeout {
+		if attempt && context.Cause(ctx) == ErrTimeout {
 			// The attempt's own timeout ran out in the queue: the
 			// downstream was never called, so this is the bulkhead
 			// turning the call away (the timeout layer adds ErrTimeout).

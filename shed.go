@@ -65,11 +65,15 @@ func Shed(next http.Handler, cfg ShedConfig) http.Handler {
 	if ra == 0 {
 		ra = time.Second
 	}
+	secs := ra / time.Second
+	if ra%time.Second != 0 {
+		secs++ // rounded up, without overflowing near the largest Duration
+	}
 	return &shedHandler{
 		next:       next,
 		b:          cfg.Bulkhead,
 		priority:   cfg.Priority,
-		retryAfter: []string{strconv.FormatInt(int64((ra+time.Second-1)/time.Second), 10)},
+		retryAfter: []string{strconv.FormatInt(int64(secs), 10)},
 	}
 }
 
@@ -105,7 +109,12 @@ func (h *shedHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := r.Context()
 	if err := b.admit(ctx, prio); err != nil {
-		if errors.Is(err, ErrBulkheadFull) {
+		switch {
+		case err == errBypassed:
+			// The registry was switched off while it waited: served
+			// without a slot, as every later request is.
+			h.next.ServeHTTP(w, r)
+		case errors.Is(err, ErrBulkheadFull):
 			h.reject(ctx, w, prio)
 		}
 		// Else the client went away while it waited: nobody to answer.
@@ -142,7 +151,8 @@ func (h *shedHandler) reject(ctx context.Context, w http.ResponseWriter, prio in
 // admit takes a slot for an inbound request of priority prio, by Shed's
 // rules: at once if one is free; else shed at once at priority 0 or below;
 // else wait, the highest priority first, displacing the lowest waiter when
-// the queue is full; PriorityHighest never shed and never timed out.
+// the queue is full; PriorityHighest never shed and never timed out. A
+// FailFast bulkhead sheds every request but PriorityHighest at once.
 func (b *Bulkhead) admit(ctx context.Context, prio int) error {
 	b.mu.Lock()
 	if b.active < b.limit && b.waiters.Len() == 0 {
@@ -152,10 +162,15 @@ func (b *Bulkhead) admit(ctx context.Context, prio int) error {
 		return nil
 	}
 	top := prio == PriorityHighest
-	if !top && prio <= 0 {
+	if !top && (prio <= 0 || b.failFast) {
 		b.rejected++
 		b.mu.Unlock()
 		return b.errFull
+	}
+	if err := ctx.Err(); err != nil {
+		// Before displacing anyone: a client that left takes no place.
+		b.mu.Unlock()
+		return err
 	}
 	if !top && b.maxQueue > 0 && b.waiters.Len() >= b.maxQueue {
 		back := b.waiters.Back()
@@ -171,10 +186,6 @@ func (b *Bulkhead) admit(ctx context.Context, prio int) error {
 		close(low.ready)
 		b.rejected++
 	}
-	if err := ctx.Err(); err != nil {
-		b.mu.Unlock()
-		return err
-	}
 	w := &waiter{ready: make(chan struct{}), prio: prio}
 	elem := b.queueLocked(w)
 	maxWait := b.maxWait
@@ -182,5 +193,5 @@ func (b *Bulkhead) admit(ctx context.Context, prio int) error {
 		maxWait = 0
 	}
 	b.mu.Unlock()
-	return b.wait(ctx, w, elem, maxWait)
+	return b.wait(ctx, w, elem, maxWait, false)
 }
