@@ -124,14 +124,25 @@ type adaptive struct {
 
 	// The window being sampled, counted without the lock: it is taken
 	// once a window, by the sample that closes it, so that concurrent
-	// calls do not queue on it. A sample that lands while a window is
-	// being closed may be counted in neither; the next window has others.
+	// calls do not queue on it. The counts are striped over cache lines,
+	// so that cores adding at once do not pass one line between them on
+	// every call. A sample that lands while a window is being closed may
+	// be counted in the next.
 	window   atomic.Int64 // ns
-	start    atomic.Int64 // monotonic ns of the window's first sample
-	sum      atomic.Int64 // ns
-	n        atomic.Int64
+	start    atomic.Int64 // monotonic ns the window began; 0: no sample yet
 	dropped  atomic.Bool
 	maxInUse atomic.Int64
+	stripes  [adaptStripes]adaptStripe
+}
+
+// adaptStripes is the number of stripes of an adaptive bulkhead's counts:
+// more than the cores that usually share one.
+const adaptStripes = 8
+
+// adaptStripe is a cache line of a window's counts.
+type adaptStripe struct {
+	n, sum atomic.Int64
+	_      [48]byte
 }
 
 func newAdaptive(cfg AdaptiveConfig, limit int) *adaptive {
@@ -178,31 +189,43 @@ func (a *adaptive) set(limit int) int {
 // started, overloaded or not, at now. It returns the new limit when this
 // sample closed a window and the limit moved, else 0.
 func (a *adaptive) sample(now, rtt time.Duration, inUse int, overload bool) int {
-	n := a.n.Add(1)
-	if n == 1 {
-		a.start.Store(int64(now))
-	}
-	a.sum.Add(int64(rtt))
+	// The clock's low bits pick the stripe: calls of different cores
+	// rarely end in the same nanosecond.
+	st := &a.stripes[uint64(now)%adaptStripes]
+	st.n.Add(1)
+	st.sum.Add(int64(rtt))
 	if overload && !a.dropped.Load() {
 		a.dropped.Store(true)
 	}
 	for m := a.maxInUse.Load(); int64(inUse) > m && !a.maxInUse.CompareAndSwap(m, int64(inUse)); m = a.maxInUse.Load() {
 	}
-	if n < adaptMinSamples || now-time.Duration(a.start.Load()) < time.Duration(a.window.Load()) {
+	start := a.start.Load()
+	if start == 0 {
+		a.start.CompareAndSwap(0, int64(now))
+		return 0
+	}
+	if now-time.Duration(start) < time.Duration(a.window.Load()) {
 		return 0
 	}
 	if !a.mu.TryLock() {
 		return 0 // another sample is closing the window, or a Reload is on
 	}
 	defer a.mu.Unlock()
-	if n = a.n.Load(); n < adaptMinSamples {
-		return 0 // closed by another sample just now
+	var n int64
+	for i := range a.stripes {
+		n += a.stripes[i].n.Load()
 	}
-	w := window{n: n, sum: a.sum.Load(), dropped: a.dropped.Load(), maxInUse: a.maxInUse.Load()}
-	a.n.Store(0)
-	a.sum.Store(0)
+	if n < adaptMinSamples || a.start.Load() != start {
+		return 0 // too few calls yet, or closed by another sample just now
+	}
+	w := window{dropped: a.dropped.Load(), maxInUse: a.maxInUse.Load()}
+	for i := range a.stripes {
+		w.n += a.stripes[i].n.Swap(0)
+		w.sum += a.stripes[i].sum.Swap(0)
+	}
 	a.dropped.Store(false)
 	a.maxInUse.Store(0)
+	a.start.Store(int64(now))
 	before := int(a.estimate)
 	switch a.algo {
 	case AdaptiveAIMD:
