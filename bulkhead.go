@@ -308,9 +308,7 @@ func noop() {}
 
 func (b *Bulkhead) acquire(ctx context.Context) error {
 	b.mu.Lock()
-	if b.active < b.limit && b.waiters.Len() == 0 {
-		b.active++
-		b.inUse.Store(int32(b.active))
+	if b.takeFreeLocked() {
 		b.mu.Unlock()
 		return nil
 	}
@@ -328,6 +326,17 @@ func (b *Bulkhead) acquire(ctx context.Context) error {
 	maxWait := b.maxWait
 	b.mu.Unlock()
 	return b.wait(ctx, w, elem, maxWait, true)
+}
+
+// takeFreeLocked takes a slot if one is free and nobody waits for one:
+// the path of every call that finds room.
+func (b *Bulkhead) takeFreeLocked() bool {
+	if b.active < b.limit && b.waiters.Len() == 0 {
+		b.active++
+		b.inUse.Store(int32(b.active))
+		return true
+	}
+	return false
 }
 
 // queueLocked puts w in the queue behind every waiter of its priority or

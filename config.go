@@ -197,10 +197,10 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("circuit breaker %s: %w", k, err))
 		}
 	}
-	if err := c.validateRateLimits(); err != nil {
+	if err := validateEach(c.RateLimits); err != nil {
 		errs = append(errs, err)
 	}
-	if err := c.validateHedges(); err != nil {
+	if err := validateEach(c.Hedges); err != nil {
 		errs = append(errs, err)
 	}
 	if err := c.DefaultBulkhead.validate(); err != nil {
@@ -573,4 +573,16 @@ func ParseDuration(s string) (time.Duration, error) {
 		return time.Duration(math.Round(ns)), nil
 	}
 	return time.ParseDuration(s)
+}
+
+// validateEach validates every entry of a per-service map, in key order,
+// and joins the errors.
+func validateEach[V interface{ validate(key string) error }](m map[string]V) error {
+	var errs []error
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		if err := m[k].validate(k); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }

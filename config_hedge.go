@@ -1,11 +1,8 @@
 package resilience
 
 import (
-	"errors"
 	"fmt"
-	"maps"
 	"math"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -66,16 +63,6 @@ func (c HedgingConfig) validate(key string) error {
 		return fmt.Errorf("hedge %s: %w", key, err)
 	}
 	return nil
-}
-
-func (c Config) validateHedges() error {
-	var errs []error
-	for _, k := range slices.Sorted(maps.Keys(c.Hedges)) {
-		if err := c.Hedges[k].validate(k); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // The variables read per service, under HEDGE_<SERVICE>_.

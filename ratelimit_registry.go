@@ -1,11 +1,8 @@
 package resilience
 
 import (
-	"errors"
 	"fmt"
-	"maps"
 	"math"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -67,16 +64,6 @@ func (c RateLimitConfig) validate(key string) error {
 		return invalid(field+"GlobalTokens", c.GlobalTokens, "must not be negative")
 	}
 	return nil
-}
-
-func (c Config) validateRateLimits() error {
-	var errs []error
-	for _, k := range slices.Sorted(maps.Keys(c.RateLimits)) {
-		if err := c.RateLimits[k].validate(k); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // The variables read per service, under RATE_LIMIT_<SERVICE>_.

@@ -155,9 +155,7 @@ func (h *shedHandler) reject(ctx context.Context, w http.ResponseWriter, prio in
 // FailFast bulkhead sheds every request but PriorityHighest at once.
 func (b *Bulkhead) admit(ctx context.Context, prio int) error {
 	b.mu.Lock()
-	if b.active < b.limit && b.waiters.Len() == 0 {
-		b.active++
-		b.inUse.Store(int32(b.active))
+	if b.takeFreeLocked() {
 		b.mu.Unlock()
 		return nil
 	}
