@@ -2,6 +2,7 @@ package resilience
 
 import (
 	"math"
+	"math/rand/v2"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -14,10 +15,13 @@ type AdaptiveAlgorithm int
 const (
 	// AdaptiveGradient, the default, follows Netflix concurrency-limits'
 	// Gradient2: it compares the latency of each window of calls with a
-	// long-term average and shrinks the limit in proportion when calls
-	// slow down (queueing downstream), grows it by a small queue
-	// allowance while they do not. Overload signals count as the
-	// steepest slope.
+	// long-term one and shrinks the limit in proportion when calls slow
+	// down (queueing downstream), grows it by a small queue allowance
+	// while they do not. Overload signals count as the steepest slope.
+	// Unlike Gradient2, its long-term latency is the downstream's
+	// latency without load, which it measures now and then by lowering
+	// the limit for one window, as TCP BBR's ProbeRTT does: see
+	// AdaptiveConfig.
 	AdaptiveGradient AdaptiveAlgorithm = iota
 	// AdaptiveAIMD adds one to the limit after a window without overload
 	// in which the limit was used, and multiplies it by 0.9 after one
@@ -54,19 +58,31 @@ type AdaptiveConfig struct {
 	// Window is how long calls are sampled before the limit moves. 0
 	// means 100ms. A window closes only once it holds at least 10 calls,
 	// so a quiet bulkhead keeps its limit.
+	//
+	// The gradient probes with windows too. Its first used window, and
+	// then one in every 5 to 100 (the interval doubles while probes find
+	// the same baseline, and returns to 5 when one does not), admits only
+	// a quarter of the limit (at least MinLimit), and its mean latency
+	// becomes the baseline that later windows are compared with. Limit
+	// reports the learnt limit throughout; a FailFast bulkhead or Shed
+	// rejects more calls during a probe window.
 	Window time.Duration
 }
 
 const (
-	defaultSmoothing     = 0.2
-	defaultAdaptWindow   = 100 * time.Millisecond
-	adaptMinSamples      = 10
-	gradientTolerance    = 1.5  // Gradient2's: latency may grow by half before the limit shrinks
-	gradientLongWindow   = 600  // Gradient2's long-term average, in windows
-	aimdBackoff          = 0.9  // AIMDLimit's backoffRatio
-	gradientMinSlope     = 0.5  // a window never more than halves the estimate
-	gradientDecayTrigger = 2.0  // long/short latency ratio past which the long average is pulled down
-	gradientDecay        = 0.95 // how far, per window
+	defaultSmoothing   = 0.2
+	defaultAdaptWindow = 100 * time.Millisecond
+	adaptMinSamples    = 10
+	aimdBackoff        = 0.9     // AIMDLimit's backoffRatio
+	gradientMinSlope   = 0.5     // a window never more than halves the estimate
+	probeDivisor       = 4       // a probe admits a quarter of the limit
+	probeMinEvery      = 5       // windows between probes, after one that moved the baseline
+	probeMaxEvery      = 100     // and at most, while probes agree
+	probeSame          = 0.1     // a probe within 10% of the baseline agrees with it
+	sampleAll          = 1 << 32 // sampleBelow when every call is timed
+	sampleTarget       = 64      // timed calls a window, when there are more calls
+	sampleMin          = 256     // at least one call in this many is timed
+	probeRise          = 0.25
 )
 
 func (cfg *AdaptiveConfig) validate(limit int) error {
@@ -109,18 +125,26 @@ func (cfg *AdaptiveConfig) bounds(limit int) (lo, hi int) {
 }
 
 // adaptive is the state of an adaptive limit: a window of samples, and
-// the algorithm's estimate. It is guarded by its own mutex, taken once per
-// call that finishes; the bulkhead learns a new limit only when a window
-// closes.
+// the algorithm's estimate. Its fields below the mutex are guarded by it,
+// taken once per window by the sample that closes it; the bulkhead learns
+// a new limit only then.
 type adaptive struct {
 	mu        sync.Mutex
 	algo      AdaptiveAlgorithm
 	lo, hi    float64
 	smoothing float64
 
-	estimate float64 // the limit, unrounded
-	longRTT  float64 // Gradient2's long-term average latency, ns; 0: none yet
-	longN    int     // windows averaged into longRTT, up to gradientLongWindow
+	estimate   float64 // the limit, unrounded
+	baseline   float64 // the gradient's no-load latency, ns; 0: none yet
+	sinceProbe int     // windows closed since the last probe
+	probeEvery int     // windows between probes, probeMinEvery to probeMaxEvery
+	probe      int     // the limit a probe admits while it runs; 0: none
+	shown      [2]int  // the limit and admission last returned by sample
+
+	// probeFrom is when the running probe began, monotonic ns; 0: none.
+	// A call that began before it ran at the old limit, and is not
+	// sampled.
+	probeFrom atomic.Int64
 
 	// The window being sampled, counted without the lock: it is taken
 	// once a window, by the sample that closes it, so that concurrent
@@ -128,6 +152,13 @@ type adaptive struct {
 	// so that cores adding at once do not pass one line between them on
 	// every call. A sample that lands while a window is being closed may
 	// be counted in the next.
+	// sampleBelow is the chance that a call is timed and sampled, as a
+	// threshold on a random uint32 (sampleAll: every call). Reading the
+	// clock twice costs more than the rest of a sample: a busy bulkhead
+	// times only about sampleTarget calls a window, which tell its mean
+	// latency as well as all of them would.
+	sampleBelow atomic.Uint64
+
 	window   atomic.Int64 // ns
 	start    atomic.Int64 // monotonic ns the window began; 0: no sample yet
 	dropped  atomic.Bool
@@ -146,8 +177,10 @@ type adaptStripe struct {
 }
 
 func newAdaptive(cfg AdaptiveConfig, limit int) *adaptive {
-	a := &adaptive{estimate: float64(limit)}
+	a := &adaptive{estimate: float64(limit), probeEvery: 1}
+	a.sampleBelow.Store(sampleAll)
 	a.configure(cfg, limit)
+	a.shown = [2]int{int(a.estimate), int(a.estimate)}
 	return a
 }
 
@@ -166,6 +199,14 @@ func (a *adaptive) configure(cfg AdaptiveConfig, limit int) {
 	}
 	a.window.Store(int64(w))
 	a.estimate = min(max(a.estimate, a.lo), a.hi)
+	a.stopProbe()
+}
+
+// stopProbe ends a running probe without reading it.
+func (a *adaptive) stopProbe() {
+	a.probe = 0
+	a.probeFrom.Store(0)
+	a.shown = [2]int{int(a.estimate), int(a.estimate)}
 }
 
 // reconfigure applies cfg to a live adaptive limit and returns the limit
@@ -182,41 +223,65 @@ func (a *adaptive) set(limit int) int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.estimate = min(max(float64(limit), a.lo), a.hi)
+	a.stopProbe()
 	return int(a.estimate)
 }
 
-// sample records one call that took rtt with inUse calls inside when it
-// started, overloaded or not, at now. It returns the new limit when this
-// sample closed a window and the limit moved, else 0.
-func (a *adaptive) sample(now, rtt time.Duration, inUse int, overload bool) int {
+// timed reports whether to time the call that is starting and sample it.
+func (a *adaptive) timed() bool {
+	t := a.sampleBelow.Load()
+	return t == sampleAll || uint64(rand.Uint32()) < t
+}
+
+// overloaded records an overload signal from a call that was not timed:
+// rare, and too important to leave to chance.
+func (a *adaptive) overloaded() {
+	if !a.dropped.Load() {
+		a.dropped.Store(true)
+	}
+}
+
+// sample records one timed call that ended at now after rtt, with inUse calls
+// inside, overloaded or not. When this sample closed a window and the
+// limit moved, it returns the learnt limit and the number of calls to
+// admit, which is lower while a probe runs; else 0, 0.
+func (a *adaptive) sample(now, rtt time.Duration, inUse int, overload bool) (limit, admit int) {
+	if from := a.probeFrom.Load(); from != 0 && int64(now-rtt) < from {
+		return 0, 0
+	}
 	// The clock's low bits pick the stripe: calls of different cores
 	// rarely end in the same nanosecond.
 	st := &a.stripes[uint64(now)%adaptStripes]
 	st.n.Add(1)
 	st.sum.Add(int64(rtt))
-	if overload && !a.dropped.Load() {
-		a.dropped.Store(true)
+	if overload {
+		a.overloaded()
 	}
 	for m := a.maxInUse.Load(); int64(inUse) > m && !a.maxInUse.CompareAndSwap(m, int64(inUse)); m = a.maxInUse.Load() {
 	}
 	start := a.start.Load()
 	if start == 0 {
 		a.start.CompareAndSwap(0, int64(now))
-		return 0
+		return 0, 0
 	}
 	if now-time.Duration(start) < time.Duration(a.window.Load()) {
-		return 0
+		return 0, 0
 	}
 	if !a.mu.TryLock() {
-		return 0 // another sample is closing the window, or a Reload is on
+		return 0, 0 // another sample is closing the window, or a Reload is on
 	}
 	defer a.mu.Unlock()
 	var n int64
 	for i := range a.stripes {
 		n += a.stripes[i].n.Load()
 	}
-	if n < adaptMinSamples || a.start.Load() != start {
-		return 0 // too few calls yet, or closed by another sample just now
+	if a.start.Load() != start {
+		return 0, 0 // closed by another sample just now
+	}
+	if n < adaptMinSamples {
+		// Too few timed calls yet: time more of them.
+		a.sampleBelow.Store(min(sampleAll, 2*a.sampleBelow.Load()))
+		return 0, 0
 	}
 	w := window{dropped: a.dropped.Load(), maxInUse: a.maxInUse.Load()}
 	for i := range a.stripes {
@@ -225,18 +290,27 @@ func (a *adaptive) sample(now, rtt time.Duration, inUse int, overload bool) int 
 	}
 	a.dropped.Store(false)
 	a.maxInUse.Store(0)
+	// Time about sampleTarget calls of the next window, if it is as busy.
+	calls := float64(w.n) * sampleAll / float64(a.sampleBelow.Load())
+	a.sampleBelow.Store(uint64(min(1, max(1.0/sampleMin, sampleTarget/calls)) * sampleAll))
 	a.start.Store(int64(now))
-	before := int(a.estimate)
-	switch a.algo {
-	case AdaptiveAIMD:
+	switch {
+	case a.probe > 0:
+		a.probed(w)
+	case a.algo == AdaptiveAIMD:
 		a.aimd(w)
 	default:
-		a.gradient(w)
+		a.gradient(w, now)
 	}
-	if after := int(a.estimate); after != before {
-		return after
+	shown := [2]int{int(a.estimate), int(a.estimate)}
+	if a.probe > 0 {
+		shown[1] = a.probe
 	}
-	return 0
+	if shown == a.shown {
+		return 0, 0
+	}
+	a.shown = shown
+	return shown[0], shown[1]
 }
 
 // window is what a closed window of samples says.
@@ -261,32 +335,36 @@ func (a *adaptive) aimd(w window) {
 // gradient is Netflix concurrency-limits' Gradient2Limit, fed the mean
 // latency of a window (their WindowedLimit with an average sample):
 //
-//	gradient = clamp(tolerance * longRTT / shortRTT, 0.5, 1)
-//	new      = estimate * gradient + queue, queue = sqrt(estimate)
+//	gradient = clamp(baseline / shortRTT, 0.5, 1)
+//	new      = estimate * gradient + queue, queue = sqrt(estimate) / 2
 //	estimate = estimate * (1 - smoothing) + new * smoothing
 //
-// The long-term latency is an exponential average over 600 windows, pulled
-// down faster when it is twice the short one (the load has passed). A
-// window that was not used to half the limit does not grow it. An overload
-// signal in the window is the steepest slope, 0.5, without the allowance.
-func (a *adaptive) gradient(w window) {
+// A window that was not used to half the limit does not grow it. An
+// overload signal in the window is the steepest slope, 0.5, without the
+// allowance.
+//
+// Gradient2's long-term latency is an average of the short ones, so it
+// takes whatever latency the limit starts in as normal: started in
+// congestion, it never shrinks (docs/RELIABILITY.md §8 measured it). Here
+// the long-term latency is a baseline without load, as TCP Vegas's and
+// BBR's minimum RTT: the mean of a probe window (see AdaptiveConfig.Window
+// and probed), lowered by any faster window since. Since the baseline has
+// no queueing in it, Gradient2's tolerance of 1.5 becomes 1, and the queue
+// allowance is the only headroom: the limit rests where the latency is
+// baseline / (1 - queue/limit). With Gradient2's sqrt(limit) that is 1.46x
+// at a limit of 10 and 2x at 4, which left the p99 of TestAdaptiveLimit
+// at 1.6 to 2.0x; half of it rests at 1.19x at 10 and 1.33x at 4, and
+// still grows a limit of 9 by 10% a second.
+func (a *adaptive) gradient(w window, now time.Duration) {
 	short := float64(w.sum) / float64(w.n)
 	if short <= 0 {
 		short = 1
 	}
-	if a.longN < gradientLongWindow {
-		a.longN++
+	if a.baseline == 0 || short < a.baseline {
+		a.baseline = short
 	}
-	if a.longRTT == 0 {
-		a.longRTT = short
-	} else {
-		a.longRTT += (short - a.longRTT) / float64(a.longN)
-	}
-	if a.longRTT/short > gradientDecayTrigger {
-		a.longRTT *= gradientDecay
-	}
-	slope := min(1, max(gradientMinSlope, gradientTolerance*a.longRTT/short))
-	queue := math.Sqrt(a.estimate)
+	slope := min(1, max(gradientMinSlope, a.baseline/short))
+	queue := math.Sqrt(a.estimate) / 2
 	switch {
 	case w.dropped:
 		// Overloaded: the steepest slope, and no allowance to grow, or
@@ -299,4 +377,34 @@ func (a *adaptive) gradient(w window) {
 	next := a.estimate*slope + queue
 	next = a.estimate*(1-a.smoothing) + next*a.smoothing
 	a.estimate = min(a.hi, max(a.lo, next))
+	if a.sinceProbe++; a.sinceProbe >= a.probeEvery {
+		if p := max(a.lo, math.Floor(a.estimate/probeDivisor)); p < math.Floor(a.estimate) {
+			a.probe = int(p)
+			a.probeFrom.Store(int64(now))
+		}
+		a.sinceProbe = 0
+	}
+}
+
+// probed reads a probe's window. A faster probe is the new baseline at
+// once: the last one was still congested. A slower one raises it by a
+// quarter of the difference, so that a downstream that slows down for
+// everyone, not from this bulkhead's load, still shrinks the limit for a
+// while (as Gradient2's slow long-term average does) and the baseline
+// follows it within a few probes. Probes come less often while they agree
+// with the baseline, and often again when one does not.
+func (a *adaptive) probed(w window) {
+	short := max(float64(w.sum)/float64(w.n), 1)
+	if math.Abs(short-a.baseline) <= probeSame*a.baseline {
+		a.probeEvery = min(2*a.probeEvery, probeMaxEvery)
+	} else {
+		a.probeEvery = probeMinEvery
+	}
+	if short < a.baseline {
+		a.baseline = short
+	} else {
+		a.baseline += (short - a.baseline) * probeRise
+	}
+	a.probe = 0
+	a.probeFrom.Store(0)
 }

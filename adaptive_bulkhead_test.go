@@ -94,3 +94,67 @@ func TestBulkheadReconfigureKeepsWhatTheAdaptiveLimitLearnt(t *testing.T) {
 		t.Errorf("after a Reload to a fixed 12: adaptive %v, limit %d", b.Adaptive(), b.Limit())
 	}
 }
+
+// An attempt that was not timed still reports its overload: a busy
+// bulkhead times only a share of its calls, and a 503 must not be left to
+// chance.
+func TestAdaptiveBulkheadUntimedAttemptReportsOverload(t *testing.T) {
+	b := mustBulkhead(t, BulkheadConfig{Name: "adaptive-untimed", Limit: 10, Adaptive: &AdaptiveConfig{Algorithm: AdaptiveAIMD}})
+	a := b.adapt.Load()
+	a.sampleBelow.Store(0) // time no call
+	f := Compose(func(context.Context) (int, error) {
+		return 0, &StatusError{StatusCode: 503}
+	}, Stack[int]{Name: uniqueName("adaptive-untimed"), Bulkhead: b})
+	f(context.Background())
+	if a.start.Load() != 0 {
+		t.Fatal("an untimed attempt was sampled")
+	}
+	if !a.dropped.Load() {
+		t.Error("an untimed attempt's 503 was not recorded as overload")
+	}
+}
+
+// The gradient's first used window starts a probe: for one window the
+// bulkhead admits a quarter of its limit, to measure the downstream's
+// latency without load, while Limit reports the learnt limit throughout.
+func TestAdaptiveBulkheadProbeAdmitsAQuarter(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustBulkhead(t, BulkheadConfig{Name: "adaptive-probe", Limit: 40, FailFast: true, Adaptive: &AdaptiveConfig{}})
+		f := WithBulkhead(func(context.Context) (int, error) {
+			time.Sleep(10 * time.Millisecond)
+			return 1, nil
+		}, b)
+		ctx, stop := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		for range 50 {
+			wg.Go(func() {
+				for ctx.Err() == nil {
+					if _, err := f(ctx); err != nil {
+						time.Sleep(time.Millisecond)
+					}
+				}
+			})
+		}
+		time.Sleep(115 * time.Millisecond) // the first window closed at 110ms
+		synctest.Wait()
+		b.mu.Lock()
+		admit, learnt, active := b.limit, b.learnt, b.active
+		b.mu.Unlock()
+		if admit != learnt/4 || active > admit {
+			t.Errorf("during the probe: admitting %d with %d inside, learnt %d; want a quarter admitted and no more inside", admit, active, learnt)
+		}
+		if l := b.Limit(); l != learnt || l < 40 {
+			t.Errorf("Limit %d during the probe, want the learnt limit %d, at least the start 40", l, learnt)
+		}
+		time.Sleep(200 * time.Millisecond) // the probe's window closed
+		synctest.Wait()
+		b.mu.Lock()
+		admit, learnt = b.limit, b.learnt
+		b.mu.Unlock()
+		if admit != learnt {
+			t.Errorf("after the probe: admitting %d, learnt %d; want them equal", admit, learnt)
+		}
+		stop()
+		wg.Wait()
+	})
+}

@@ -112,13 +112,13 @@ func adFuzzEstimate(t *testing.T, cfg AdaptiveConfig, limit, lo, hi int, ss []ad
 	var now time.Duration
 	for i, s := range ss {
 		now += s.step
-		n := a.sample(now, s.rtt, s.inUse, s.overload)
+		n, m := a.sample(now, s.rtt, s.inUse, s.overload)
 		e := a.estimate
 		if math.IsNaN(e) || e < float64(lo) || e > float64(hi) || int(e) < lo || int(e) > hi {
 			t.Fatalf("%s %+v from %d: estimate %v after sample %d %+v; want within [%d, %d]", cfg.Algorithm, cfg, limit, e, i, s, lo, hi)
 		}
-		if n != 0 && (n < lo || n > hi) {
-			t.Fatalf("%s %+v from %d: new limit %d after sample %d %+v; want within [%d, %d]", cfg.Algorithm, cfg, limit, n, i, s, lo, hi)
+		if n != 0 && (n < lo || n > hi || m < lo || m > n) {
+			t.Fatalf("%s %+v from %d: new limit %d admitting %d after sample %d %+v; want within [%d, %d]", cfg.Algorithm, cfg, limit, n, m, i, s, lo, hi)
 		}
 	}
 }

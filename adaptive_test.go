@@ -2,6 +2,7 @@ package resilience
 
 import (
 	"errors"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -19,17 +20,72 @@ func feed(a *adaptive, now *time.Duration, windows int, rtt time.Duration, inUse
 	return int(a.estimate)
 }
 
+// congestedModel is a downstream that answers in 10ms up to capacity
+// calls at once, and 2ms later for each call beyond: TestAdaptiveLimit's
+// server in internal/chaos, as arithmetic.
+func congestedModel(capacity int) func(inUse int) time.Duration {
+	return func(n int) time.Duration {
+		return 10*time.Millisecond + 2*time.Millisecond*time.Duration(max(0, n-capacity))
+	}
+}
+
+// feedModel sends windows of samples from a downstream whose latency is
+// lat(calls inside), the calls inside being as many as the adaptive limit
+// admits (a closed loop of more callers than the limit), and returns the
+// learnt limit after them.
+func feedModel(a *adaptive, now *time.Duration, windows int, lat func(int) time.Duration) int {
+	admit := a.shown[1]
+	for range windows {
+		for range adaptMinSamples {
+			*now += (time.Duration(a.window.Load()) + adaptMinSamples - 2) / (adaptMinSamples - 1)
+			if _, n := a.sample(*now, lat(admit), admit, false); n > 0 {
+				admit = n
+			}
+		}
+	}
+	return int(a.estimate)
+}
+
 func TestAdaptiveGradientShrinksWhenLatencyGrows(t *testing.T) {
 	a := newAdaptive(AdaptiveConfig{}, 40)
 	var now time.Duration
 	feed(a, &now, 50, 10*time.Millisecond, 40, false) // learn the uncongested latency
-	if l := int(a.estimate); l != 40*10 && l < 40 {
+	if l := int(a.estimate); l < 40 {
 		t.Fatalf("limit %d after calm windows at full use, want it to stay or grow", l)
 	}
 	high := int(a.estimate)
-	l := feed(a, &now, 30, 50*time.Millisecond, high, false) // 5x slower: queueing downstream
+	// The downstream's capacity falls to 8: latency grows with the calls
+	// past it.
+	l := feedModel(a, &now, 30, congestedModel(8))
 	if l >= high/2 {
-		t.Errorf("limit %d after 30 windows at 5x the latency, want well under %d", l, high/2)
+		t.Errorf("limit %d after 30 windows of queueing downstream, want well under %d", l, high/2)
+	}
+}
+
+// Regression: Gradient2's long-term latency is an average of the short
+// ones, so a limit started in congestion took the congested latency as its
+// baseline and grew, 40 to 100, instead of settling at the downstream's
+// capacity. The probed baseline finds it.
+func TestAdaptiveGradientStartedInCongestionSettles(t *testing.T) {
+	a := newAdaptive(AdaptiveConfig{MaxLimit: 200}, 40)
+	var now time.Duration
+	lat := congestedModel(8)
+	feedModel(a, &now, 30, lat) // 3s of 100ms windows
+	var lo, hi int = math.MaxInt, 0
+	for range 70 {
+		l := feedModel(a, &now, 1, lat)
+		lo, hi = min(lo, l), max(hi, l)
+	}
+	if lo < 6 || hi > 12 {
+		t.Errorf("limit in [%d, %d] over the 7s after the first 3s, want within [6, 12] (capacity 8)", lo, hi)
+	}
+	if got := lat(hi); got >= 2*lat(0) {
+		t.Errorf("latency %v at the highest resting limit %d, want under 2x the uncongested %v", got, hi, lat(0))
+	}
+	// The capacity doubles: the limit follows.
+	lat = congestedModel(16)
+	if l := feedModel(a, &now, 100, lat); l <= 12 {
+		t.Errorf("limit %d 10s after the capacity doubled to 16, want above 12", l)
 	}
 }
 
@@ -56,7 +112,7 @@ func TestAdaptiveGradientAppLimitedDoesNotGrow(t *testing.T) {
 func TestAdaptiveGradientOverloadHalvesAtMost(t *testing.T) {
 	a := newAdaptive(AdaptiveConfig{Smoothing: 1}, 40)
 	var now time.Duration
-	feed(a, &now, 1, 10*time.Millisecond, 40, false)
+	feed(a, &now, 2, 10*time.Millisecond, 40, false) // the first window starts a probe, the second is it
 	before := a.estimate
 	feed(a, &now, 1, 10*time.Millisecond, 40, true)
 	want := before * gradientMinSlope
@@ -89,14 +145,14 @@ func TestAdaptiveWindowNeedsTimeAndSamples(t *testing.T) {
 	a := newAdaptive(AdaptiveConfig{Algorithm: AdaptiveAIMD}, 10)
 	// Many samples in an instant: no window closes before Window passed.
 	for range 100 {
-		if l := a.sample(time.Millisecond, time.Millisecond, 10, false); l != 0 {
+		if l, _ := a.sample(time.Millisecond, time.Millisecond, 10, false); l != 0 {
 			t.Fatalf("the limit moved to %d before the window's time passed", l)
 		}
 	}
 	// Time passes with too few samples: none closes either.
 	a = newAdaptive(AdaptiveConfig{Algorithm: AdaptiveAIMD}, 10)
 	for i := range adaptMinSamples - 1 {
-		if l := a.sample(time.Duration(i)*time.Second, time.Millisecond, 10, false); l != 0 {
+		if l, _ := a.sample(time.Duration(i)*time.Second, time.Millisecond, 10, false); l != 0 {
 			t.Fatalf("the limit moved to %d on %d samples", l, i+1)
 		}
 	}
@@ -132,5 +188,52 @@ func TestAdaptiveGradientOverloadGoesBelowFour(t *testing.T) {
 		if l := feed(a, &now, 60, 10*time.Millisecond, start, true); l != 1 {
 			t.Errorf("from %d: limit %d after 60 overloaded windows, want MinLimit 1", start, l)
 		}
+	}
+}
+
+// A busy bulkhead times about sampleTarget calls a window, not all of
+// them: the two clock reads of a timed call were most of what an
+// adaptive limit cost.
+func TestAdaptiveBusyWindowsTimeAShare(t *testing.T) {
+	a := newAdaptive(AdaptiveConfig{Algorithm: AdaptiveAIMD}, 10)
+	var now time.Duration
+	for range 3 { // three windows of 10 000 calls each, all timed
+		for range 10000 {
+			now += 10 * time.Microsecond
+			a.sample(now, time.Millisecond, 10, false)
+		}
+	}
+	const calls = 100000
+	timed := 0
+	for range calls {
+		if a.timed() {
+			timed++
+		}
+	}
+	// The last windows timed every call they saw (this test's samples
+	// bypass timed), so the estimate of calls a window is 10 000: about
+	// 64 in 10 000 are to be timed, 640 of 100 000.
+	if timed < 640/4 || timed > 640*4 {
+		t.Errorf("%d of %d calls timed after windows of 10 000 calls, want about 640", timed, calls)
+	}
+	// Quiet again: windows that pass with too few timed calls time more,
+	// doubling, up to every call.
+	for range 20 {
+		now += time.Second
+		a.sample(now, time.Millisecond, 1, false)
+	}
+	if got := a.sampleBelow.Load(); got != sampleAll {
+		t.Errorf("sampleBelow %d after quiet windows, want every call timed (%d)", got, uint64(sampleAll))
+	}
+}
+
+// An overload signal from an untimed call moves the limit at the next
+// window's close.
+func TestAdaptiveUntimedOverloadCounts(t *testing.T) {
+	a := newAdaptive(AdaptiveConfig{Algorithm: AdaptiveAIMD}, 10)
+	a.overloaded()
+	var now time.Duration
+	if l := feed(a, &now, 1, time.Millisecond, 10, false); l != 9 {
+		t.Errorf("limit %d after a window with an untimed overload, want 10 x 0.9: 9", l)
 	}
 }

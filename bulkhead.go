@@ -83,7 +83,8 @@ type Bulkhead struct {
 	inUse    atomic.Int32             // active, for adaptive samples without the lock
 
 	mu        sync.Mutex // guards what follows, and maxQueue, maxWait and failFast
-	limit     int
+	limit     int        // the calls admitted at once
+	learnt    int        // the limit Limit reports: limit, but during an adaptive probe
 	active    int
 	waiters   list.List // of *waiter, oldest first
 	rejected  uint64
@@ -154,6 +155,7 @@ func NewBulkhead(cfg BulkheadConfig) (*Bulkhead, error) {
 	if b.limit == 0 {
 		b.limit = defaultBulkheadLimit
 	}
+	b.learnt = b.limit
 	if cfg.Adaptive != nil {
 		b.adapt.Store(newAdaptive(*cfg.Adaptive, b.limit))
 	}
@@ -168,11 +170,13 @@ func (b *Bulkhead) Adaptive() bool { return b.adapt.Load() != nil }
 func (b *Bulkhead) Name() string { return b.name }
 
 // Limit returns the number of calls allowed inside at once: for an
-// adaptive bulkhead, the limit it has now. It is safe for concurrent use.
+// adaptive bulkhead, the limit it has learnt now, which a probe of the
+// gradient's baseline leaves as it is (see [AdaptiveConfig].Window). It
+// is safe for concurrent use.
 func (b *Bulkhead) Limit() int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.limit
+	return b.learnt
 }
 
 // SetLimit changes the number of calls allowed inside at once, for calls
@@ -189,7 +193,7 @@ func (b *Bulkhead) SetLimit(limit int) error {
 	if a := b.adapt.Load(); a != nil {
 		limit = a.set(limit)
 	}
-	b.limit = limit
+	b.limit, b.learnt = limit, limit
 	b.grantLocked()
 	b.mu.Unlock()
 	return nil
@@ -217,7 +221,7 @@ func (b *Bulkhead) reconfigure(cfg BulkheadConfig) {
 	} else {
 		b.adapt.Store(nil)
 	}
-	b.limit = limit
+	b.limit, b.learnt = limit, limit
 	b.grantLocked()
 	b.mu.Unlock()
 }
@@ -415,10 +419,10 @@ func (b *Bulkhead) release() {
 // (monotonic) and ended overloaded, or not.
 func (b *Bulkhead) observe(a *adaptive, start time.Duration, overload bool) {
 	now := monotonic()
-	if n := a.sample(now, now-start, int(b.inUse.Load()), overload); n > 0 {
+	if limit, admit := a.sample(now, now-start, int(b.inUse.Load()), overload); limit > 0 {
 		b.mu.Lock()
 		if b.adapt.Load() == a {
-			b.limit = n
+			b.limit, b.learnt = admit, limit
 			b.grantLocked()
 		}
 		b.mu.Unlock()

@@ -476,9 +476,14 @@ func (p *pipeline) slot(ctx context.Context, attempt attemptFunc, h *hold) error
 		defer give(b, grel)
 		return attempt(ctx)
 	}
-	// An adaptive bulkhead learns from each attempt's latency and error,
-	// to the response headers for a handed-off body.
-	start := monotonic()
+	// An adaptive bulkhead learns from the attempts' latency, to the
+	// response headers for a handed-off body (from a share of them, when
+	// it is busy), and from every attempt's overload.
+	timed := a.timed()
+	var start time.Duration
+	if timed {
+		start = monotonic()
+	}
 	if h != nil {
 		h.b, h.grel = b, grel
 	} else {
@@ -487,7 +492,12 @@ func (p *pipeline) slot(ctx context.Context, attempt attemptFunc, h *hold) error
 	err = attempt(ctx)
 	// The attempt's own timeout says overload as ErrTimeout does: inside
 	// the slot the attempt's error is still the context's.
-	b.observe(a, start, isOverload(err) || (err != nil && context.Cause(ctx) == ErrTimeout))
+	overload := isOverload(err) || (err != nil && context.Cause(ctx) == ErrTimeout)
+	if timed {
+		b.observe(a, start, overload)
+	} else if overload {
+		a.overloaded()
+	}
 	return err
 }
 
