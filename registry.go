@@ -297,6 +297,29 @@ func keepCode(cur, next Config) Config {
 			next.CircuitBreakers[k] = keepBreakerCode(c, n)
 		}
 	}
+	next.DefaultBulkhead = keepBulkheadCode(cur.DefaultBulkhead, next.DefaultBulkhead)
+	for k, n := range next.Bulkheads {
+		if c, ok := cur.Bulkheads[k]; ok {
+			next.Bulkheads[k] = keepBulkheadCode(c, n)
+		}
+	}
+	return next
+}
+
+// keepBulkheadCode keeps an adaptive limit's Smoothing and Window, which
+// no variable sets, when both configurations are adaptive.
+func keepBulkheadCode(cur, next BulkheadConfig) BulkheadConfig {
+	if cur.Adaptive == nil || next.Adaptive == nil {
+		return next
+	}
+	a := *next.Adaptive
+	if a.Smoothing == 0 {
+		a.Smoothing = cur.Adaptive.Smoothing
+	}
+	if a.Window == 0 {
+		a.Window = cur.Adaptive.Window
+	}
+	next.Adaptive = &a
 	return next
 }
 

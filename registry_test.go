@@ -358,3 +358,39 @@ func TestDisableLetsQueuedCallersThrough(t *testing.T) {
 		<-queued
 	})
 }
+
+// Regression: Reload from the environment dropped an adaptive bulkhead's
+// Smoothing and Window set in code, which no variable can set, as it never
+// dropped a breaker's IsFailure.
+func TestReloadKeepsAdaptiveSmoothingAndWindowFromCode(t *testing.T) {
+	env := map[string]string{"BULKHEAD_LLM_LIMIT": "10", "BULKHEAD_LLM_ADAPTIVE": "gradient"}
+	cfg, err := LoadConfigWith(LoadOptions{Environment: env})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bc := cfg.Bulkheads["LLM"]
+	bc.Adaptive.Smoothing, bc.Adaptive.Window = 0.5, time.Second
+	cfg.Bulkheads["LLM"] = bc
+	r, err := NewRegistry(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	b := r.Bulkhead("llm")
+
+	env["BULKHEAD_LLM_MAX_LIMIT"] = "50"
+	reloadEnv(t, r, env)
+	a := b.adapt.Load()
+	if a == nil {
+		t.Fatal("not adaptive after the reload")
+	}
+	a.mu.Lock()
+	smoothing, hi := a.smoothing, a.hi
+	a.mu.Unlock()
+	if w := time.Duration(a.window.Load()); smoothing != 0.5 || w != time.Second {
+		t.Errorf("after Reload: Smoothing %v, Window %v; want 0.5 and 1s, set in code", smoothing, w)
+	}
+	if hi != 50 {
+		t.Errorf("after Reload: MaxLimit %v, want 50 from the new variable", hi)
+	}
+}
