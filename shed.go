@@ -7,9 +7,11 @@ import (
 	"math"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
 )
 
 // PriorityHighest is the priority of requests [Shed] never sheds: health
@@ -108,7 +110,8 @@ func (h *shedHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		prio = h.priority(r)
 	}
 	ctx := r.Context()
-	if err := b.admit(ctx, prio); err != nil {
+	grel, err := b.enter(ctx, prio)
+	if err != nil {
 		switch {
 		case err == errBypassed:
 			// The registry was switched off while it waited: served
@@ -118,16 +121,6 @@ func (h *shedHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			h.reject(ctx, w, prio)
 		}
 		// Else the client went away while it waited: nobody to answer.
-		return
-	}
-	grel, err := b.acquireGlobal(ctx)
-	if err != nil {
-		b.giveBack()
-		if ctx.Err() == nil {
-			// Full, or a global limiter that failed some other way:
-			// either way the request is not served, and says so.
-			h.reject(ctx, w, prio)
-		}
 		return
 	}
 	defer give(b, grel)
@@ -146,6 +139,81 @@ func (h *shedHandler) reject(ctx context.Context, w http.ResponseWriter, prio in
 	})...)
 	w.Header()["Retry-After"] = h.retryAfter
 	w.WriteHeader(http.StatusServiceUnavailable)
+}
+
+// Admit takes one of the bulkhead's slots for an inbound request of the
+// given priority, by the rules of [Shed] (see ShedConfig.Priority), for a
+// server that is not an http.Handler, such as a gRPC server interceptor:
+// at once if a slot is free; else the request is shed at once at priority
+// 0 or below, and one above waits, the highest priority first, as long as
+// the bulkhead's MaxWait and MaxQueue allow; [PriorityHighest] is never
+// shed. The bulkhead's global limit, if any, is taken too.
+//
+// On success, serve the request, then call release, once the request is
+// served: it gives the slot back and, for an adaptive bulkhead, reports the
+// request's latency. Calls of release after the first do nothing. A shed
+// request gets an error matching [ErrBulkheadFull], counted in
+// resilience.shed.rejections by resource_type and priority as Shed counts
+// its own; a request whose ctx ended while it waited gets the context's
+// error, and is not counted. While the bulkhead is switched off (its
+// registry disabled), every request is admitted at once, without a slot.
+//
+// Admit is safe for concurrent use.
+func (b *Bulkhead) Admit(ctx context.Context, priority int) (release func(), err error) {
+	if !b.on() {
+		return noop, nil
+	}
+	grel, err := b.enter(ctx, priority)
+	switch {
+	case err == errBypassed:
+		return noop, nil
+	case err != nil:
+		if errors.Is(err, ErrBulkheadFull) {
+			p := strconv.Itoa(priority)
+			meter().shedRejections.Add(ctx, 1, metric.WithAttributes(attrResourceType.String(b.name), attribute.String("priority", p)))
+		}
+		return nil, err
+	}
+	a := b.adapt.Load()
+	var start time.Duration
+	if a != nil {
+		start = monotonic()
+	}
+	var done atomic.Bool
+	return func() {
+		if !done.CompareAndSwap(false, true) {
+			return
+		}
+		if a != nil {
+			b.observe(a, start, false)
+		}
+		give(b, grel)
+	}, nil
+}
+
+// enter admits a request of priority prio by Shed's rules: its slot, then
+// the bulkhead's global limit. err is errBypassed (serve it without a
+// slot), one matching ErrBulkheadFull (shed it), or the context's error
+// (the client went away while it waited). On success, give(b, grel) gives
+// back what it took.
+func (b *Bulkhead) enter(ctx context.Context, prio int) (grel func(), err error) {
+	if err := b.admit(ctx, prio); err != nil {
+		return nil, err
+	}
+	grel, err = b.acquireGlobal(ctx)
+	if err != nil {
+		b.giveBack()
+		if cerr := ctx.Err(); cerr != nil {
+			return nil, cerr
+		}
+		if !errors.Is(err, ErrBulkheadFull) {
+			// A global limiter that failed some other way: the request
+			// is not served either, and is shed as one.
+			err = &Error{Err: ErrBulkheadFull, Name: b.name, Cause: err}
+		}
+		return nil, err
+	}
+	return grel, nil
 }
 
 // admit takes a slot for an inbound request of priority prio, by Shed's
