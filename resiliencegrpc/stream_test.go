@@ -1,0 +1,330 @@
+package resiliencegrpc
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/resilience-go/resilience"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	testpb "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/status"
+)
+
+// recvAll reads a stream to its end: the messages, and the error that
+// ended it (nil for io.EOF).
+func recvAll(s grpc.ServerStreamingClient[healthpb.HealthCheckResponse]) (int, error) {
+	n := 0
+	for {
+		_, err := s.Recv()
+		if err == io.EOF {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+		n++
+	}
+}
+
+// A stream that fails before its first message is retried on a new stream;
+// the caller sees only the answer.
+func TestStreamRetriedBeforeFirstMessage(t *testing.T) {
+	for _, nw := range networks {
+		t.Run(string(nw), func(t *testing.T) {
+			reg := registry(t, breaker(1))
+			h := newHealth(step{code: codes.Unavailable}, step{sends: 2})
+			c := healthClient(t, nw, h, reg)
+			s, err := c.Watch(context.Background(), &healthpb.HealthCheckRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			n, err := recvAll(s)
+			if err != nil || n != 2 {
+				t.Fatalf("received %d, %v; want 2 messages and io.EOF", n, err)
+			}
+			if got := h.hits.Load(); got != 2 {
+				t.Errorf("streams opened on the server = %d; want 2", got)
+			}
+			if st := reg.CircuitBreaker(healthSvc).State(); st != resilience.StateClosed {
+				t.Errorf("breaker = %v; want closed", st)
+			}
+		})
+	}
+}
+
+// A stream that fails after its first message is not retried: the caller
+// gets the message, then the server's status.
+func TestStreamNotRetriedAfterFirstMessage(t *testing.T) {
+	for _, nw := range networks {
+		t.Run(string(nw), func(t *testing.T) {
+			reg := registry(t, nil)
+			h := newHealth(step{sends: 1, code: codes.Unavailable}, step{sends: 5})
+			c := healthClient(t, nw, h, reg)
+			s, err := c.Watch(context.Background(), &healthpb.HealthCheckRequest{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			n, err := recvAll(s)
+			if n != 1 || status.Code(err) != codes.Unavailable || status.Convert(err).Message() != "scripted Unavailable" {
+				t.Fatalf("received %d, %v; want 1 message and the server's UNAVAILABLE", n, err)
+			}
+			if got := h.hits.Load(); got != 1 {
+				t.Errorf("streams opened = %d; want 1", got)
+			}
+		})
+	}
+}
+
+// A stream whose attempts time out before a first message is retried, then
+// fails with DEADLINE_EXCEEDED matching ErrTimeout.
+func TestStreamAttemptTimeout(t *testing.T) {
+	reg := registry(t, func(c *resilience.Config) { c.Timeouts[healthKey] = 50 * time.Millisecond })
+	h := newHealth(step{block: true})
+	c := healthClient(t, bufnet, h, reg)
+	s, err := c.Watch(context.Background(), &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = recvAll(s)
+	if status.Code(err) != codes.DeadlineExceeded || !errors.Is(err, resilience.ErrTimeout) {
+		t.Fatalf("err = %v; want DEADLINE_EXCEEDED matching ErrTimeout", err)
+	}
+	if got := h.hits.Load(); got != 3 {
+		t.Errorf("streams opened = %d; want 3", got)
+	}
+}
+
+// The caller's cancellation before a first message is CANCELED, not
+// retried, not counted.
+func TestStreamCallerCancelNotCounted(t *testing.T) {
+	reg := registry(t, breaker(1))
+	entered := make(chan struct{})
+	h := newHealth(step{block: true, entered: entered})
+	c := healthClient(t, tcp, h, reg)
+	ctx, cancel := context.WithCancel(context.Background())
+	s, err := c.Watch(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		<-entered
+		cancel()
+	}()
+	_, err = recvAll(s)
+	if status.Code(err) != codes.Canceled {
+		t.Fatalf("err = %v; want CANCELED", err)
+	}
+	if got := h.hits.Load(); got != 1 {
+		t.Errorf("streams opened = %d; want 1", got)
+	}
+	if c := reg.CircuitBreaker(healthSvc).Counts(); c.TotalFailures != 0 {
+		t.Errorf("breaker counts = %+v; want no failure", c)
+	}
+}
+
+// A neutral status ends a stream at once, as the server sent it.
+func TestStreamNeutralStatus(t *testing.T) {
+	reg := registry(t, breaker(1))
+	h := newHealth(step{code: codes.PermissionDenied})
+	c := healthClient(t, bufnet, h, reg)
+	s, err := c.Watch(context.Background(), &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := recvAll(s); status.Code(err) != codes.PermissionDenied || h.hits.Load() != 1 {
+		t.Fatalf("err = %v, hits %d; want PERMISSION_DENIED once", err, h.hits.Load())
+	}
+	if st := reg.CircuitBreaker(healthSvc).State(); st != resilience.StateClosed {
+		t.Errorf("breaker = %v; want closed", st)
+	}
+}
+
+// An open breaker rejects NewStream itself, without reaching the server.
+func TestStreamRejectedByOpenBreaker(t *testing.T) {
+	reg := registry(t, func(c *resilience.Config) {
+		breaker(1)(c)
+		c.Retry.MaxAttempts = 1
+	})
+	h := newHealth(step{code: codes.Unavailable})
+	c := healthClient(t, bufnet, h, reg)
+	s, err := c.Watch(context.Background(), &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := recvAll(s); status.Code(err) != codes.Unavailable {
+		t.Fatalf("first stream: %v; want UNAVAILABLE", err)
+	}
+	_, err = c.Watch(context.Background(), &healthpb.HealthCheckRequest{})
+	if !errors.Is(err, resilience.ErrCircuitOpen) || status.Code(err) != codes.Unavailable {
+		t.Fatalf("NewStream with the breaker open: %v; want UNAVAILABLE matching ErrCircuitOpen", err)
+	}
+	if got := h.hits.Load(); got != 1 {
+		t.Errorf("streams opened = %d; want 1", got)
+	}
+}
+
+// The bulkhead slot is held from the first attempt until the stream ends:
+// read to its end, or cancelled.
+func TestStreamHoldsSlotUntilEnd(t *testing.T) {
+	reg := registry(t, func(c *resilience.Config) {
+		c.Bulkheads[healthKey] = resilience.BulkheadConfig{Limit: 1, FailFast: true}
+		c.Retry.MaxAttempts = 1
+	})
+	b := reg.Bulkhead(healthSvc)
+	h := newHealth(step{sends: 1, block: true}, step{sends: 1})
+	c := healthClient(t, tcp, h, reg)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s, err := c.Watch(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	if got := b.Stats().Active; got != 1 {
+		t.Fatalf("after the first message: Active = %d; want 1", got)
+	}
+	if _, err := c.Watch(context.Background(), &healthpb.HealthCheckRequest{}); !errors.Is(err, resilience.ErrBulkheadFull) {
+		t.Fatalf("a second stream while the first is open: %v; want ErrBulkheadFull", err)
+	}
+	cancel()
+	waitFor(t, "the cancelled stream's slot to be given back", func() bool { return b.Stats().Active == 0 })
+
+	// Read to its end: given back by the RecvMsg that returns io.EOF.
+	s, err = c.Watch(context.Background(), &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	if got := b.Stats().Active; got != 1 {
+		t.Fatalf("Active = %d; want 1", got)
+	}
+	if _, err := s.Recv(); err != io.EOF {
+		t.Fatalf("Recv = %v; want io.EOF", err)
+	}
+	if got := b.Stats().Active; got != 0 {
+		t.Fatalf("after io.EOF: Active = %d; want 0", got)
+	}
+}
+
+// waitFor waits for cond, which another goroutine makes true, for at most
+// 10s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// inputServer is grpc_testing's TestService, whose StreamingInputCall
+// fails its first stream after reading every message, and sums the
+// payloads of the next.
+type inputServer struct {
+	testpb.UnimplementedTestServiceServer
+	mu      sync.Mutex
+	streams [][]int // payload sizes each stream received
+	calls   atomic.Int32
+}
+
+func (s *inputServer) StreamingInputCall(ss grpc.ClientStreamingServer[testpb.StreamingInputCallRequest, testpb.StreamingInputCallResponse]) error {
+	n := s.calls.Add(1)
+	var sizes []int
+	sum := 0
+	for {
+		m, err := ss.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		sizes = append(sizes, len(m.GetPayload().GetBody()))
+		sum += len(m.GetPayload().GetBody())
+	}
+	s.mu.Lock()
+	s.streams = append(s.streams, sizes)
+	s.mu.Unlock()
+	if n == 1 {
+		return status.Error(codes.Unavailable, "first stream fails")
+	}
+	return ss.SendAndClose(&testpb.StreamingInputCallResponse{AggregatedPayloadSize: int32(sum)})
+}
+
+// The messages sent before the first response are sent again, in order,
+// to the retried stream.
+func TestStreamReplaysSentMessages(t *testing.T) {
+	for _, nw := range networks {
+		t.Run(string(nw), func(t *testing.T) {
+			reg := registry(t, nil)
+			srv := &inputServer{}
+			cc := serve(t, nw, func(s *grpc.Server) { testpb.RegisterTestServiceServer(s, srv) }, nil,
+				grpc.WithStreamInterceptor(StreamClientInterceptor(reg)))
+			c := testpb.NewTestServiceClient(cc)
+			s, err := c.StreamingInputCall(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := []int{1, 2, 3, 4}
+			for _, n := range want {
+				if err := s.Send(&testpb.StreamingInputCallRequest{Payload: &testpb.Payload{Body: make([]byte, n)}}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			resp, err := s.CloseAndRecv()
+			if err != nil || resp.GetAggregatedPayloadSize() != 10 {
+				t.Fatalf("CloseAndRecv = %v, %v; want 10", resp, err)
+			}
+			srv.mu.Lock()
+			defer srv.mu.Unlock()
+			if len(srv.streams) != 2 {
+				t.Fatalf("streams = %v; want 2", srv.streams)
+			}
+			for i, got := range srv.streams {
+				if len(got) != len(want) {
+					t.Fatalf("stream %d received %v; want %v", i, got, want)
+				}
+				for j := range got {
+					if got[j] != want[j] {
+						t.Fatalf("stream %d received %v; want %v", i, got, want)
+					}
+				}
+			}
+		})
+	}
+}
+
+// Past the replay buffer's bound, a stream is not retried: it could not
+// send everything again.
+func TestStreamBeyondReplayLimitNotRetried(t *testing.T) {
+	reg := registry(t, nil)
+	srv := &inputServer{}
+	cc := serve(t, bufnet, func(s *grpc.Server) { testpb.RegisterTestServiceServer(s, srv) }, nil,
+		grpc.WithStreamInterceptor(StreamClientInterceptor(reg)))
+	s, err := testpb.NewTestServiceClient(cc).StreamingInputCall(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if err := s.Send(&testpb.StreamingInputCallRequest{Payload: &testpb.Payload{Body: make([]byte, replayLimit/2)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err = s.CloseAndRecv()
+	if status.Code(err) != codes.Unavailable || srv.calls.Load() != 1 {
+		t.Fatalf("err = %v, streams %d; want UNAVAILABLE from one stream", err, srv.calls.Load())
+	}
+}
