@@ -61,12 +61,12 @@ func breaker(failMax int) func(*resilience.Config) {
 
 // step is what the scripted health server does on one call.
 type step struct {
-	code     codes.Code
-	trailer  []string      // key, value pairs
-	block    bool          // wait until the call's context is done
-	sends    int           // Watch: messages sent before code
-	entered  chan struct{} // closed once the call is in the handler
-	delay    time.Duration // before answering
+	code    codes.Code
+	trailer []string      // key, value pairs
+	block   bool          // wait until the call's context is done
+	sends   int           // Watch: messages sent before code
+	entered chan struct{} // closed once the call is in the handler
+	delay   time.Duration // before answering
 }
 
 // healthServer is a real grpc_health_v1 server whose calls follow a

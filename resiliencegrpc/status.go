@@ -33,11 +33,11 @@ const (
 	// classNeutral is neither retried nor counted: the caller's mistake or
 	// an answer, not the server's illness. The pipeline sees a success, and
 	// the caller gets the status.
-	classNeutral class = iota
-	classRetry         // counted and retried
-	classIdempotent    // counted, retried for idempotent methods only
-	classCounted       // counted, not retried
-	classContext       // the attempt's context ended: the pipeline decides whose
+	classNeutral    class = iota
+	classRetry            // counted and retried
+	classIdempotent       // counted, retried for idempotent methods only
+	classCounted          // counted, not retried
+	classContext          // the attempt's context ended: the pipeline decides whose
 )
 
 func classOf(c codes.Code) class {
