@@ -104,6 +104,11 @@ type Status struct {
 	Enabled   bool             `json:"enabled"`
 	Breakers  []BreakerStatus  `json:"breakers"`
 	Bulkheads []BulkheadStatus `json:"bulkheads"`
+	// ChaosEnabled is RESILIENCE_CHAOS: whether fault injection may run.
+	ChaosEnabled bool `json:"chaos_enabled"`
+	// Chaos lists every service whose fault injection is configured,
+	// started or stopped.
+	Chaos []ChaosStatus `json:"chaos"`
 }
 
 // Status reports every breaker and bulkhead the registry has built, sorted
@@ -130,6 +135,8 @@ func (r *Registry) Status() Status {
 			Name: b.Name(), Limit: b.Limit(), Active: s.Active, Waiting: s.Waiting, Rejected: s.Rejected, Completed: s.Completed,
 		})
 	}
+	st.ChaosEnabled = r.Config().ChaosEnabled
+	st.Chaos = r.chaosStatus()
 	slices.SortFunc(st.Breakers, func(a, b BreakerStatus) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(st.Bulkheads, func(a, b BulkheadStatus) int { return strings.Compare(a.Name, b.Name) })
 	return st
@@ -156,6 +163,12 @@ func (r *Registry) lookupBreaker(name string) *CircuitBreaker {
 //	POST /breakers/{name}/reset    back to closed, counts zeroed, any forced state cleared
 //	POST /breakers/{name}/open     forced open until reset
 //	POST /breakers/{name}/close    forced closed until reset
+//	GET  /chaos                    every service's fault injection
+//	POST /chaos/{service}/on       start injecting faults (Registry.StartChaos), as an
+//	                               optional JSON body says: {"error_rate": 1,
+//	                               "latency": "2s", "latency_rate": 0.5}; 409 unless
+//	                               RESILIENCE_CHAOS=true
+//	POST /chaos/{service}/off      stop injecting faults (Registry.StopChaos)
 //
 // Errors are JSON too, {"error": "..."}, with 404 for an unknown breaker
 // or path and 405 (and an Allow header) for a wrong method.
@@ -220,6 +233,8 @@ func (a *admin) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 			act()
 			writeJSON(w, http.StatusOK, breakerStatus(cb))
 		}
+	case parts[0] == "chaos" && (len(parts) == 1 || len(parts) == 3):
+		serveChaos(w, req, r, parts[1:])
 	default:
 		writeError(w, http.StatusNotFound, "no such path "+quote(req.URL.Path))
 	}

@@ -17,7 +17,7 @@ import (
 // a gRPC code) into errors the pipeline classifies. A policy added here
 // works for every entry point at once. The order, outermost first:
 //
-//	record(fallback(total timeout(breaker(retry(hedge(rate limit(timeout(bulkhead(attempt)))))))))
+//	record(fallback(total timeout(breaker(retry(hedge(rate limit(timeout(bulkhead(chaos(attempt))))))))))
 //
 // The fallback is generic and applied by the edge (fallback.go); the
 // recording of resilience.calls is done once per outermost call (edge.go).
@@ -63,6 +63,9 @@ type pipeline struct {
 	// handoff lets an attempt keep its slot and timeout after it returns,
 	// as Transport does for a response body still being read.
 	handoff bool
+	// chaos, if not nil, holds the fault injection of each attempt
+	// (chaos.go), innermost; nil in the cell while none runs.
+	chaos *chaosCell
 
 	rejected []metric.AddOption // resilience.bulkhead.rejections attributes
 }
@@ -465,16 +468,16 @@ func (p *pipeline) slot(ctx context.Context, attempt attemptFunc, h *hold) error
 		return err
 	}
 	if b == nil {
-		return attempt(ctx)
+		return p.invoke(ctx, attempt)
 	}
 	a := b.adapt.Load()
 	if a == nil {
 		if h != nil {
 			h.b, h.grel = b, grel
-			return attempt(ctx)
+			return p.invoke(ctx, attempt)
 		}
 		defer give(b, grel)
-		return attempt(ctx)
+		return p.invoke(ctx, attempt)
 	}
 	// An adaptive bulkhead learns from the attempts' latency, to the
 	// response headers for a handed-off body (from a share of them, when
@@ -489,7 +492,7 @@ func (p *pipeline) slot(ctx context.Context, attempt attemptFunc, h *hold) error
 	} else {
 		defer give(b, grel)
 	}
-	err = attempt(ctx)
+	err = p.invoke(ctx, attempt)
 	// The attempt's own timeout says overload as ErrTimeout does: inside
 	// the slot the attempt's error is still the context's.
 	overload := isOverload(err) || (err != nil && context.Cause(ctx) == ErrTimeout)

@@ -64,12 +64,17 @@ type Stack[T any] struct {
 	Check func(T) error
 	// Fallback, if set, answers calls that failed in the end.
 	Fallback Fallback[T]
+	// Chaos, if it injects anything, injects faults into each attempt,
+	// innermost, inside the bulkhead slot and the timeout, so that every
+	// policy above reacts as to a real fault: for rehearsals. An invalid
+	// Chaos is reported as ErrInvalidConfig by every call.
+	Chaos ChaosConfig
 }
 
 // Compose returns fn protected by the policies in s, in this order, outermost
 // first:
 //
-//	fallback(total timeout(breaker(retry(hedge(rate limit(timeout(bulkhead(fn))))))))
+//	fallback(total timeout(breaker(retry(hedge(rate limit(timeout(bulkhead(chaos(fn)))))))))
 //
 // So the breaker counts one failure per call whose retries were exhausted,
 // each attempt gets the whole timeout, the wait for a bulkhead slot counts
@@ -97,6 +102,13 @@ func Compose[T any](fn Func[T], s Stack[T]) Func[T] {
 			return failing[T](err)
 		}
 		p.total = fixedTimeout(s.TotalTimeout)
+	}
+	if err := s.Chaos.checkAs("Stack.Chaos"); err != nil {
+		return failing[T](err)
+	}
+	if s.Chaos.on() {
+		p.chaos = new(chaosCell)
+		p.chaos.Store(newChaos(s.Chaos))
 	}
 	kind := fallbackFunction
 	if s.Fallback != nil {

@@ -60,6 +60,15 @@ type Config struct {
 	// RateLimitConfig. A service without an entry is not rate limited.
 	RateLimits map[string]RateLimitConfig
 
+	// ChaosEnabled is RESILIENCE_CHAOS: fault injection (Chaos,
+	// [Registry.StartChaos]) takes effect only while it is true, so that
+	// no variable left behind injects a fault by accident.
+	ChaosEnabled bool
+	// Chaos holds CHAOS_<SERVICE>_ERROR_RATE, _LATENCY and _LATENCY_RATE
+	// (1 when only _LATENCY is set) per service: faults injected into the
+	// service's attempts, for rehearsals. See ChaosConfig.
+	Chaos map[string]ChaosConfig
+
 	// Hedges holds HEDGE_<SERVICE>_DELAY, _MAX (MaxHedges), _QUANTILE and
 	// _BUDGET per service: see HedgingConfig. A service without an entry
 	// is not hedged: a hedge sends a call twice, so hedging is for the
@@ -113,6 +122,7 @@ func (c Config) Clone() Config {
 	c.Bulkheads = maps.Clone(c.Bulkheads)
 	c.RateLimits = maps.Clone(c.RateLimits)
 	c.Hedges = maps.Clone(c.Hedges)
+	c.Chaos = maps.Clone(c.Chaos)
 	c.TotalTimeouts = maps.Clone(c.TotalTimeouts)
 	c.IdleTimeouts = maps.Clone(c.IdleTimeouts)
 	c.StreamTimeouts = maps.Clone(c.StreamTimeouts)
@@ -200,6 +210,9 @@ func (c Config) Validate() error {
 	if err := validateEach(c.RateLimits); err != nil {
 		errs = append(errs, err)
 	}
+	if err := validateEach(c.Chaos); err != nil {
+		errs = append(errs, err)
+	}
 	if err := validateEach(c.Hedges); err != nil {
 		errs = append(errs, err)
 	}
@@ -263,6 +276,7 @@ func (e *VarError) Is(target error) bool { return target == ErrInvalidConfig }
 // The variables read once per configuration, with the Config fields they set.
 type globalVars struct {
 	Enabled        bool          `env:"RESILIENCE_ENABLED"`
+	Chaos          bool          `env:"RESILIENCE_CHAOS"`
 	StoreURL       string        `env:"RESILIENCE_STORE_URL"`
 	RedisURL       string        `env:"RESILIENCE_REDIS_URL"`
 	MaxAttempts    int           `env:"RETRY_MAX_ATTEMPTS"`
@@ -312,7 +326,7 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 	cfg := DefaultConfig()
 
 	g := globalVars{
-		Enabled: cfg.Enabled, MaxAttempts: cfg.Retry.MaxAttempts, Base: cfg.Retry.Multiplier,
+		Enabled: cfg.Enabled, Chaos: cfg.ChaosEnabled, MaxAttempts: cfg.Retry.MaxAttempts, Base: cfg.Retry.Multiplier,
 		Max: cfg.Retry.MaxDelay, Jitter: true, DefaultTimeout: cfg.DefaultTimeout,
 	}
 	l.parse(&g, "")
@@ -321,6 +335,7 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 	l.check("RETRY_EXPONENTIAL_MAX", g.Max > 0, "must be positive")
 	l.check("TIMEOUT_DEFAULT", g.DefaultTimeout > 0, "must be positive")
 	cfg.Enabled = g.Enabled
+	cfg.ChaosEnabled = g.Chaos
 	cfg.Retry = RetryConfig{MaxAttempts: g.MaxAttempts, Multiplier: g.Base, MaxDelay: g.Max, DisableJitter: !g.Jitter}
 	cfg.DefaultTimeout = g.DefaultTimeout
 	cfg.StoreURL = g.StoreURL
@@ -377,6 +392,7 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 
 	l.loadRateLimits(&cfg)
 	l.loadHedges(&cfg)
+	l.loadChaos(&cfg)
 
 	if len(l.errs) > 0 {
 		return DefaultConfig(), errors.Join(l.errs...)

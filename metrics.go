@@ -60,6 +60,7 @@ type instruments struct {
 	timeoutDuration                                  metric.Float64Histogram
 	bhRejections                                     metric.Int64Counter
 	hedgeAttempts, hedgeWins, failoverUsed           metric.Int64Counter
+	chaosInjected                                    metric.Int64Counter
 	fbUsed, fbCacheHits                              metric.Int64ObservableCounter
 	callDuration                                     metric.Float64Histogram
 	cbState, bhActive, bhQueue, bhLimit              metric.Int64ObservableGauge
@@ -162,6 +163,7 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.hedgeAttempts = counter("resilience.hedge.attempts", "Hedged attempts sent beside an attempt slow to answer.", "{attempt}")
 	in.hedgeWins = counter("resilience.hedge.wins", "Hedged rounds that succeeded, by whether a hedge (hedged true) or the first attempt answered.", "{call}")
 	in.failoverUsed = counter("resilience.failover.used", "Calls a Failover answered, by the index of the function that answered.", "{call}")
+	in.chaosInjected = counter("resilience.chaos.injected", "Faults injected for a rehearsal, by fault: error or latency.", "{fault}")
 	in.fbUsed = observedCounter("resilience.fallback.used", "Failed calls answered by a fallback.", "{call}")
 	in.fbCacheHits = observedCounter("resilience.fallback.cache_hits", "Failed calls answered from a fallback cache.", "{call}")
 	in.calls = observedCounter("resilience.calls", "Protected calls, by outcome.", "{call}")
@@ -345,9 +347,15 @@ func errorType(err error) string {
 			return "rate_limited"
 		}
 	}
+	if _, ok := err.(*chaosError); ok {
+		return "chaos"
+	}
 	switch {
 	case err == nil:
 		return ""
+	case errors.Is(err, ErrChaos):
+		// Before the rest: an injected fault may be any error.
+		return "chaos"
 	case errors.Is(err, ErrTimeout):
 		return "timeout"
 	case errors.Is(err, ErrCircuitOpen):
@@ -477,6 +485,7 @@ type site struct {
 	fbHits          keyedCounts                   // by error.type; observed
 	retryAttempts   optCache                      // by attempt_number and error.type
 	hedgeWins       [2][]metric.AddOption         // hedged false, true
+	chaos           [2][]metric.AddOption         // by fault: faultError, faultLatency
 	timeoutDuration []metric.RecordOption
 }
 
@@ -501,6 +510,10 @@ func newSite(name, operation string) *site {
 	}
 	s.function = addSet(attrFunction.String(name))
 	s.hedgeWins = hedgeWinAttrs(name)
+	s.chaos = [2][]metric.AddOption{
+		faultError:   addSet(attrFunction.String(name), attribute.String("fault", "error")),
+		faultLatency: addSet(attrFunction.String(name), attribute.String("fault", "latency")),
+	}
 	s.timeoutDuration = recSet(attrFunction.String(name), attrOperationType.String(operation))
 	if actual, loaded := sites.LoadOrStore(key, s); loaded {
 		return actual.(*site)
@@ -519,6 +532,18 @@ func (s *site) timedOut(ctx context.Context, start time.Time, d time.Duration) {
 	in.timeoutExceeded.Add(ctx, 1, addSet(attrFunction.String(s.name), attrOperationType.String(s.operation),
 		attrTimeoutSecs.String(strconv.FormatFloat(d.Seconds(), 'f', -1, 64)))...)
 	in.timeoutDuration.Record(ctx, time.Since(start).Seconds(), s.timeoutDuration...)
+}
+
+// The faults chaos injects, the values of the fault attribute of
+// resilience.chaos.injected.
+const (
+	faultError = iota
+	faultLatency
+)
+
+// injected counts a fault injected into one of the site's attempts.
+func (s *site) injected(ctx context.Context, fault int) {
+	meter().chaosInjected.Add(ctx, 1, s.chaos[fault]...)
 }
 
 // retried counts a failed attempt that is about to be retried.

@@ -31,6 +31,7 @@ type Registry struct {
 	// limitCells hold each service's request limiter for its pipelines.
 	limitCells map[string]limitCell
 	hedges     map[string]*serviceHedge // by EnvKey of the service
+	chaos      map[string]*serviceChaos // by EnvKey of the service
 	retry      *Retry
 	store      Store
 	ownsStore  bool // opened from cfg.StoreURL: Close closes it
@@ -67,6 +68,7 @@ func NewRegistry(cfg Config) (*Registry, error) {
 	r.retry, _ = NewRetry(cfg.Retry)
 	r.retry.sw = &r.enabled
 	r.enabled.Store(cfg.Enabled)
+	r.reloadChaosLocked() // no other goroutine has r yet
 	if cfg.StoreURL != "" {
 		s, err := openStore(cfg.StoreURL)
 		if err != nil {
@@ -248,6 +250,7 @@ func (r *Registry) Reload(cfg Config) error {
 	}
 	r.reloadLimitersLocked()
 	r.reloadHedgesLocked()
+	r.reloadChaosLocked()
 	wasOn := r.enabled.Swap(cfg.Enabled)
 	if wasOn && !cfg.Enabled {
 		// Callers queued for a slot pass through too, as every later
@@ -366,6 +369,7 @@ func (r *Registry) pipeline(service string, handoff bool) *pipeline {
 	p.limitCell = r.limitCell(service)
 	p.hedgeCell, p.hedged = r.hedgeCell(service), true
 	p.pause = r.pauseCell(service)
+	p.chaos = r.chaosCell(service)
 	p.setSite(newSite(service, service))
 	actual, _ := r.pipelines.LoadOrStore(k, p)
 	return actual.(*pipeline)

@@ -131,7 +131,9 @@ func enforced[T any](ctx context.Context, p *pipeline, fn Func[T]) (T, error) {
 				start = monotonic()
 			}
 		}
-		r.v, r.err = fn(ctx)
+		if r.err = p.injectChaos(ctx); r.err == nil {
+			r.v, r.err = fn(ctx)
+		}
 		returned = true
 		if a != nil {
 			b.observe(a, start, isOverload(r.err) || (r.err != nil && context.Cause(ctx) == ErrTimeout))

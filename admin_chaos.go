@@ -1,0 +1,87 @@
+package resilience
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"time"
+)
+
+// chaosRequest is the optional body of POST /chaos/{service}/on.
+type chaosRequest struct {
+	ErrorRate   float64 `json:"error_rate"`
+	Latency     string  `json:"latency"`
+	LatencyRate float64 `json:"latency_rate"`
+}
+
+// serveChaos serves GET /chaos and POST /chaos/{service}/on and /off;
+// parts is the path after /chaos.
+func serveChaos(w http.ResponseWriter, req *http.Request, r *Registry, parts []string) {
+	if len(parts) == 0 {
+		if allow(w, req, http.MethodGet) {
+			writeJSON(w, http.StatusOK, r.chaosStatus())
+		}
+		return
+	}
+	service, action := parts[0], parts[1]
+	if action != "on" && action != "off" {
+		writeError(w, http.StatusNotFound, "unknown action "+quote(action)+": use on or off")
+		return
+	}
+	if !allow(w, req, http.MethodPost) {
+		return
+	}
+	if action == "off" {
+		r.StopChaos(service)
+		writeJSON(w, http.StatusOK, chaosOf(r, service))
+		return
+	}
+	cfg, err := readChaosRequest(req)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if err := r.StartChaos(service, cfg); err != nil {
+		code := http.StatusBadRequest
+		if !r.Config().ChaosEnabled {
+			code = http.StatusConflict // not the request's fault: the process's setting
+		}
+		writeError(w, code, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, chaosOf(r, service))
+}
+
+// readChaosRequest reads the optional body of POST /chaos/{service}/on.
+func readChaosRequest(req *http.Request) (ChaosConfig, error) {
+	var body chaosRequest
+	dec := json.NewDecoder(io.LimitReader(req.Body, 4<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&body); err != nil && !errors.Is(err, io.EOF) {
+		return ChaosConfig{}, errors.New("body: " + err.Error() + `: want {"error_rate": 1, "latency": "2s", "latency_rate": 0.5}, or none`)
+	}
+	cfg := ChaosConfig{ErrorRate: body.ErrorRate, LatencyRate: body.LatencyRate}
+	if body.Latency != "" {
+		d, err := time.ParseDuration(body.Latency)
+		if err != nil {
+			return ChaosConfig{}, invalid("latency", body.Latency, "must be a duration, such as 2s")
+		}
+		cfg.Latency = d
+		if cfg.LatencyRate == 0 {
+			cfg.LatencyRate = 1
+		}
+	}
+	return cfg, nil
+}
+
+// chaosOf reports one service's fault injection.
+func chaosOf(r *Registry, service string) ChaosStatus {
+	key := EnvKey(service)
+	for _, s := range r.chaosStatus() {
+		if EnvKey(s.Service) == key {
+			return s
+		}
+	}
+	return ChaosStatus{Service: service}
+}
