@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 )
 
@@ -138,6 +139,13 @@ func UnaryClientInterceptor(reg *resilience.Registry, opts ...Option) grpc.Unary
 			return m.err
 		}
 		call := &unaryCall{Context: ctx, m: m, req: req, reply: reply, cc: cc, invoker: invoker, opts: opts}
+		if m.idempotent {
+			if pm, ok := reply.(proto.Message); ok {
+				// Read here, before any attempt decodes into the reply,
+				// for the hedges to make theirs.
+				call.replyType = pm.ProtoReflect().Type()
+			}
+		}
 		res, err := m.unary(call)
 		if err != nil {
 			return callerError(m.service, err)
@@ -161,7 +169,8 @@ type unaryCall struct {
 	cc         *grpc.ClientConn
 	invoker    grpc.UnaryInvoker
 	opts       []grpc.CallOption
-	inFlight   atomic.Int32 // attempts running: more than one is a hedge
+	replyType  protoreflect.MessageType // the reply's, for hedges: nil if not a proto
+	inFlight   atomic.Int32             // attempts running: more than one is a hedge
 }
 
 // Value finds the call; other keys go to the caller's context, which keeps
@@ -187,7 +196,7 @@ func (m *method) attemptUnary(ctx context.Context) (result, error) {
 	if c.inFlight.Add(1) > 1 {
 		// A hedge beside an attempt still running: sent only if the
 		// method may be sent twice, and decoded into a reply of its own.
-		if reply = newReply(reply); reply == nil || !m.idempotent {
+		if reply = c.newReply(); reply == nil || !m.idempotent {
 			c.inFlight.Add(-1)
 			return result{}, errNotHedged
 		}
@@ -208,13 +217,15 @@ func (m *method) attemptUnary(ctx context.Context) (result, error) {
 	return result{}, perr
 }
 
-// newReply returns an empty reply of reply's type, or nil if it cannot.
-func newReply(reply any) any {
-	if pm, ok := reply.(proto.Message); ok {
-		return pm.ProtoReflect().New().Interface()
+// newReply returns an empty reply of the call's reply type, or nil if it
+// cannot. It reads the type, never the reply, which another attempt may be
+// writing.
+func (c *unaryCall) newReply() any {
+	if c.replyType != nil {
+		return c.replyType.New().Interface()
 	}
-	if v := reflect.ValueOf(reply); v.Kind() == reflect.Pointer && !v.IsNil() {
-		return reflect.New(v.Type().Elem()).Interface()
+	if t := reflect.TypeOf(c.reply); t != nil && t.Kind() == reflect.Pointer {
+		return reflect.New(t.Elem()).Interface()
 	}
 	return nil
 }
