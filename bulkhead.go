@@ -358,14 +358,19 @@ func (b *Bulkhead) queueLocked(w *waiter) *list.Element {
 // leaves the queue on every other way out. attempt says the caller is an
 // attempt of the pipeline, whose own timeout ending in the queue is the
 // bulkhead's rejection; for Shed it is the request's deadline.
-func (b *Bulkhead) wait(ctx context.Context, w *waiter, elem *list.Element, maxWait time.Duration, attempt bool) error {
+func (b *Bulkhead) wait(ctx context.Context, w *waiter, elem *list.Element, maxWait time.Duration, attempt bool) (err error) {
+	if recordingSpan(ctx) != nil {
+		start := time.Now()
+		defer func() {
+			traceBulkheadWait(ctx, b.name, time.Since(start), err == nil || err == errBypassed)
+		}()
+	}
 	var expired <-chan time.Time
 	if maxWait > 0 {
 		t := time.NewTimer(maxWait)
 		defer t.Stop()
 		expired = t.C
 	}
-	var err error
 	select {
 	case <-w.ready:
 		switch {

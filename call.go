@@ -195,6 +195,7 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 		return o
 	})
 	if rej != nil {
+		traceBreakerRejected(ctx, cb, rej)
 		return rej
 	}
 	if counted {
@@ -259,7 +260,8 @@ func (p *pipeline) retryAfterFailure(ctx context.Context, attempt attemptFunc, b
 			in.retryBudgetExhausted.Add(ctx, 1, p.site.function...)
 			return &Error{Err: ErrRetryBudgetExhausted, Attempts: n, Cause: err}
 		}
-		p.site.retried(ctx, in, n, errorType(err))
+		et := errorType(err)
+		p.site.retried(ctx, in, n, et)
 		if bo == nil {
 			bo = r.newBackOff()
 		}
@@ -287,6 +289,7 @@ func (p *pipeline) retryAfterFailure(ctx context.Context, attempt attemptFunc, b
 		if r.onRetry != nil {
 			r.onRetry(n, err, delay)
 		}
+		traceRetry(ctx, p.site.name, n, et, delay)
 		if delay > 0 {
 			if timer == nil {
 				timer = time.NewTimer(delay)
@@ -518,6 +521,7 @@ func (p *pipeline) take(ctx context.Context) (b *Bulkhead, grel func(), err erro
 			return nil, noop, nil
 		case b.errFull:
 			meter().bhRejections.Add(ctx, 1, p.rejected...)
+			traceBulkheadRejected(ctx, b.name)
 		}
 		return nil, noop, err
 	}
@@ -528,6 +532,7 @@ func (p *pipeline) take(ctx context.Context) (b *Bulkhead, grel func(), err erro
 			b.giveBack()
 			if errors.Is(err, ErrBulkheadFull) {
 				meter().bhRejections.Add(ctx, 1, p.rejected...)
+				traceBulkheadRejected(ctx, b.name)
 			}
 			return nil, noop, err
 		}

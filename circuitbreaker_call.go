@@ -57,11 +57,11 @@ func (cb *CircuitBreaker) guard(ctx context.Context, r *breakerRule, call func(c
 				panic(r)
 			}
 		}
-		cb.flush()
+		cb.flushTo(ctx)
 		cb.recordFailure(ctx, "panic")
 	}()
 	_, err := g.gb.Execute(func() (struct{}, error) {
-		cb.flush() // deliver open -> half-open before asking the sync
+		cb.flushTo(ctx) // deliver open -> half-open before asking the sync
 		if sb := cb.sync.Load(); sb != nil && cb.lastState() == StateHalfOpen && !sb.s.AllowProbe(ctx, cb.name) {
 			// Another process is probing: give the probe back uncounted.
 			stage = probeDenied
@@ -84,7 +84,7 @@ func (cb *CircuitBreaker) guard(ctx context.Context, r *breakerRule, call func(c
 		stage = callReturned
 		return struct{}{}, o
 	})
-	cb.flush()
+	cb.flushTo(ctx)
 	switch stage {
 	case callNotRun:
 		if err == gobreaker.ErrTooManyRequests {

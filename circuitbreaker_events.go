@@ -73,17 +73,22 @@ func (cb *CircuitBreaker) transitionLocked(from, to State) {
 	cb.last = to
 	cb.lastAtomic.Store(int32(to))
 	cb.since = time.Now()
-	if h := cb.hooks.Load(); h.onStateChange != nil || h.logger != nil || cb.sync.Load() != nil {
-		cb.pending = append(cb.pending, transition{from, to})
-		cb.npending.Add(1)
-	}
+	// Queued even with no callback, log or sync to deliver it to: the
+	// call that caused it adds it to its span as it flushes. Transitions
+	// are rare; an append each costs nothing that matters.
+	cb.pending = append(cb.pending, transition{from, to})
+	cb.npending.Add(1)
 }
 
 // flush delivers queued transitions outside every lock. Only one goroutine
 // delivers at a time, so callbacks never run concurrently and stay in order;
 // a callback that causes a transition itself has it delivered right after
 // it returns.
-func (cb *CircuitBreaker) flush() {
+func (cb *CircuitBreaker) flush() { cb.flushTo(context.Background()) }
+
+// flushTo is flush for a call: the transitions it delivers are events of
+// ctx's span too.
+func (cb *CircuitBreaker) flushTo(ctx context.Context) {
 	if cb.npending.Load() == 0 {
 		return
 	}
@@ -95,6 +100,7 @@ func (cb *CircuitBreaker) flush() {
 		cb.delivering = true
 		cb.evMu.Unlock()
 		cb.deliver(t)
+		traceTransition(ctx, cb.name, t)
 		cb.evMu.Lock()
 		cb.delivering = false
 	}

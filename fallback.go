@@ -78,6 +78,7 @@ func applyFallback[T any](ctx context.Context, s *site, fb Fallback[T], kind int
 		return v, classify(ctx, ferr), ferr
 	}
 	s.fbUsed[kind].add(et)
+	traceFallback(ctx, s.name, et, kind)
 	if kind == fallbackCached || kind == fallbackStale {
 		s.fbHits.add(et)
 	}

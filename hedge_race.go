@@ -106,6 +106,7 @@ func (s *hedgeSeat) sent(ctx context.Context) {
 	if s.i > 0 {
 		s.r.reached.Store(true)
 		meter().hedgeAttempts.Add(ctx, 1, s.r.p.site.function...)
+		traceHedge(ctx, s.r.p.site.name, int(s.i))
 	}
 }
 

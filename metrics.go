@@ -532,6 +532,7 @@ func (s *site) timedOut(ctx context.Context, start time.Time, d time.Duration) {
 	in.timeoutExceeded.Add(ctx, 1, addSet(attrFunction.String(s.name), attrOperationType.String(s.operation),
 		attrTimeoutSecs.String(strconv.FormatFloat(d.Seconds(), 'f', -1, 64)))...)
 	in.timeoutDuration.Record(ctx, time.Since(start).Seconds(), s.timeoutDuration...)
+	traceTimeout(ctx, s.name, s.operation, d)
 }
 
 // The faults chaos injects, the values of the fault attribute of
@@ -544,6 +545,7 @@ const (
 // injected counts a fault injected into one of the site's attempts.
 func (s *site) injected(ctx context.Context, fault int) {
 	meter().chaosInjected.Add(ctx, 1, s.chaos[fault]...)
+	traceChaos(ctx, s.name, fault)
 }
 
 // retried counts a failed attempt that is about to be retried.

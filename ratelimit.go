@@ -173,6 +173,7 @@ func (l *RateLimiter) Wait(ctx context.Context, n int) error {
 	}
 	if int64(n) > l.burst.Load() {
 		l.rejected.Add(1)
+		traceRateLimited(ctx, l.name, n, -1)
 		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: -1}
 	}
 	now := time.Now()
@@ -196,6 +197,7 @@ func (l *RateLimiter) Wait(ctx context.Context, n int) error {
 		r.CancelAt(now)
 		l.giveBack(n - need)
 		l.rejected.Add(1)
+		traceRateLimited(ctx, l.name, n, delay)
 		return &Error{Err: ErrRateLimited, Name: l.name, retryIn: delay}
 	}
 	return l.sleep(ctx, r, delay, n, need)
@@ -210,13 +212,16 @@ func (l *RateLimiter) sleep(ctx context.Context, r *rate.Reservation, delay time
 	defer l.waiting.Add(-1)
 	t := time.NewTimer(delay)
 	defer t.Stop()
+	start := time.Now()
 	select {
 	case <-t.C:
 		meter().rlWait.Record(ctx, delay.Seconds(), l.mWait...)
+		traceRateLimitWait(ctx, l.name, n, delay, true)
 		return l.grant(ctx, n)
 	case <-ctx.Done():
 		r.Cancel()
 		l.giveBack(n - need)
+		traceRateLimitWait(ctx, l.name, n, time.Since(start), false)
 		return ctx.Err()
 	}
 }
