@@ -195,7 +195,7 @@ func TestTraceNotRecordingAllocatesNothing(t *testing.T) {
 				traceRateLimited(ctx, name, 1, time.Second)
 				traceFallback(ctx, name, "timeout", fallbackValue)
 			},
-			"open breaker": func() { rejected(ctx) },
+			"open breaker":  func() { rejected(ctx) },
 			"full bulkhead": func() { full(ctx) },
 		} {
 			if n := testing.AllocsPerRun(100, f); n != 0 {
