@@ -18,14 +18,15 @@ BENCHSTAT := v0.0.0-20260908200009-22c9c6c9d4da
 # The lowest total coverage of the root package that `make cover` accepts.
 COVER_MIN := 90
 
-.PHONY: all test lint cover bench bench-smoke compare fuzz load chaos-fuzz demo tidy-check
+.PHONY: all test lint cover bench bench-smoke compare fuzz load chaos-fuzz demo tidy-check alerts
 
 all: test lint
 
 # The root module and the nested ones: the benchmarks comparison, the chaos
-# scenarios, the Redis store and the Prometheus example each have their own
-# go.mod, so that their dependencies never reach the core's users.
-MODULES := . internal/benchmarks internal/chaos internal/plots redisstore examples/prometheus
+# scenarios, the Redis store, the gRPC interceptors and the Prometheus and
+# gRPC examples each have their own go.mod, so that their dependencies never
+# reach the core's users.
+MODULES := . internal/benchmarks internal/chaos internal/plots redisstore resiliencegrpc examples/prometheus examples/grpcauth
 
 test:
 	@for m in $(MODULES); do \
@@ -56,6 +57,7 @@ bench-smoke:
 	$(GO) test -run='^$$' -bench=. -benchtime=1x ./...
 	cd internal/benchmarks && $(GO) test -run='^$$' -bench=. -benchtime=1x ./...
 	cd redisstore && $(GO) test -run='^$$' -bench=. -benchtime=1x ./...
+	cd resiliencegrpc && $(GO) test -run='^$$' -bench=. -benchtime=1x ./...
 
 # The side-by-side comparison with failsafe-go and a hand-written stack.
 compare:
@@ -89,7 +91,18 @@ demo:
 	@a=$$($(GO) run ./examples/auth) && b=$$($(GO) run ./examples/auth) && [ "$$a" = "$$b" ] \
 		|| { echo "demo: examples/auth output is not deterministic"; exit 1; }
 	$(GO) run ./examples/admin -duration 2s -addr 127.0.0.1:0
+	cd examples/grpcauth && $(GO) run .
 	$(GO) build -o /dev/null ./cmd/resilience
+
+# The Prometheus rules of dashboards/alerts.yml: checked, then their unit
+# tests in dashboards/alerts_test.yml, with promtool from Debian's
+# prometheus package.
+PROMTOOL ?= promtool
+
+alerts:
+	@command -v $(PROMTOOL) >/dev/null 2>&1 || { echo "alerts: $(PROMTOOL) not found: apt-get install prometheus"; exit 1; }
+	$(PROMTOOL) check rules dashboards/alerts.yml
+	$(PROMTOOL) test rules dashboards/alerts_test.yml
 
 tidy-check:
 	@for m in $(MODULES); do \

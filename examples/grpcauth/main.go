@@ -176,26 +176,27 @@ func run(w io.Writer) error {
 	fmt.Fprintf(w, "policies for \"authz\": %d attempts of %v each; the breaker opens after %d failed calls for %v\n",
 		cfg.Retry.MaxAttempts, reg.Timeout("authz"), cfg.CircuitBreakerConfig("authz").FailMax, openTimeout)
 
-	fmt.Fprintln(w, "\n-- authz is up")
-	do("user:alice#admin@organization:acme")
-	do("user:bob#admin@organization:acme")
-	fmt.Fprintln(w, "\n-- authz degrades: every other request is UNAVAILABLE, retried after its 10ms pushback")
-	svc.set(degraded)
-	do("user:alice#admin@organization:acme")
-	fmt.Fprintln(w, "\n-- a malformed permission: INVALID_ARGUMENT, neither retried nor counted")
-	svc.set(up)
-	do("user:alice admin")
-	fmt.Fprintln(w, "\n-- authz slows down past the attempt's timeout: DEADLINE_EXCEEDED, retried and counted")
-	svc.set(slow)
-	do("user:alice#admin@organization:acme")
-	fmt.Fprintln(w, "\n-- authz is down: UNAVAILABLE")
-	svc.set(down)
-	do("user:alice#admin@organization:acme")
-	do("user:alice#admin@organization:acme")
-	fmt.Fprintln(w, "\n-- authz recovers; the breaker's open timeout passes")
-	svc.set(up)
-	time.Sleep(openTimeout + openTimeout/4)
-	do("user:alice#admin@organization:acme")
+	alice, bob := "user:alice#admin@organization:acme", "user:bob#admin@organization:acme"
+	for _, p := range []struct {
+		title, mode string
+		checks      []string
+	}{
+		{"authz is up", up, []string{alice, bob}},
+		{"authz degrades: every other request is UNAVAILABLE, retried after its 10ms pushback", degraded, []string{alice}},
+		{"a malformed permission: INVALID_ARGUMENT, neither retried nor counted", up, []string{"user:alice admin"}},
+		{"authz slows down past the attempt's timeout: DEADLINE_EXCEEDED, retried and counted", slow, []string{alice}},
+		{"authz is down: UNAVAILABLE", down, []string{alice, alice}},
+		{"authz recovers; the breaker's open timeout passes", up, []string{alice}},
+	} {
+		fmt.Fprintf(w, "\n-- %s\n", p.title)
+		svc.set(p.mode)
+		if breaker.State() == resilience.StateOpen {
+			time.Sleep(openTimeout + openTimeout/4)
+		}
+		for _, permission := range p.checks {
+			do(permission)
+		}
+	}
 	fmt.Fprintf(w, "\nauthz received %d requests\n", svc.count())
 	return nil
 }
