@@ -39,7 +39,7 @@ func traced(t *testing.T, f func(ctx context.Context)) []string {
 func attrsString(kvs []attribute.KeyValue) string {
 	var parts []string
 	for _, kv := range kvs {
-		parts = append(parts, string(kv.Key)+"="+kv.Value.Emit())
+		parts = append(parts, string(kv.Key)+"="+kv.Value.String())
 	}
 	slices.Sort(parts)
 	return strings.Join(parts, ",")
