@@ -171,6 +171,10 @@ type unaryCall struct {
 	opts       []grpc.CallOption
 	replyType  protoreflect.MessageType // the reply's, for hedges: nil if not a proto
 	inFlight   atomic.Int32             // attempts running: more than one is a hedge
+	// The first attempt's trailer and options, and so every attempt's
+	// but a hedge's: one allocation per call, the call's own.
+	trailer metadata.MD
+	optBuf  [4]grpc.CallOption
 }
 
 // Value finds the call; other keys go to the caller's context, which keeps
@@ -202,15 +206,19 @@ func (m *method) attemptUnary(ctx context.Context) (result, error) {
 		}
 	}
 	defer c.inFlight.Add(-1)
-	var trailer metadata.MD
-	// A copy of the options, never an append into the caller's array,
-	// which hedges would share.
-	opts := append(c.opts[:len(c.opts):len(c.opts)], grpc.Trailer(&trailer))
+	// The caller's options and one for the trailer: never an append into
+	// the caller's array, which hedges would share.
+	trailer, opts := &c.trailer, c.optBuf[:0]
+	if reply != c.reply {
+		trailer, opts = new(metadata.MD), nil // a hedge, beside the first attempt
+	}
+	*trailer = nil
+	opts = append(append(opts, c.opts...), grpc.TrailerCallOption{TrailerAddr: trailer})
 	err := c.invoker(ctx, m.full, c.req, reply, c.cc, opts...)
 	if err == nil {
 		return result{reply: reply}, nil
 	}
-	perr, neutral := judge(ctx, err, trailer, m.idempotent)
+	perr, neutral := judge(ctx, err, *trailer, m.idempotent)
 	if neutral {
 		return result{reply: reply, err: err}, nil
 	}

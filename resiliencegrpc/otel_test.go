@@ -75,7 +75,7 @@ func TestBesideOtelgrpc(t *testing.T) {
 				for _, dp := range sum.DataPoints {
 					var kv []string
 					for _, a := range dp.Attributes.ToSlice() {
-						kv = append(kv, string(a.Key)+"="+a.Value.Emit())
+						kv = append(kv, string(a.Key)+"="+a.Value.String())
 					}
 					sort.Strings(kv)
 					points[m.Name][strings.Join(kv, ",")] += dp.Value
