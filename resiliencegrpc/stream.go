@@ -164,7 +164,14 @@ func (m *method) attemptStream(ctx context.Context) (result, error) {
 	}
 	a := &streamAttempt{cs: cs, verdict: make(chan error, 1), decided: make(chan struct{})}
 	defer close(a.decided)
-	s.publish(a)
+	if !s.publish(a) {
+		// The messages outgrew the buffer before this retry caught up:
+		// it would miss some. Its stream ends with the attempt's context.
+		s.mu.Lock()
+		lastErr = s.lastErr
+		s.mu.Unlock()
+		return result{}, resilience.Permanent(lastErr)
+	}
 	var v error
 	select {
 	case v = <-a.verdict:
@@ -205,11 +212,17 @@ func (s *clientStream) failed(err error) {
 // publish sends the kept messages to a new attempt's stream and makes it
 // the current one once it has caught up: the caller's sends meanwhile are
 // kept, and sent by this loop, so that the order holds and only one
-// goroutine sends on the stream at a time.
-func (s *clientStream) publish(a *streamAttempt) {
+// goroutine sends on the stream at a time. It returns false, publishing
+// nothing, when the buffer was dropped before the stream caught up.
+func (s *clientStream) publish(a *streamAttempt) bool {
 	n := 0
 	for {
 		s.mu.Lock()
+		if !s.replayable && s.lastErr != nil {
+			// A retry, and the messages sent before it were dropped.
+			s.mu.Unlock()
+			return false
+		}
 		if a.sendFailed.Load() || n >= len(s.buf) {
 			closeSend := s.closeSent && !a.sendFailed.Load()
 			s.cur, s.last = a, a
@@ -218,7 +231,7 @@ func (s *clientStream) publish(a *streamAttempt) {
 			if closeSend {
 				a.cs.CloseSend()
 			}
-			return
+			return true
 		}
 		batch := s.buf[n:]
 		s.mu.Unlock()

@@ -328,3 +328,47 @@ func TestStreamBeyondReplayLimitNotRetried(t *testing.T) {
 		t.Fatalf("err = %v, streams %d; want UNAVAILABLE from one stream", err, srv.calls.Load())
 	}
 }
+
+// duplexServer's FullDuplexCall fails every stream at once.
+type duplexServer struct {
+	testpb.UnimplementedTestServiceServer
+	calls atomic.Int32
+}
+
+func (s *duplexServer) FullDuplexCall(grpc.BidiStreamingServer[testpb.StreamingOutputCallRequest, testpb.StreamingOutputCallResponse]) error {
+	s.calls.Add(1)
+	return status.Error(codes.Unavailable, "down")
+}
+
+// Messages sent while a retry waits are kept for it; past the buffer's
+// bound the retry is not made, since it would miss some.
+func TestStreamOverflowWhileRetryWaits(t *testing.T) {
+	retrying := make(chan struct{}, 1)
+	reg := registry(t, func(c *resilience.Config) {
+		c.Retry.InitialDelay = 200 * time.Millisecond
+		c.Retry.OnRetry = func(int, error, time.Duration) { retrying <- struct{}{} }
+	})
+	srv := &duplexServer{}
+	cc := serve(t, bufnet, func(s *grpc.Server) { testpb.RegisterTestServiceServer(s, srv) }, nil,
+		grpc.WithStreamInterceptor(StreamClientInterceptor(reg)))
+	s, err := testpb.NewTestServiceClient(cc).FullDuplexCall(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	recvErr := make(chan error, 1)
+	go func() {
+		_, err := s.Recv()
+		recvErr <- err
+	}()
+	<-retrying // the first stream failed; the retry waits
+	for range 3 {
+		msg := &testpb.StreamingOutputCallRequest{Payload: &testpb.Payload{Body: make([]byte, replayLimit/2)}}
+		if err := s.Send(msg); err != nil {
+			t.Fatalf("Send while the retry waits: %v; want it kept", err)
+		}
+	}
+	err = <-recvErr
+	if status.Code(err) != codes.Unavailable || srv.calls.Load() != 1 {
+		t.Fatalf("Recv = %v after %d streams; want UNAVAILABLE after 1", err, srv.calls.Load())
+	}
+}
