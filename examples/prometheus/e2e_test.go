@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -31,7 +32,11 @@ const (
 // TestPrometheus runs a real Prometheus (Debian's prometheus package)
 // scraping the example, and evaluates every query of
 // dashboards/resilience.json through its HTTP API: each must return at
-// least one series with a number.
+// least one series with a number. The Prometheus loads the rules of
+// dashboards/alerts.yml too: each must evaluate without error, each
+// recording rule must give a number, and the example's breakers, which
+// open every cycle, must fire ResilienceCircuitBreakerOpened, but not its
+// shadow breaker.
 func TestPrometheus(t *testing.T) {
 	bin, err := exec.LookPath("prometheus")
 	if err != nil {
@@ -88,6 +93,94 @@ func TestPrometheus(t *testing.T) {
 		t.Fatalf("%d of %d queries failed:\n%s", len(failed), len(qs), strings.Join(failed, "\n"))
 	}
 	t.Logf("all %d queries of %s returned data", len(qs), dashboardPath)
+
+	checkRules(t, api, time.Now().Add(queryDeadline))
+}
+
+// checkRules checks, until deadline, that Prometheus has loaded and
+// evaluated every rule of dashboards/alerts.yml without error, that each
+// recording rule has data, and which breakers fired
+// ResilienceCircuitBreakerOpened.
+func checkRules(t *testing.T, api string, deadline time.Time) {
+	t.Helper()
+	var records, alertNames []string
+	for _, g := range loadRules(t) {
+		for _, r := range g.Rules {
+			if r.Record != "" {
+				records = append(records, r.Record)
+			} else {
+				alertNames = append(alertNames, r.Alert)
+			}
+		}
+	}
+	var failed []string
+	for {
+		failed = failed[:0]
+		var rules struct {
+			Groups []struct {
+				Name  string `json:"name"`
+				Rules []struct {
+					Name      string `json:"name"`
+					Type      string `json:"type"`
+					Health    string `json:"health"`
+					LastError string `json:"lastError"`
+				} `json:"rules"`
+			} `json:"groups"`
+		}
+		loaded := map[string]bool{}
+		if err := apiGet(api+"/api/v1/rules", &rules); err != nil {
+			failed = append(failed, "rules: "+err.Error())
+		}
+		for _, g := range rules.Groups {
+			for _, r := range g.Rules {
+				loaded[r.Name] = true
+				if r.Health != "ok" {
+					failed = append(failed, fmt.Sprintf("group %s: %s %s: health %q %s", g.Name, r.Type, r.Name, r.Health, r.LastError))
+				}
+			}
+		}
+		for _, name := range append(slices.Clone(records), alertNames...) {
+			if !loaded[name] {
+				failed = append(failed, "rule "+name+" not loaded")
+			}
+		}
+		for _, name := range records {
+			if err := evaluate(api, name); err != nil {
+				failed = append(failed, fmt.Sprintf("recording rule %s: %v", name, err))
+			}
+		}
+		var active struct {
+			Alerts []struct {
+				Labels map[string]string `json:"labels"`
+				State  string            `json:"state"`
+			} `json:"alerts"`
+		}
+		if err := apiGet(api+"/api/v1/alerts", &active); err != nil {
+			failed = append(failed, "alerts: "+err.Error())
+		}
+		opened := map[string]bool{}
+		for _, a := range active.Alerts {
+			if a.Labels["service"] == "profile" {
+				failed = append(failed, fmt.Sprintf("alert %s (%s) for the shadow breaker profile", a.Labels["alertname"], a.State))
+			}
+			if a.Labels["alertname"] == "ResilienceCircuitBreakerOpened" && a.State == "firing" {
+				opened[a.Labels["service"]] = true
+			}
+		}
+		for _, s := range []string{"completion-primary", "pricing", "recommender"} {
+			if !opened[s] {
+				failed = append(failed, "ResilienceCircuitBreakerOpened not firing for "+s)
+			}
+		}
+		if len(failed) == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(2 * time.Second)
+	}
+	if len(failed) > 0 {
+		t.Fatalf("rules of %s:\n%s", rulesPath, strings.Join(failed, "\n"))
+	}
+	t.Logf("all %d recording rules and %d alerts of %s loaded, evaluated and answered", len(records), len(alertNames), rulesPath)
 }
 
 // startPrometheus starts Prometheus scraping target every second, stops it
@@ -95,15 +188,21 @@ func TestPrometheus(t *testing.T) {
 func startPrometheus(t *testing.T, bin, target string) string {
 	t.Helper()
 	dir := t.TempDir()
+	rules, err := filepath.Abs(rulesPath)
+	if err != nil {
+		t.Fatal(err)
+	}
 	config := fmt.Sprintf(`global:
   scrape_interval: %[1]s
   scrape_timeout: %[1]s
   evaluation_interval: %[1]s
+rule_files:
+  - %[3]q
 scrape_configs:
   - job_name: resilience-example
     static_configs:
       - targets: [%[2]q]
-`, scrapeInterval, target)
+`, scrapeInterval, target, rules)
 	configPath := filepath.Join(dir, "prometheus.yml")
 	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
