@@ -1,8 +1,11 @@
 package resilience
 
 import (
+	"crypto/sha256"
 	"encoding/json"
+	"log/slog"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -154,7 +157,8 @@ func (r *Registry) lookupBreaker(name string) *CircuitBreaker {
 // breakers and bulkheads, for people on call and for the resilience CLI.
 // A nil r means [Default]. It serves JSON:
 //
-//	GET  /                         the whole Status
+//	GET  /                         the whole Status (a browser asking for
+//	                               text/html gets the status page instead)
 //	GET  /breakers                 every breaker: name, state, forced, since, counts,
 //	                               mode, failure and slow-call ratios, open period,
 //	                               time until a probe, thresholds
@@ -173,17 +177,37 @@ func (r *Registry) lookupBreaker(name string) *CircuitBreaker {
 // Errors are JSON too, {"error": "..."}, with 404 for an unknown breaker
 // or path and 405 (and an Allow header) for a wrong method.
 //
+// AdminHandler is [NewAdminHandler] with r, the token of the
+// RESILIENCE_ADMIN_TOKEN environment variable (empty or unset: no token),
+// and the host names of RESILIENCE_ADMIN_HOSTS, separated by commas; both
+// are read once, here, so a change to them takes a new handler. Every
+// request passes NewAdminHandler's guards: a Host of this listener, no
+// cross-origin browser request that changes state, the token if one is
+// set, and each action logged at Warn to slog.Default.
+//
 // The handler changes how a service treats its dependencies, so mount it
 // where only operators can reach it: on a separate listener bound to
-// localhost or an internal interface, or behind the service's own
-// authentication, never on a public port as it is.
+// localhost or an internal interface, with a token, never on a public
+// port as it is. Mounted under a prefix, with http.StripPrefix, keep the
+// prefix's trailing slash ("/admin/"), which the status page's links are
+// relative to.
 func AdminHandler(r *Registry) http.Handler {
-	return &admin{r: r}
+	return NewAdminHandler(adminConfigFromEnv(r, os.Getenv))
 }
 
-type admin struct{ r *Registry }
+// admin is the admin endpoint: its guards, in admin_security.go, then its
+// routes, here.
+type admin struct {
+	r      *Registry
+	log    *slog.Logger       // nil: slog.Default at the time of each record
+	token  *[sha256.Size]byte // the digest of the token; nil: no token
+	hosts  map[string]bool    // AdminConfig.Hosts, lower-case, without brackets
+	csrf   *http.CrossOriginProtection
+	routes http.Handler // serve, behind csrf
+}
 
-func (a *admin) ServeHTTP(w http.ResponseWriter, req *http.Request) {
+// serve serves the routes, once the Host and cross-origin checks passed.
+func (a *admin) serve(w http.ResponseWriter, req *http.Request) {
 	r := a.r
 	if r == nil {
 		r = Default()
@@ -191,6 +215,17 @@ func (a *admin) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	parts := strings.Split(strings.Trim(req.URL.Path, "/"), "/")
 	if len(parts) == 1 && parts[0] == "" {
 		parts = nil
+	}
+	if len(parts) == 0 {
+		w.Header().Add("Vary", "Accept")
+		if (req.Method == http.MethodGet || req.Method == http.MethodHead) && wantsHTML(req) {
+			a.servePage(w, req)
+			return
+		}
+	}
+	if !a.authorized(req) {
+		a.unauthorized(w, req)
+		return
 	}
 	switch {
 	case len(parts) == 0:
@@ -231,10 +266,11 @@ func (a *admin) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		}
 		if allow(w, req, http.MethodPost) {
 			act()
+			a.logAction(req, parts[2], "breaker", cb.Name(), http.StatusOK, nil)
 			writeJSON(w, http.StatusOK, breakerStatus(cb))
 		}
 	case parts[0] == "chaos" && (len(parts) == 1 || len(parts) == 3):
-		serveChaos(w, req, r, parts[1:])
+		a.serveChaos(w, req, r, parts[1:])
 	default:
 		writeError(w, http.StatusNotFound, "no such path "+quote(req.URL.Path))
 	}

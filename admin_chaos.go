@@ -16,8 +16,9 @@ type chaosRequest struct {
 }
 
 // serveChaos serves GET /chaos and POST /chaos/{service}/on and /off;
-// parts is the path after /chaos.
-func serveChaos(w http.ResponseWriter, req *http.Request, r *Registry, parts []string) {
+// parts is the path after /chaos. Each action is logged, as "chaos_on"
+// or "chaos_off", whether it succeeded or not.
+func (a *admin) serveChaos(w http.ResponseWriter, req *http.Request, r *Registry, parts []string) {
 	if len(parts) == 0 {
 		if allow(w, req, http.MethodGet) {
 			writeJSON(w, http.StatusOK, r.chaosStatus())
@@ -34,11 +35,13 @@ func serveChaos(w http.ResponseWriter, req *http.Request, r *Registry, parts []s
 	}
 	if action == "off" {
 		r.StopChaos(service)
+		a.logAction(req, "chaos_off", "service", service, http.StatusOK, nil)
 		writeJSON(w, http.StatusOK, chaosOf(r, service))
 		return
 	}
 	cfg, err := readChaosRequest(req)
 	if err != nil {
+		a.logAction(req, "chaos_on", "service", service, http.StatusBadRequest, err)
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
@@ -47,9 +50,11 @@ func serveChaos(w http.ResponseWriter, req *http.Request, r *Registry, parts []s
 		if !r.Config().ChaosEnabled {
 			code = http.StatusConflict // not the request's fault: the process's setting
 		}
+		a.logAction(req, "chaos_on", "service", service, code, err)
 		writeError(w, code, err.Error())
 		return
 	}
+	a.logAction(req, "chaos_on", "service", service, http.StatusOK, nil)
 	writeJSON(w, http.StatusOK, chaosOf(r, service))
 }
 
