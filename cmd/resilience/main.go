@@ -20,6 +20,13 @@
 // trigger; the open period reads now/longest ("16s/1m0s") when it doubles
 // after failed probes. "-" means not applicable.
 //
+// With the RESILIENCE_ADMIN_TOKEN environment variable set, every request
+// carries it as "Authorization: Bearer <token>", for an endpoint that
+// wants one (resilience.AdminConfig.Token, or the service's own
+// RESILIENCE_ADMIN_TOKEN). The token is read from the environment only,
+// never from a flag, so that it does not show in the process list or the
+// shell's history.
+//
 // The exit status is 0 on success, 1 when the endpoint answered with an
 // error (an unknown breaker, say), 2 when it could not be reached, and 64
 // (EX_USAGE) when the command line is wrong.
@@ -62,6 +69,10 @@ const defaultAddr = "http://127.0.0.1:9090"
 // addrEnv is the environment variable read when -addr is not given.
 const addrEnv = "RESILIENCE_ADMIN_ADDR"
 
+// tokenEnv is the environment variable that holds the endpoint's token,
+// if it has one.
+const tokenEnv = "RESILIENCE_ADMIN_TOKEN"
+
 const usage = `Usage: resilience [-addr URL] [-json] [-timeout DURATION] <command>
 
 Look at and operate the circuit breakers and bulkheads of a running service
@@ -81,6 +92,10 @@ Flags:
                      else http://127.0.0.1:9090)
   -json              print the endpoint's JSON instead of a table
   -timeout DURATION  give up on the endpoint after this long (default 5s)
+
+Environment:
+  RESILIENCE_ADMIN_ADDR   the admin endpoint, when -addr is not given
+  RESILIENCE_ADMIN_TOKEN  the endpoint's token, sent as a bearer token
 
 Exit status: 0 success, 1 the endpoint answered with an error (such as an
 unknown breaker), 2 the endpoint could not be reached, 64 a usage error.
@@ -163,10 +178,23 @@ func run(args []string, env func(string) string, stdout, stderr io.Writer) int {
 		return usageError(stderr, err.Error())
 	}
 
-	body, status, err := call(method, base+path, *timeout)
+	token := env(tokenEnv)
+	if !validToken(token) {
+		return usageError(stderr, tokenEnv+" must be printable ASCII without spaces or control characters (is there a trailing newline?)")
+	}
+
+	body, status, err := call(method, base+path, token, *timeout)
 	if err != nil {
 		fmt.Fprintf(stderr, "resilience: cannot reach the admin endpoint at %s: %v\n", base, err)
 		return exitUnreachable
+	}
+	if status == http.StatusUnauthorized {
+		msg := "the admin endpoint wants a token: set " + tokenEnv
+		if token != "" {
+			msg = "the admin endpoint refused the token in " + tokenEnv
+		}
+		fmt.Fprintf(stderr, "resilience: %s (HTTP %d from %s)\n", msg, status, base)
+		return exitServer
 	}
 	if status != http.StatusOK {
 		fmt.Fprintf(stderr, "resilience: %s (HTTP %d from %s)\n", serverError(body), status, base)
@@ -208,9 +236,21 @@ func normalize(addr string) (string, error) {
 	return strings.TrimRight(u.String(), "/"), nil
 }
 
-// call makes one request and returns the body and status of the answer. An
-// error means no answer came: the endpoint could not be reached in time.
-func call(method, target string, timeout time.Duration) (body []byte, status int, err error) {
+// validToken reports whether token can be sent in a header as it is:
+// visible ASCII, no spaces. The empty token, none, is valid.
+func validToken(token string) bool {
+	for i := 0; i < len(token); i++ {
+		if token[i] <= ' ' || token[i] > '~' {
+			return false
+		}
+	}
+	return true
+}
+
+// call makes one request, with token as a bearer token unless it is empty,
+// and returns the body and status of the answer. An error means no answer
+// came: the endpoint could not be reached in time.
+func call(method, target, token string, timeout time.Duration) (body []byte, status int, err error) {
 	// A transport of its own, without keep-alives, so that nothing is left
 	// running once the one request is done.
 	tr := &http.Transport{Proxy: http.ProxyFromEnvironment, DisableKeepAlives: true}
@@ -221,6 +261,9 @@ func call(method, target string, timeout time.Duration) (body []byte, status int
 		return nil, 0, err
 	}
 	req.Header.Set("Accept", "application/json")
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
 	resp, err := client.Do(req)
 	if err != nil {
 		var uerr *url.Error

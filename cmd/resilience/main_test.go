@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -499,5 +500,51 @@ func TestBinary(t *testing.T) {
 	}
 	if !strings.Contains(stderr.String(), `no circuit breaker named "nosuch"`) {
 		t.Errorf("stderr = %q; want the endpoint's error", stderr.String())
+	}
+}
+
+// TestToken runs the command against an endpoint with a token: it works
+// with RESILIENCE_ADMIN_TOKEN, and says what is wrong without it or with
+// another.
+func TestToken(t *testing.T) {
+	const token = "c2f5a1e8d9b04f7a93e6d2c1b0a98765"
+	f := newFixture(t)
+	srv := httptest.NewServer(resilience.NewAdminHandler(resilience.AdminConfig{
+		Registry: f.reg, Token: token, Logger: slog.New(slog.DiscardHandler),
+	}))
+	defer srv.Close()
+
+	env := map[string]string{addrEnv: srv.URL, tokenEnv: token}
+	code, out, errs := cli(env, "breakers")
+	if code != exitOK || errs != "" || row(t, out, "payments")[1] != "open" {
+		t.Fatalf("breakers with the token: exit %d, stdout %q, stderr %q; want the table", code, out, errs)
+	}
+	code, out, errs = cli(env, "reset", "payments")
+	if code != exitOK || errs != "" || row(t, out, "payments")[1] != "closed" || f.payments.State() != resilience.StateClosed {
+		t.Fatalf("reset with the token: exit %d, stdout %q, stderr %q, breaker %v; want it closed", code, out, errs, f.payments.State())
+	}
+
+	for _, tc := range []struct {
+		name, token, want string
+	}{
+		{"without the token", "", "resilience: the admin endpoint wants a token: set RESILIENCE_ADMIN_TOKEN (HTTP 401 from " + srv.URL + ")\n"},
+		{"with another token", token + "x", "resilience: the admin endpoint refused the token in RESILIENCE_ADMIN_TOKEN (HTTP 401 from " + srv.URL + ")\n"},
+	} {
+		for _, args := range [][]string{{"breakers"}, {"open", "payments"}} {
+			code, out, errs := cli(map[string]string{addrEnv: srv.URL, tokenEnv: tc.token}, args...)
+			if code != exitServer || out != "" || errs != tc.want {
+				t.Errorf("%s, %q: exit %d, stdout %q, stderr %q; want %d, nothing and %q", tc.name, args, code, out, errs, exitServer, tc.want)
+			}
+		}
+	}
+	if f.payments.Forced() {
+		t.Error("open without the token forced the breaker")
+	}
+
+	// A token read from a file with its newline is a usage error, not a
+	// request the transport refuses as unreachable.
+	code, _, errs = cli(map[string]string{addrEnv: srv.URL, tokenEnv: token + "\n"}, "breakers")
+	if code != exitUsage || !strings.Contains(errs, "RESILIENCE_ADMIN_TOKEN must be printable ASCII") {
+		t.Errorf("a token with a newline: exit %d, stderr %q; want %d and why", code, errs, exitUsage)
 	}
 }
