@@ -26,7 +26,7 @@ all: test lint
 # scenarios, the Redis store, the gRPC interceptors and the Prometheus and
 # gRPC examples each have their own go.mod, so that their dependencies never
 # reach the core's users.
-MODULES := . internal/benchmarks internal/chaos internal/plots redisstore resiliencegrpc examples/prometheus examples/grpcauth
+MODULES := . internal/benchmarks internal/chaos internal/plots redisstore resiliencegrpc examples/prometheus examples/grpcauth internal/browser
 
 test:
 	@for m in $(MODULES); do \
