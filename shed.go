@@ -110,8 +110,7 @@ func (h *shedHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		prio = h.priority(r)
 	}
 	ctx := r.Context()
-	grel, err := b.enter(ctx, prio)
-	if err != nil {
+	if err := b.admit(ctx, prio); err != nil {
 		switch {
 		case err == errBypassed:
 			// The registry was switched off while it waited: served
@@ -121,6 +120,13 @@ func (h *shedHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			h.reject(ctx, w, prio)
 		}
 		// Else the client went away while it waited: nobody to answer.
+		return
+	}
+	grel, err := b.acquireGlobal(ctx)
+	if err != nil {
+		if errors.Is(b.refusedGlobal(ctx, err), ErrBulkheadFull) {
+			h.reject(ctx, w, prio)
+		}
 		return
 	}
 	defer give(b, grel)
@@ -163,16 +169,15 @@ func (b *Bulkhead) Admit(ctx context.Context, priority int) (release func(), err
 	if !b.on() {
 		return noop, nil
 	}
-	grel, err := b.enter(ctx, priority)
-	switch {
-	case err == errBypassed:
-		return noop, nil
-	case err != nil:
-		if errors.Is(err, ErrBulkheadFull) {
-			p := strconv.Itoa(priority)
-			meter().shedRejections.Add(ctx, 1, metric.WithAttributes(attrResourceType.String(b.name), attribute.String("priority", p)))
+	if err := b.admit(ctx, priority); err != nil {
+		if err == errBypassed {
+			return noop, nil
 		}
-		return nil, err
+		return nil, b.shed(ctx, priority, err)
+	}
+	grel, err := b.acquireGlobal(ctx)
+	if err != nil {
+		return nil, b.shed(ctx, priority, b.refusedGlobal(ctx, err))
 	}
 	a := b.adapt.Load()
 	var start time.Duration
@@ -191,29 +196,31 @@ func (b *Bulkhead) Admit(ctx context.Context, priority int) (release func(), err
 	}, nil
 }
 
-// enter admits a request of priority prio by Shed's rules: its slot, then
-// the bulkhead's global limit. err is errBypassed (serve it without a
-// slot), one matching ErrBulkheadFull (shed it), or the context's error
-// (the client went away while it waited). On success, give(b, grel) gives
-// back what it took.
-func (b *Bulkhead) enter(ctx context.Context, prio int) (grel func(), err error) {
-	if err := b.admit(ctx, prio); err != nil {
-		return nil, err
+// shed counts a request Admit refused with err, when it was shed rather
+// than left by its client, and returns err.
+func (b *Bulkhead) shed(ctx context.Context, prio int, err error) error {
+	if errors.Is(err, ErrBulkheadFull) {
+		p := strconv.Itoa(prio)
+		meter().shedRejections.Add(ctx, 1, metric.WithAttributes(attrResourceType.String(b.name), attribute.String("priority", p)))
 	}
-	grel, err = b.acquireGlobal(ctx)
-	if err != nil {
-		b.giveBack()
-		if cerr := ctx.Err(); cerr != nil {
-			return nil, cerr
-		}
-		if !errors.Is(err, ErrBulkheadFull) {
-			// A global limiter that failed some other way: the request
-			// is not served either, and is shed as one.
-			err = &Error{Err: ErrBulkheadFull, Name: b.name, Cause: err}
-		}
-		return nil, err
+	return err
+}
+
+// refusedGlobal gives back the slot of a request whose global slot was
+// refused with err, and says why it is not served: the context's error
+// when the client went away, else an error matching ErrBulkheadFull, for
+// a global limiter that failed some other way too. Shed and Admit share
+// it; their paths to a slot are otherwise two calls each, kept apart so
+// that Shed's stays as it was.
+func (b *Bulkhead) refusedGlobal(ctx context.Context, err error) error {
+	b.giveBack()
+	if cerr := ctx.Err(); cerr != nil {
+		return cerr
 	}
-	return grel, nil
+	if !errors.Is(err, ErrBulkheadFull) {
+		err = &Error{Err: ErrBulkheadFull, Name: b.name, Cause: err}
+	}
+	return err
 }
 
 // admit takes a slot for an inbound request of priority prio, by Shed's
