@@ -157,10 +157,9 @@ const (
 	recMaxWait  = 15 * time.Millisecond  // the longest an attempt waits for its permit
 	stockDelay  = 20 * time.Millisecond  // the stock lookup's hedge delay: above a usual answer, below a slow one
 
-	searchCost     = time.Millisecond      // a search's latency per call inside the index, itself included
+	searchCost     = 4 * time.Millisecond  // while the index reindexes, a search's latency per call inside, itself included
 	reindexStart   = 5 * time.Second       // into each cycle
 	reindexEnd     = 7 * time.Second       // into each cycle
-	reindexSlow    = 4                     // how many times slower a search is while the index reindexes
 	searchTimeout  = 40 * time.Millisecond // reached while reindexing with 10 calls inside
 	searchCallers  = 12                    // more than the index takes at once while it reindexes
 	searchStart    = 4                     // the adaptive limit's start
@@ -225,10 +224,10 @@ func (d *downstream) exchangeRate(ctx context.Context) (string, error) {
 	return d.call(ctx, true, "1.08")
 }
 
-// searchIndex is a downstream that slows down as calls pile into it, as a
-// database does once every connection is busy: a search takes about 2ms
-// plus searchCost per call inside, and reindexSlow times that while the
-// index reindexes. It is safe for concurrent use.
+// searchIndex is a downstream that slows down as calls pile into it while
+// it is busy, as a database does once every connection is: a search takes
+// about 2ms however many calls are inside, but while the index reindexes,
+// 2ms plus searchCost per call inside. It is safe for concurrent use.
 type searchIndex struct {
 	start  time.Time
 	inside atomic.Int64
@@ -242,11 +241,10 @@ func (s *searchIndex) reindexing() bool {
 func (s *searchIndex) search(ctx context.Context) (string, error) {
 	n := s.inside.Add(1)
 	defer s.inside.Add(-1)
-	cost := searchCost
+	latency := 2*time.Millisecond + rand.N(time.Millisecond)
 	if s.reindexing() {
-		cost *= reindexSlow
+		latency += time.Duration(n) * searchCost
 	}
-	latency := 2*time.Millisecond + time.Duration(n)*cost + rand.N(time.Millisecond)
 	t := time.NewTimer(latency)
 	defer t.Stop()
 	select {
@@ -446,9 +444,28 @@ func traffic(ctx context.Context) error {
 			}),
 	)
 
+	// The reviews, under a rehearsal that never ends: faults injected into
+	// a fifth of the attempts (error.type "chaos") and a delay into another
+	// fifth, as RESILIENCE_CHAOS and CHAOS_REVIEWS_* would in staging. The
+	// retry and the fallback react as to a real outage, and
+	// resilience.chaos.injected counts the faults by kind.
+	reviewsRetry, err := resilience.NewRetry(resilience.RetryConfig{
+		MaxAttempts: 2, InitialDelay: 2 * time.Millisecond, MaxDelay: 5 * time.Millisecond,
+	})
+	if err != nil {
+		return err
+	}
+	getReviews := resilience.Compose(
+		func(context.Context) (string, error) { return "4.5 stars", nil },
+		resilience.Stack[string]{
+			Name: "get_reviews", Operation: "db", Retry: reviewsRetry, Timeout: 50 * time.Millisecond,
+			Chaos:    resilience.ChaosConfig{ErrorRate: 0.2, LatencyRate: 0.2, Latency: 5 * time.Millisecond},
+			Fallback: resilience.FallbackValue("no reviews yet"),
+		})
+
 	// The search, through an adaptive bulkhead: its limit starts at
 	// searchStart and follows the index. While the index is fast, the
-	// latency hardly grows with the calls inside, and the limit grows to
+	// latency does not grow with the calls inside, and the limit grows to
 	// let every caller in. While it reindexes, the latency climbs with each
 	// call let in, and with 10 calls inside a search runs past its timeout,
 	// an overload signal: the gradient shrinks the limit to about half,
@@ -502,6 +519,7 @@ func traffic(ctx context.Context) error {
 		worker(getStock)
 	}
 	worker(getCompletion)
+	worker(getReviews)
 	for range searchCallers {
 		worker(search)
 	}

@@ -211,6 +211,9 @@ func TestMetricsEndpoint(t *testing.T) {
 		// priority label); the search index's adaptive limit is checked
 		// by TestAdaptiveLimit.
 		`priority="0",resource_type="storefront"`,
+		// The reviews' rehearsal: both kinds of fault, and the injected
+		// errors as the failures' kind.
+		`fault="error"`, `fault="latency"`, `error_type="chaos"`,
 	}
 	url := start(t)
 
