@@ -64,7 +64,8 @@ compare:
 	cd internal/benchmarks && $(GO) test -run='^$$' -bench=. -benchmem -count=6 . | tee bench.txt
 	cd internal/benchmarks && $(GO) run golang.org/x/perf/cmd/benchstat@$(BENCHSTAT) bench.txt
 
-# Each fuzz target of the root package in turn: go test -fuzz takes one.
+# Each fuzz target of the root package in turn: go test -fuzz takes one;
+# then resiliencegrpc's parser of the pushback trailer.
 fuzz:
 	@list=$$($(GO) test -list '^Fuzz' .) || { echo "$$list"; exit 1; }; \
 	targets=$$(echo "$$list" | grep '^Fuzz' || true); \
@@ -73,6 +74,7 @@ fuzz:
 		echo "fuzz: $$t"; \
 		$(GO) test -run='^$$' -fuzz="^$$t$$" -fuzztime=10s . || exit 1; \
 	done
+	cd resiliencegrpc && $(GO) test -run='^$$' -fuzz='^FuzzParsePushback$$' -fuzztime=10s .
 
 # The examples, bounded, each run as a user would: outputs of llm and auth
 # are deterministic, so a second run must print the same.
