@@ -3,8 +3,10 @@ package resilience
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"testing/synctest"
+	"time"
 )
 
 // admitCall is one Admit call running in its own goroutine.
@@ -115,4 +117,33 @@ func TestAdmitSwitchedOff(t *testing.T) {
 		}
 		defer rel()
 	}
+}
+
+// An adaptive bulkhead learns from what Admit's release reports: with a
+// fast handler fully used, its limit grows.
+func TestAdmitAdaptiveLimitLearns(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustBulkhead(t, BulkheadConfig{Name: uniqueName("admit-adaptive"), Limit: 20, Adaptive: &AdaptiveConfig{MinLimit: 2, MaxLimit: 40}})
+		ctx, stop := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		for range 60 {
+			wg.Go(func() {
+				for ctx.Err() == nil {
+					release, err := b.Admit(ctx, 0)
+					if err != nil {
+						time.Sleep(time.Millisecond)
+						continue
+					}
+					time.Sleep(10 * time.Millisecond)
+					release()
+				}
+			})
+		}
+		time.Sleep(3 * time.Second)
+		if got := b.Limit(); got <= 20 {
+			t.Errorf("limit %d after 3s of a fast, fully used server; want above its start, 20", got)
+		}
+		stop()
+		wg.Wait()
+	})
 }
