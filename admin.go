@@ -202,8 +202,7 @@ type admin struct {
 	log    *slog.Logger       // nil: slog.Default at the time of each record
 	token  *[sha256.Size]byte // the digest of the token; nil: no token
 	hosts  map[string]bool    // AdminConfig.Hosts, lower-case, without brackets
-	csrf   *http.CrossOriginProtection
-	routes http.Handler // serve, behind csrf
+	routes http.Handler       // serve, behind http.CrossOriginProtection
 }
 
 // serve serves the routes, once the Host and cross-origin checks passed.

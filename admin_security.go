@@ -130,11 +130,11 @@ func newAdmin(cfg AdminConfig) (*admin, error) {
 		}
 		a.hosts[name] = true
 	}
-	a.csrf = http.NewCrossOriginProtection()
-	a.csrf.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+	csrf := http.NewCrossOriginProtection()
+	csrf.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		a.refuse(w, req, http.StatusForbidden, "cross-origin request refused: a browser page of another site cannot change this endpoint's state")
 	}))
-	a.routes = a.csrf.Handler(http.HandlerFunc(a.serve))
+	a.routes = csrf.Handler(http.HandlerFunc(a.serve))
 	return a, nil
 }
 

@@ -196,6 +196,11 @@ func TestAdminHostWithoutTCP(t *testing.T) {
 		{&net.TCPAddr{IP: net.ParseIP("10.1.2.3"), Port: 9090}, "10.1.2.3:8080", true},
 		{&net.TCPAddr{IP: net.ParseIP("::1"), Port: 9090}, "[::1]:9090", true},
 		{&net.TCPAddr{IP: net.ParseIP("::1"), Port: 9090}, "[::2]:9090", false},
+		{&net.TCPAddr{IP: net.ParseIP("::ffff:127.0.0.1"), Port: 9090}, "127.0.0.1:9090", true}, // IPv4 on a dual-stack listener
+		// A listener of another kind, known by its address's text only.
+		{wrappedAddr("10.1.2.3:9090"), "10.1.2.3", true},
+		{wrappedAddr("10.1.2.3:9090"), "10.1.2.4", false},
+		{wrappedAddr("pipe"), "10.1.2.3", false},
 	} {
 		req := httptest.NewRequest("GET", "/", nil)
 		req.Host = tc.host
@@ -207,6 +212,13 @@ func TestAdminHostWithoutTCP(t *testing.T) {
 		}
 	}
 }
+
+// wrappedAddr is the address of a listener that is not a *net.TCPListener,
+// such as one a proxy library wraps: only its text says where it is.
+type wrappedAddr string
+
+func (a wrappedAddr) Network() string { return "wrapped" }
+func (a wrappedAddr) String() string  { return string(a) }
 
 func TestAdminCrossOrigin(t *testing.T) {
 	reg, srv, logs := securedAdmin(t, AdminConfig{})
