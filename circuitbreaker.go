@@ -192,6 +192,7 @@ type CircuitBreaker struct {
 	last       State        // the state as of the last queued transition
 	lastAtomic atomic.Int32 // last, for lock-free reads on the call path
 	since      time.Time    // when it entered that state
+	downSince  time.Time    // when it last left closed; zero while closed
 }
 
 // The bits of CircuitBreaker.mode.
@@ -307,6 +308,12 @@ func (cb *CircuitBreaker) recordFailure(ctx context.Context, et string) {
 func (cb *CircuitBreaker) recordTransition(from, to State) {
 	meter().cbTransitions.Add(context.Background(), 1,
 		addSet(attrService.String(cb.name), attrFrom.String(from.String()), attrTo.String(to.String()))...)
+}
+
+// recordRecovery records the time from a transition out of closed to the
+// next back to closed.
+func (cb *CircuitBreaker) recordRecovery(d time.Duration) {
+	meter().cbRecovery.Record(context.Background(), d.Seconds(), recSet(attrService.String(cb.name))...)
 }
 
 // lastState is the state as of the last transition, without the lazy move

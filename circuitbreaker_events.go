@@ -70,9 +70,19 @@ func (cb *CircuitBreaker) transitionLocked(from, to State) {
 		return
 	}
 	cb.recordTransition(from, to)
+	now := time.Now()
+	switch {
+	case from == StateClosed:
+		cb.downSince = now
+	case to == StateClosed && !cb.downSince.IsZero():
+		// Back to closed: the time to recover, open and half-open
+		// together, as the original design's MTTR counts it.
+		cb.recordRecovery(now.Sub(cb.downSince))
+		cb.downSince = time.Time{}
+	}
 	cb.last = to
 	cb.lastAtomic.Store(int32(to))
-	cb.since = time.Now()
+	cb.since = now
 	// Queued even with no callback, log or sync to deliver it to: the
 	// call that caused it adds it to its span as it flushes. Transitions
 	// are rare; an append each costs nothing that matters.

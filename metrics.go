@@ -52,7 +52,7 @@ type instruments struct {
 	cbSlowCalls                                      metric.Int64ObservableCounter
 	rlGranted, rlRejected                            metric.Int64ObservableCounter
 	rlWaiting                                        metric.Int64ObservableGauge
-	rlWait                                           metric.Float64Histogram
+	rlWait, cbRecovery                               metric.Float64Histogram
 	cbThreshold                                      metric.Float64ObservableGauge
 	retryAttempts, retryExhausted, retrySuccessAfter metric.Int64Counter
 	retryBudgetExhausted                             metric.Int64Counter
@@ -103,6 +103,11 @@ func meter() *instruments {
 }
 
 // durationBuckets suit calls from a millisecond to the LLM timeout's minute.
+// recoveryBuckets are the bounds of resilience.circuit_breaker.recovery_duration,
+// from an open timeout of seconds to an outage of hours, with the original
+// design's 5-minute MTTR target as one of them.
+var recoveryBuckets = []float64{1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200}
+
 var durationBuckets = []float64{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}
 
 func newInstruments(mp metric.MeterProvider) *instruments {
@@ -138,8 +143,12 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.cbFailures = counter("resilience.circuit_breaker.failures", "Calls a circuit breaker counted as failures.", "{call}")
 	in.cbSuccesses = observedCounter("resilience.circuit_breaker.successes", "Calls a circuit breaker counted as successes.", "{call}")
 	in.cbRejections = observedCounter("resilience.circuit_breaker.rejections", "Calls a circuit breaker rejected while open or half-open; with mode shadow, calls a shadow breaker would have rejected and let through.", "{call}")
+	cbRecovery, err := m.Float64Histogram("resilience.circuit_breaker.recovery_duration",
+		metric.WithDescription("Time from a circuit breaker leaving closed to its closing again, open and half-open together: the time to recover."),
+		metric.WithUnit("s"), metric.WithExplicitBucketBoundaries(recoveryBuckets...))
+	errs = append(errs, err)
+	in.cbRecovery = cbRecovery
 	in.cbSlowCalls = observedCounter("resilience.circuit_breaker.slow_calls", "Calls that succeeded but took longer than the breaker's SlowCallDuration.", "{call}")
-	var err error
 	in.cbThreshold, err = m.Float64ObservableGauge("resilience.circuit_breaker.threshold",
 		metric.WithDescription("The ratio of failed (trigger failure_ratio) or slow (trigger slow_call_ratio) calls that opens a circuit breaker."),
 		metric.WithUnit("1"))

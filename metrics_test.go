@@ -396,3 +396,39 @@ func TestMetricsCountPanics(t *testing.T) {
 	c := since(base, collect(t, reader))
 	wantPoints(t, c, "resilience.calls", "observed counter", "{call}", "name=panicky,outcome=failure=1")
 }
+
+// resilience.circuit_breaker.recovery_duration records the time from a
+// breaker's leaving closed to its closing again: the original design's
+// MTTR, one point per recovery.
+func TestMetricsBreakerRecoveryDuration(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reader := withReader(t)
+		name := uniqueName("metrics-recovery")
+		cb := mustBreaker(t, CircuitBreakerConfig{Name: name, FailMax: 1, OpenTimeout: 10 * time.Second, DisableLogging: true})
+		fail := true
+		f := WithCircuitBreaker(func(context.Context) (int, error) {
+			if fail {
+				return 0, errors.New("down")
+			}
+			return 1, nil
+		}, cb)
+		f(context.Background()) // opens
+		time.Sleep(25 * time.Second)
+		f(context.Background()) // half-open, the probe fails: open again
+		time.Sleep(11 * time.Second)
+		fail = false
+		f(context.Background()) // the probe succeeds: closed, 36s after the open
+		cb.ForceOpen()
+		time.Sleep(3 * time.Second)
+		cb.Reset() // an operator's 3s
+		var got []float64
+		for _, dp := range collect(t, reader)["resilience.circuit_breaker.recovery_duration"].Data.(metricdata.Histogram[float64]).DataPoints {
+			if v, _ := dp.Attributes.Value(attrService); v.AsString() == name {
+				got = append(got, float64(dp.Count), dp.Sum)
+			}
+		}
+		if want := []float64{2, 39}; !slices.Equal(got, want) {
+			t.Errorf("recovery_duration of %s: count and sum %v, want %v (36s and 3s)", name, got, want)
+		}
+	})
+}
