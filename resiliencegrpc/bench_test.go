@@ -2,13 +2,11 @@ package resiliencegrpc
 
 import (
 	"context"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/resilience-go/resilience"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
@@ -25,87 +23,15 @@ func deadlineInterceptor(ctx context.Context, method string, req, reply any, cc 
 	return invoker(ctx, method, req, reply, cc, opts...)
 }
 
-// benchConn serves grpc-go's own health server on a loopback port and
-// returns a client of it with the dial options.
-func benchConn(b *testing.B, dopts ...grpc.DialOption) healthpb.HealthClient {
-	cc := serve(b, tcp, func(s *grpc.Server) { healthpb.RegisterHealthServer(s, health.NewServer()) }, nil, dopts...)
-	return healthpb.NewHealthClient(cc)
-}
-
-// cpuTime is the process's user and system CPU time so far: the cost of a
-// call, client and server together, whatever else the machine runs, which
-// moves the wall-clock time per call but not this.
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-// BenchmarkUnaryInterceptor measures the unary client interceptor over a
-// bare loopback call of grpc-go's health Check: none is the call alone;
-// deadline the call under a per-call context.WithTimeout, the floor of any
-// interceptor with a per-attempt timeout; resilience the interceptor on the
-// default registry (breaker, retry, bulkhead, the timeout of a minute),
-// on the success path. Besides the time per call, cpu-ns/op is the CPU time
-// the process spent per call, client and server, which other work on the
-// machine does not inflate. Compare with benchstat -col /interceptor.
-func BenchmarkUnaryInterceptor(b *testing.B) {
-	cases := []struct {
-		name string
-		opts func(b *testing.B) []grpc.DialOption
-	}{
-		{"none", func(*testing.B) []grpc.DialOption { return nil }},
-		{"deadline", func(*testing.B) []grpc.DialOption {
-			return []grpc.DialOption{grpc.WithUnaryInterceptor(deadlineInterceptor)}
-		}},
-		{"resilience", func(b *testing.B) []grpc.DialOption {
-			reg := registry(b, func(c *resilience.Config) {
-				c.Timeouts[healthKey] = benchTimeout
-				c.Bulkheads[healthKey] = resilience.BulkheadConfig{Limit: 1024}
-			})
-			return []grpc.DialOption{grpc.WithUnaryInterceptor(UnaryClientInterceptor(reg))}
-		}},
-	}
-	for _, mode := range []string{"serial", "parallel"} {
-		for _, tc := range cases {
-			b.Run("mode="+mode+"/interceptor="+tc.name, func(b *testing.B) {
-				c := benchConn(b, tc.opts(b)...)
-				req := &healthpb.HealthCheckRequest{}
-				ctx := context.Background()
-				if _, err := c.Check(ctx, req); err != nil { // the connection is up
-					b.Fatal(err)
-				}
-				b.ReportAllocs()
-				start := cpuTime()
-				defer func() { b.ReportMetric(float64(cpuTime()-start)/float64(b.N), "cpu-ns/op") }()
-				if mode == "serial" {
-					for b.Loop() {
-						if _, err := c.Check(ctx, req); err != nil {
-							b.Fatal(err)
-						}
-					}
-					return
-				}
-				b.RunParallel(func(pb *testing.PB) {
-					for pb.Next() {
-						if _, err := c.Check(ctx, req); err != nil {
-							b.Error(err)
-							return
-						}
-					}
-				})
-			})
-		}
-	}
-}
-
-// BenchmarkInterceptorOnly measures what the interceptors add to a call,
-// without the call: their function around an invoker that returns at once,
+// BenchmarkInterceptorOnly measures what the interceptor adds to a call,
+// without the call: its function around an invoker that returns at once,
 // so that the figure does not drown in a loopback call's noise. none calls
-// the invoker; deadline and resilience are BenchmarkUnaryInterceptor's.
-// What a per-call deadline costs beyond its timer (the grpc-timeout header,
-// the server's timer) shows only in BenchmarkUnaryInterceptor. Compare with
-// benchstat -col /interceptor.
+// the invoker; deadline gives it a per-call deadline and nothing else;
+// resilience is the interceptor on the default registry. The interceptor
+// over a real loopback call, and beside failsafegrpc, is BenchmarkGRPCUnary
+// in internal/benchmarks, where what a deadline costs beyond its timer (the
+// grpc-timeout header, the server's timer) shows. Compare with benchstat
+// -col /interceptor.
 func BenchmarkInterceptorOnly(b *testing.B) {
 	reg := registry(b, func(c *resilience.Config) {
 		c.Timeouts[healthKey] = benchTimeout
