@@ -79,6 +79,7 @@ type ChaosStatus struct {
 // serviceChaos is a service's fault injection as the registry keeps it.
 type serviceChaos struct {
 	name    string
+	named   bool // name is a service's own, not the key of its variables
 	cell    chaosCell
 	started *ChaosConfig // by StartChaos, over the configuration; nil: none
 	stopped bool         // by StopChaos: off, whatever the configuration
@@ -145,6 +146,11 @@ func (r *Registry) chaosLocked(service string) *serviceChaos {
 		r.chaos[key] = s
 		r.applyChaosLocked(key, s)
 	}
+	if !s.named && service != key {
+		// Listed from its variables (CHAOS_PAYMENTS_EU_*) before any
+		// call: the first name a call uses ("payments-eu") is its own.
+		s.name, s.named = service, true
+	}
 	return s
 }
 
@@ -175,7 +181,9 @@ func (r *Registry) applyChaosLocked(key string, s *serviceChaos) {
 // injection. r.mu is held.
 func (r *Registry) reloadChaosLocked() {
 	for key := range r.cfg.Chaos {
-		r.chaosLocked(key) // a configured service is listed even before its first call
+		if _, ok := r.chaos[key]; !ok {
+			r.chaosLocked(key) // a configured service is listed even before its first call
+		}
 	}
 	for key, s := range r.chaos {
 		r.applyChaosLocked(key, s)

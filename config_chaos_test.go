@@ -187,7 +187,12 @@ func TestAdminChaos(t *testing.T) {
 	code, _, body = do(t, http.MethodGet, srv.URL+"/chaos")
 	var all []ChaosStatus
 	if err := json.Unmarshal([]byte(body), &all); err != nil || code != http.StatusOK || len(all) != 2 || all[0].Service != "LLM" || all[0].Latency != "2s" || all[1].Service != "openfga" {
-		t.Errorf("GET /chaos: %d %s; want LLM (configured) and openfga", code, body)
+		t.Errorf("GET /chaos: %d %s; want LLM (configured, never called) and openfga", code, body)
+	}
+	// Once called by its own name, a configured service is listed by it.
+	ForService(r, "llm", func(context.Context) (int, error) { return 1, nil })
+	if st := r.Status().Chaos; len(st) != 2 || st[0].Service != "llm" {
+		t.Errorf("Status().Chaos = %+v, want llm listed by the name its calls use", st)
 	}
 	if code, body = post(t, srv.URL+"/chaos/openfga/off", ""); code != http.StatusOK || !strings.Contains(body, `"stopped": true`) {
 		t.Errorf("POST off: %d %s", code, body)
