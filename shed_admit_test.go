@@ -3,6 +3,8 @@ package resilience
 import (
 	"context"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -146,4 +148,60 @@ func TestAdmitAdaptiveLimitLearns(t *testing.T) {
 		stop()
 		wg.Wait()
 	})
+}
+
+// downStore's global limiter fails as a store that cannot be reached does.
+type downStore struct{ memStore }
+
+func (s *downStore) Limiter(string, int) Limiter { return downLimiter{} }
+
+type downLimiter struct{}
+
+func (downLimiter) Acquire(context.Context) (func(), error) {
+	return nil, errors.New("store unreachable")
+}
+
+// A request the global limit refuses is shed by Admit and by Shed alike,
+// with its local slot given back: for a full global limit, and for a
+// global limiter that fails (as one matching ErrBulkheadFull).
+func TestAdmitGlobalLimitRefuses(t *testing.T) {
+	RegisterStore("admit-mem", func(string) (Store, error) { return &memStore{}, nil })
+	RegisterStore("admit-down", func(string) (Store, error) { return &downStore{}, nil })
+	for _, scheme := range []string{"admit-mem", "admit-down"} {
+		t.Run(scheme, func(t *testing.T) {
+			reg := mustRegistry(t, map[string]string{
+				"RESILIENCE_STORE_URL":      scheme + "://fleet",
+				"BULKHEAD_API_LIMIT":        "5",
+				"BULKHEAD_API_GLOBAL_LIMIT": "1",
+			})
+			defer reg.Close()
+			b := reg.Bulkhead("api")
+			var release func()
+			if scheme == "admit-mem" {
+				var err error
+				if release, err = b.Admit(context.Background(), 0); err != nil {
+					t.Fatalf("the first request: %v", err)
+				}
+			}
+			if _, err := b.Admit(context.Background(), 0); !errors.Is(err, ErrBulkheadFull) {
+				t.Fatalf("Admit past the global limit: %v; want ErrBulkheadFull", err)
+			}
+			h := Shed(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { t.Error("served past the global limit") }), ShedConfig{Bulkhead: b})
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/", nil))
+			if rec.Code != http.StatusServiceUnavailable {
+				t.Fatalf("Shed past the global limit: %d; want 503", rec.Code)
+			}
+			want := 0
+			if release != nil {
+				want = 1
+			}
+			if got := b.Stats().Active; got != want {
+				t.Fatalf("Active = %d; want %d: a refused request keeps no local slot", got, want)
+			}
+			if release != nil {
+				release()
+			}
+		})
+	}
 }
