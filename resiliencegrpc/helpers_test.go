@@ -63,6 +63,7 @@ func breaker(failMax int) func(*resilience.Config) {
 type step struct {
 	code    codes.Code
 	trailer []string      // key, value pairs
+	header  []string      // key, value pairs, sent before anything else
 	block   bool          // wait until the call's context is done
 	sends   int           // Watch: messages sent before code
 	entered chan struct{} // closed once the call is in the handler
@@ -91,6 +92,9 @@ func (h *healthServer) next() step {
 }
 
 func (h *healthServer) play(ctx context.Context, s step) error {
+	if len(s.header) > 0 {
+		grpc.SetHeader(ctx, metadata.Pairs(s.header...))
+	}
 	if s.entered != nil {
 		close(s.entered)
 	}
@@ -123,6 +127,9 @@ func (h *healthServer) Check(ctx context.Context, _ *healthpb.HealthCheckRequest
 
 func (h *healthServer) Watch(_ *healthpb.HealthCheckRequest, ss grpc.ServerStreamingServer[healthpb.HealthCheckResponse]) error {
 	s := h.next()
+	if len(s.header) > 0 {
+		ss.SendHeader(metadata.Pairs(s.header...))
+	}
 	for range s.sends {
 		if err := ss.Send(&healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_SERVING}); err != nil {
 			return err
