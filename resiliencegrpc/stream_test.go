@@ -372,3 +372,75 @@ func TestStreamOverflowWhileRetryWaits(t *testing.T) {
 		t.Fatalf("Recv = %v after %d streams; want UNAVAILABLE after 1", err, srv.calls.Load())
 	}
 }
+
+// A stream idle past TIMEOUT_<SERVICE>_IDLE after its first message is cut:
+// DEADLINE_EXCEEDED matching ErrTimeout, its slot given back.
+func TestStreamIdleTimeout(t *testing.T) {
+	reg := registry(t, func(c *resilience.Config) {
+		c.IdleTimeouts = map[string]time.Duration{healthKey: 100 * time.Millisecond}
+		c.Bulkheads[healthKey] = resilience.BulkheadConfig{Limit: 1}
+	})
+	h := newHealth(step{sends: 1, block: true})
+	c := healthClient(t, tcp, h, reg)
+	s, err := c.Watch(context.Background(), &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Recv()
+	if status.Code(err) != codes.DeadlineExceeded || !errors.Is(err, resilience.ErrTimeout) {
+		t.Fatalf("Recv after 100ms idle: %v; want DEADLINE_EXCEEDED matching ErrTimeout", err)
+	}
+	if got := reg.Bulkhead(healthSvc).Stats().Active; got != 0 {
+		t.Fatalf("Active = %d; want 0", got)
+	}
+}
+
+// echoServer's FullDuplexCall answers each message with one of the same
+// size, until the client closes its side.
+type echoServer struct {
+	testpb.UnimplementedTestServiceServer
+}
+
+func (echoServer) FullDuplexCall(ss grpc.BidiStreamingServer[testpb.StreamingOutputCallRequest, testpb.StreamingOutputCallResponse]) error {
+	for {
+		m, err := ss.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := ss.Send(&testpb.StreamingOutputCallResponse{Payload: m.GetPayload()}); err != nil {
+			return err
+		}
+	}
+}
+
+// A bidirectional stream carries on as usual after its first message.
+func TestStreamBidiAfterCommit(t *testing.T) {
+	reg := registry(t, nil)
+	cc := serve(t, bufnet, func(s *grpc.Server) { testpb.RegisterTestServiceServer(s, echoServer{}) }, nil,
+		grpc.WithStreamInterceptor(StreamClientInterceptor(reg)))
+	s, err := testpb.NewTestServiceClient(cc).FullDuplexCall(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 3; i++ {
+		if err := s.Send(&testpb.StreamingOutputCallRequest{Payload: &testpb.Payload{Body: make([]byte, i)}}); err != nil {
+			t.Fatal(err)
+		}
+		m, err := s.Recv()
+		if err != nil || len(m.GetPayload().GetBody()) != i {
+			t.Fatalf("echo %d: %v, %v", i, m, err)
+		}
+	}
+	if err := s.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); err != io.EOF {
+		t.Fatalf("Recv after CloseSend: %v; want io.EOF", err)
+	}
+}
