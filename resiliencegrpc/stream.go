@@ -34,8 +34,9 @@ const replayLimit = 256 << 10
 // The stream holds its bulkhead slot from its first attempt to its end:
 // until RecvMsg returns an error (io.EOF included), its context is
 // cancelled, or the connection closes, as grpc-go asks of every stream.
-// The per-attempt timeout bounds the wait for the first message; from then
-// on TIMEOUT_<SERVICE>_IDLE (default: the attempt's timeout) bounds each
+// The per-attempt timeout bounds the time to the first message, the
+// messages the caller sends before it included; from then on
+// TIMEOUT_<SERVICE>_IDLE (default: the attempt's timeout) bounds each
 // wait for the next and TIMEOUT_<SERVICE>_STREAM, if set, the whole
 // stream, and a stream cut by them fails with DEADLINE_EXCEEDED and an
 // error matching resilience.ErrTimeout. Streams are never hedged.
