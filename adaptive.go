@@ -59,13 +59,18 @@ type AdaptiveConfig struct {
 	// means 100ms. A window closes only once it holds at least 10 calls,
 	// so a quiet bulkhead keeps its limit.
 	//
-	// The gradient probes with windows too. Its first used window, and
-	// then one in every 5 to 100 (the interval doubles while probes find
-	// the same baseline, and returns to 5 when one does not), admits only
-	// a quarter of the limit (at least MinLimit), and its mean latency
-	// becomes the baseline that later windows are compared with. Limit
-	// reports the learnt limit throughout; a FailFast bulkhead or Shed
-	// rejects more calls during a probe window.
+	// The gradient probes with windows too. After its first used window,
+	// and then after one in every 5 to 100 (the interval doubles while
+	// probes find the same baseline, and returns to 5 when one does not),
+	// it admits only a quarter of the limit (at least MinLimit) for a
+	// probe window, and that window's mean latency becomes the baseline
+	// that later windows are compared with. A probe window closes after
+	// Window once as many calls begun in it as it admits (at most 10)
+	// have ended: about one call's time for slow calls. A probe still
+	// open after four windows or three baselines, whichever is longer
+	// (its calls stopped), is abandoned. Limit and
+	// resilience.bulkhead.limit report the learnt limit throughout; a
+	// FailFast bulkhead or Shed rejects more calls during a probe.
 	Window time.Duration
 }
 
@@ -139,6 +144,8 @@ type adaptive struct {
 	sinceProbe int     // windows closed since the last probe
 	probeEvery int     // windows between probes, probeMinEvery to probeMaxEvery
 	probe      int     // the limit a probe admits while it runs; 0: none
+	probeSeq   uint64  // probes started, to tell a stale probe deadline
+	probeArmed uint64  // the probe whose deadline is armed
 	shown      [2]int  // the limit and admission last returned by sample
 
 	// probeFrom is when the running probe began, monotonic ns; 0: none.
@@ -246,17 +253,17 @@ func (a *adaptive) overloaded() {
 // limit moved, it returns the learnt limit and the number of calls to
 // admit, which is lower while a probe runs; else 0, 0.
 func (a *adaptive) sample(now, rtt time.Duration, inUse int, overload bool) (limit, admit int) {
+	if overload {
+		a.overloaded() // whenever the call began: every overload counts
+	}
 	if from := a.probeFrom.Load(); from != 0 && int64(now-rtt) < from {
-		return 0, 0
+		return 0, 0 // began before the probe: its latency is the old limit's
 	}
 	// The clock's low bits pick the stripe: calls of different cores
 	// rarely end in the same nanosecond.
 	st := &a.stripes[uint64(now)%adaptStripes]
 	st.n.Add(1)
 	st.sum.Add(int64(rtt))
-	if overload {
-		a.overloaded()
-	}
 	for m := a.maxInUse.Load(); int64(inUse) > m && !a.maxInUse.CompareAndSwap(m, int64(inUse)); m = a.maxInUse.Load() {
 	}
 	start := a.start.Load()
@@ -278,18 +285,22 @@ func (a *adaptive) sample(now, rtt time.Duration, inUse int, overload bool) (lim
 	if a.start.Load() != start {
 		return 0, 0 // closed by another sample just now
 	}
-	if n < adaptMinSamples {
+	need := int64(adaptMinSamples)
+	if a.probe > 0 {
+		// A probe admits few calls: as many as it admits will do, so
+		// that a probe of slow calls lasts about one call, not ten.
+		need = int64(min(adaptMinSamples, max(a.probe, 2)))
+	}
+	if n < need {
 		// Too few timed calls yet: time more of them.
 		a.sampleBelow.Store(min(sampleAll, 2*a.sampleBelow.Load()))
 		return 0, 0
 	}
-	w := window{dropped: a.dropped.Load(), maxInUse: a.maxInUse.Load()}
+	w := window{dropped: a.dropped.Swap(false), maxInUse: a.maxInUse.Swap(0)}
 	for i := range a.stripes {
 		w.n += a.stripes[i].n.Swap(0)
 		w.sum += a.stripes[i].sum.Swap(0)
 	}
-	a.dropped.Store(false)
-	a.maxInUse.Store(0)
 	// Time about sampleTarget calls of the next window, if it is as busy.
 	calls := float64(w.n) * sampleAll / float64(a.sampleBelow.Load())
 	a.sampleBelow.Store(uint64(min(1, max(1.0/sampleMin, sampleTarget/calls)) * sampleAll))
@@ -380,7 +391,9 @@ func (a *adaptive) gradient(w window, now time.Duration) {
 	if a.sinceProbe++; a.sinceProbe >= a.probeEvery {
 		if p := max(a.lo, math.Floor(a.estimate/probeDivisor)); p < math.Floor(a.estimate) {
 			a.probe = int(p)
+			a.probeSeq++
 			a.probeFrom.Store(int64(now))
+			a.sampleBelow.Store(sampleAll) // few calls: time them all
 		}
 		a.sinceProbe = 0
 	}
@@ -394,6 +407,17 @@ func (a *adaptive) gradient(w window, now time.Duration) {
 // follows it within a few probes. Probes come less often while they agree
 // with the baseline, and often again when one does not.
 func (a *adaptive) probed(w window) {
+	a.probe = 0
+	a.probeFrom.Store(0)
+	if w.dropped {
+		// Overloaded even at a quarter of the limit: not a latency
+		// without load, and a reason to back off as any overloaded
+		// window is. Probe again soon.
+		next := a.estimate*(1-a.smoothing) + a.estimate*gradientMinSlope*a.smoothing
+		a.estimate = min(a.hi, max(a.lo, next))
+		a.probeEvery = probeMinEvery
+		return
+	}
 	short := max(float64(w.sum)/float64(w.n), 1)
 	if math.Abs(short-a.baseline) <= probeSame*a.baseline {
 		a.probeEvery = min(2*a.probeEvery, probeMaxEvery)
@@ -405,6 +429,23 @@ func (a *adaptive) probed(w window) {
 	} else {
 		a.baseline += (short - a.baseline) * probeRise
 	}
+}
+
+// probeDeadline is how long a probe may run before it is abandoned: its
+// window, four times over, or three times the baseline latency, whichever
+// is longer. A probe whose calls stopped, or never came, must not hold the
+// bulkhead at a quarter of its limit. a.mu is held.
+func (a *adaptive) probeDeadline() time.Duration {
+	return max(4*time.Duration(a.window.Load()), 3*time.Duration(a.baseline))
+}
+
+// abandonProbe ends probe number seq, if it still runs, without reading
+// it: the limit is back, and the baseline as it was. a.mu is held.
+func (a *adaptive) abandonProbe(seq uint64) {
+	if a.probe == 0 || a.probeSeq != seq {
+		return
+	}
 	a.probe = 0
 	a.probeFrom.Store(0)
+	a.shown = [2]int{int(a.estimate), int(a.estimate)}
 }

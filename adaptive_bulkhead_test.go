@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -156,5 +157,100 @@ func TestAdaptiveBulkheadProbeAdmitsAQuarter(t *testing.T) {
 		}
 		stop()
 		wg.Wait()
+	})
+}
+
+// Regression: observe applied the limit its sample returned after taking
+// the bulkhead's lock, so a SetLimit (or a Reload) between the two was
+// overwritten by a stale probe admission, which then held for ever.
+func TestAdaptiveSetLimitBetweenSampleAndApplyWins(t *testing.T) {
+	b := mustBulkhead(t, BulkheadConfig{Name: "adaptive-setlimit-race", Limit: 40, Adaptive: &AdaptiveConfig{MaxLimit: 100}})
+	a := b.adapt.Load()
+	var now time.Duration
+	if feed(a, &now, 1, 10*time.Millisecond, 40, false); a.probe == 0 {
+		t.Fatal("no probe after the first used window")
+	}
+	// The sample that started the probe returned; before it is applied:
+	if err := b.SetLimit(30); err != nil {
+		t.Fatal(err)
+	}
+	b.learn(a) // what the sample's observe does next
+	b.mu.Lock()
+	limit, learnt := b.limit, b.learnt
+	b.mu.Unlock()
+	if limit != 30 || learnt != 30 {
+		t.Errorf("after SetLimit(30) then the stale apply: admitting %d, Limit %d; want 30 and 30", limit, learnt)
+	}
+}
+
+// A probe of slow calls ends after about one call, and a probe whose
+// calls stop is abandoned at its deadline: it never holds the bulkhead at
+// a quarter of its limit for long.
+func TestAdaptiveProbeOfSlowCallsEnds(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustBulkhead(t, BulkheadConfig{Name: "adaptive-slow-probe", Limit: 8, FailFast: true, Adaptive: &AdaptiveConfig{}})
+		f := WithBulkhead(func(context.Context) (int, error) {
+			time.Sleep(2 * time.Second)
+			return 1, nil
+		}, b)
+		ctx, stop := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		for range 20 {
+			wg.Go(func() {
+				for ctx.Err() == nil {
+					if _, err := f(ctx); err != nil {
+						time.Sleep(100 * time.Millisecond)
+					}
+				}
+			})
+		}
+		var probing, longest time.Duration
+		for range 1200 { // two minutes, every 100ms
+			time.Sleep(100 * time.Millisecond)
+			b.mu.Lock()
+			under := b.limit < b.learnt
+			b.mu.Unlock()
+			if under {
+				probing += 100 * time.Millisecond
+				longest = max(longest, probing)
+			} else {
+				probing = 0
+			}
+		}
+		// At most three baselines (6s), the deadline; before, 10s.
+		if longest == 0 || longest > 6*time.Second {
+			t.Errorf("longest probe %v with 2s calls, want one, of at most 6s", longest)
+		}
+		stop()
+		wg.Wait()
+
+		// Traffic stops during a probe: the probe is abandoned at its
+		// deadline, and a burst an hour later finds the whole limit.
+		a := b.adapt.Load()
+		a.mu.Lock()
+		a.probe = max(1, int(a.estimate)/4)
+		a.probeSeq++
+		a.probeFrom.Store(int64(monotonic()))
+		a.shown[1] = a.probe
+		a.mu.Unlock()
+		b.learn(a) // as observe does when a sample starts a probe
+		if b.mu.Lock(); b.limit >= b.learnt {
+			t.Fatalf("no probe: admitting %d of %d", b.limit, b.learnt)
+		}
+		b.mu.Unlock()
+		time.Sleep(time.Hour)
+		var admitted atomic.Int64
+		limit := b.Limit()
+		for range limit {
+			wg.Go(func() {
+				if _, err := f(context.Background()); err == nil {
+					admitted.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		if n := admitted.Load(); n != int64(limit) {
+			t.Errorf("a burst of %d an hour after a probe's calls stopped: %d admitted, want all", limit, n)
+		}
 	})
 }

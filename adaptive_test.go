@@ -197,24 +197,30 @@ func TestAdaptiveGradientOverloadGoesBelowFour(t *testing.T) {
 func TestAdaptiveBusyWindowsTimeAShare(t *testing.T) {
 	a := newAdaptive(AdaptiveConfig{Algorithm: AdaptiveAIMD}, 10)
 	var now time.Duration
-	for range 3 { // three windows of 10 000 calls each, all timed
+	// A first window of 10 000 calls, every one timed: the share becomes
+	// 64 in 10 001 (the calls of the window, the one closing it included).
+	for range 10001 {
+		now += 10 * time.Microsecond
+		a.sample(now, time.Millisecond, 10, false)
+	}
+	calls := 10001.0
+	if got, want := a.sampleBelow.Load(), uint64(sampleTarget/calls*sampleAll); got != want {
+		t.Fatalf("sampleBelow %d after a window of 10 001 timed calls, want %d (64 in 10 001)", got, want)
+	}
+	// Windows as busy, of which only the calls timed() picks are
+	// sampled, as the pipeline does: the share holds near 64 in 10 000.
+	for w := range 5 {
+		timed := 0
 		for range 10000 {
 			now += 10 * time.Microsecond
-			a.sample(now, time.Millisecond, 10, false)
+			if a.timed() {
+				timed++
+				a.sample(now, time.Millisecond, 10, false)
+			}
 		}
-	}
-	const calls = 100000
-	timed := 0
-	for range calls {
-		if a.timed() {
-			timed++
+		if timed < 64/4 || timed > 64*4 {
+			t.Errorf("window %d: %d of 10 000 calls timed, want about 64", w+2, timed)
 		}
-	}
-	// The last windows timed every call they saw (this test's samples
-	// bypass timed), so the estimate of calls a window is 10 000: about
-	// 64 in 10 000 are to be timed, 640 of 100 000.
-	if timed < 640/4 || timed > 640*4 {
-		t.Errorf("%d of %d calls timed after windows of 10 000 calls, want about 640", timed, calls)
 	}
 	// Quiet again: windows that pass with too few timed calls time more,
 	// doubling, up to every call.
@@ -224,6 +230,28 @@ func TestAdaptiveBusyWindowsTimeAShare(t *testing.T) {
 	}
 	if got := a.sampleBelow.Load(); got != sampleAll {
 		t.Errorf("sampleBelow %d after quiet windows, want every call timed (%d)", got, uint64(sampleAll))
+	}
+}
+
+// An overload in a probe's window backs the limit off, as in any window,
+// and is not taken for the latency without load.
+func TestAdaptiveOverloadDuringAProbe(t *testing.T) {
+	a := newAdaptive(AdaptiveConfig{}, 40)
+	var now time.Duration
+	feed(a, &now, 1, 10*time.Millisecond, 40, false) // the first window starts a probe
+	if a.probe == 0 {
+		t.Fatal("no probe after the first used window")
+	}
+	before, baseline := a.estimate, a.baseline
+	feed(a, &now, 1, time.Millisecond, 10, true) // the probe's window: fast, but overloaded
+	if a.probe != 0 {
+		t.Fatal("the probe's window did not end it")
+	}
+	if want := before * (1 - defaultSmoothing + gradientMinSlope*defaultSmoothing); math.Abs(a.estimate-want) > 1e-9 {
+		t.Errorf("estimate %.3f after an overloaded probe from %.3f, want %.3f", a.estimate, before, want)
+	}
+	if a.baseline != baseline {
+		t.Errorf("baseline %v after an overloaded probe, want it kept at %v", a.baseline, baseline)
 	}
 }
 

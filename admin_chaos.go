@@ -63,8 +63,19 @@ func readChaosRequest(req *http.Request) (ChaosConfig, error) {
 	var body chaosRequest
 	dec := json.NewDecoder(io.LimitReader(req.Body, 4<<10))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(&body); err != nil && !errors.Is(err, io.EOF) {
-		return ChaosConfig{}, errors.New("body: " + err.Error() + `: want {"error_rate": 1, "latency": "2s", "latency_rate": 0.5}, or none`)
+	const want = `: want {"error_rate": 1, "latency": "2s", "latency_rate": 0.5}, or no body for the service's CHAOS_<SERVICE>_* or a whole outage`
+	err := dec.Decode(&body)
+	switch {
+	case errors.Is(err, io.EOF):
+		return ChaosConfig{}, nil // no body
+	case err != nil:
+		return ChaosConfig{}, errors.New("body: " + err.Error() + want)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return ChaosConfig{}, errors.New("body: data after the JSON value" + want)
+	}
+	if body == (chaosRequest{}) {
+		return ChaosConfig{}, errors.New("body: injects nothing" + want)
 	}
 	cfg := ChaosConfig{ErrorRate: body.ErrorRate, LatencyRate: body.LatencyRate}
 	if body.Latency != "" {

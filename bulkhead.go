@@ -424,14 +424,48 @@ func (b *Bulkhead) release() {
 // (monotonic) and ended overloaded, or not.
 func (b *Bulkhead) observe(a *adaptive, start time.Duration, overload bool) {
 	now := monotonic()
-	if limit, admit := a.sample(now, now-start, int(b.inUse.Load()), overload); limit > 0 {
-		b.mu.Lock()
-		if b.adapt.Load() == a {
-			b.limit, b.learnt = admit, limit
-			b.grantLocked()
-		}
-		b.mu.Unlock()
+	if limit, _ := a.sample(now, now-start, int(b.inUse.Load()), overload); limit > 0 {
+		b.learn(a)
 	}
+}
+
+// learn applies what a has learnt to the bulkhead: its limit, and its
+// admission while a probe runs, read under both locks, so that a SetLimit
+// or a Reload since the sample is never overwritten by what the sample
+// returned. A probe just begun gets its deadline.
+func (b *Bulkhead) learn(a *adaptive) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.adapt.Load() != a {
+		return
+	}
+	a.mu.Lock()
+	b.learnt, b.limit = a.shown[0], a.shown[1]
+	seq, arm := a.probeSeq, a.probe > 0 && a.probeArmed != a.probeSeq
+	var d time.Duration
+	if arm {
+		a.probeArmed, d = seq, a.probeDeadline()
+	}
+	a.mu.Unlock()
+	b.grantLocked()
+	if arm {
+		time.AfterFunc(d, func() { b.endProbe(a, seq) })
+	}
+}
+
+// endProbe abandons probe number seq of a, if it still runs: see
+// adaptive.probeDeadline.
+func (b *Bulkhead) endProbe(a *adaptive, seq uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.adapt.Load() != a {
+		return
+	}
+	a.mu.Lock()
+	a.abandonProbe(seq)
+	b.learnt, b.limit = a.shown[0], a.shown[1]
+	a.mu.Unlock()
+	b.grantLocked()
 }
 
 // isOverload reports whether err says the downstream is overloaded: a

@@ -51,6 +51,8 @@ func (c ChaosConfig) checkAs(field string) error {
 		return invalid(field+".LatencyRate", c.LatencyRate, "must be a share in [0, 1]")
 	case c.Latency < 0:
 		return invalid(field+".Latency", c.Latency, "must not be negative")
+	case c.LatencyRate > 0 && c.Latency == 0:
+		return invalid(field+".LatencyRate", c.LatencyRate, "needs a Latency to inject")
 	}
 	return nil
 }
@@ -113,6 +115,14 @@ type chaosCell = atomic.Pointer[chaos]
 // invoke runs one attempt, after the pipeline's fault injection, if any.
 func (p *pipeline) invoke(ctx context.Context, attempt attemptFunc) error {
 	if err := p.injectChaos(ctx); err != nil {
+		if p.hedged {
+			// A hedge failed by an injected fault was sent, as one failed
+			// by the downstream: counted as the attempt would have (an
+			// enforced attempt counts before it injects).
+			if s, _ := ctx.Value(hedgeKey{}).(*hedgeSeat); s != nil && s.r.p == p {
+				s.sent(ctx)
+			}
+		}
 		return err
 	}
 	return attempt(ctx)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
@@ -129,6 +130,7 @@ func TestChaosConfigErrorsNameTheField(t *testing.T) {
 		{WithChaos(fn, ChaosConfig{ErrorRate: 1.5}), "ChaosConfig.ErrorRate"},
 		{WithChaos(fn, ChaosConfig{LatencyRate: -0.1, Latency: time.Second}), "ChaosConfig.LatencyRate"},
 		{WithChaos(fn, ChaosConfig{Latency: -time.Second}), "ChaosConfig.Latency"},
+		{WithChaos(fn, ChaosConfig{LatencyRate: 0.5}), "ChaosConfig.LatencyRate"}, // no Latency: nothing to inject
 		{Compose(fn, Stack[int]{Chaos: ChaosConfig{ErrorRate: 2}}), "Stack.Chaos.ErrorRate"},
 		{WithChaos[int](nil, ChaosConfig{}), "WithChaos fn"},
 	} {
@@ -181,6 +183,38 @@ func BenchmarkChaosOff(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+		})
+	}
+}
+
+// A hedge failed by an injected fault is counted as sent, with or without
+// an enforced timeout, as one the downstream failed is.
+func TestChaosHedgeCountedOnEveryPath(t *testing.T) {
+	for _, enforce := range []bool{false, true} {
+		synctest.Test(t, func(t *testing.T) {
+			reader := withReader(t)
+			name := uniqueName("chaos-hedge")
+			var mu sync.Mutex
+			first := true
+			f := Compose(func(ctx context.Context) (int, error) {
+				mu.Lock()
+				slow := first
+				first = false
+				mu.Unlock()
+				if slow {
+					<-ctx.Done()
+					return 0, ctx.Err()
+				}
+				return 1, nil
+			}, Stack[int]{
+				Name: name, Timeout: time.Second, EnforceTimeout: enforce,
+				Hedge: mustHedge(t, HedgeConfig{Name: name, Delay: 10 * time.Millisecond}),
+				// The first attempt is delayed past the hedge's delay;
+				// the hedge fails by injection.
+				Chaos: ChaosConfig{LatencyRate: 1, Latency: 20 * time.Millisecond, ErrorRate: 1},
+			})
+			f(context.Background())
+			wantPoints(t, collect(t, reader), "resilience.hedge.attempts", "counter", "{attempt}", "function="+name+"=1")
 		})
 	}
 }

@@ -311,7 +311,9 @@ func (cb *CircuitBreaker) recordTransition(from, to State) {
 }
 
 // recordRecovery records the time from a transition out of closed to the
-// next back to closed.
+// next back to closed: by a successful probe, or by Reset, an operator's
+// word that the downstream recovered. ForceOpen and ForceClose are not
+// timed, nor a Reload that closes a half-open breaker.
 func (cb *CircuitBreaker) recordRecovery(d time.Duration) {
 	meter().cbRecovery.Record(context.Background(), d.Seconds(), recSet(attrService.String(cb.name))...)
 }
@@ -459,6 +461,7 @@ func (cb *CircuitBreaker) reconfigure(cfg CircuitBreakerConfig) error {
 	} else {
 		cb.closedLocked()
 		if !forced {
+			cb.downSince = time.Time{} // closed by a new shape, not by a recovery
 			cb.transitionLocked(cb.last, StateClosed)
 		}
 	}
@@ -482,7 +485,11 @@ func (cb *CircuitBreaker) force(bit int32, to State) {
 	cb.evMu.Lock()
 	cb.setMode(modeForcedOpen|modeForcedClosed, false)
 	cb.setMode(bit, true)
+	// An operator's hold is not the downstream's outage or recovery:
+	// resilience.circuit_breaker.recovery_duration times neither.
+	cb.downSince = time.Time{}
 	cb.transitionLocked(cb.last, to)
+	cb.downSince = time.Time{}
 	cb.evMu.Unlock()
 	cb.flush()
 }

@@ -86,9 +86,11 @@ type serviceChaos struct {
 }
 
 // StartChaos starts injecting faults into the calls of service through
-// the registry (ForService, Transport), as cfg says, or, if cfg injects
-// nothing, as CHAOS_<SERVICE>_* says, or else failing every attempt with
-// ErrChaos: a whole outage, the usual rehearsal. It needs
+// the registry (ForService, Transport), as cfg says, or, if cfg is the
+// zero value, as CHAOS_<SERVICE>_* says, or else failing every attempt
+// with ErrChaos: a whole outage, the usual rehearsal. A cfg that is not
+// zero and injects nothing (a Latency without LatencyRate), an empty
+// service name or DEFAULT is an error. It needs
 // RESILIENCE_CHAOS=true (Config.ChaosEnabled), so that no production
 // process injects a fault by accident: without it, or with an invalid
 // cfg, it returns an error matching ErrInvalidConfig. The injection lasts
@@ -96,6 +98,18 @@ type serviceChaos struct {
 func (r *Registry) StartChaos(service string, cfg ChaosConfig) error {
 	if err := cfg.checkAs("ChaosConfig"); err != nil {
 		return err
+	}
+	switch {
+	case strings.TrimSpace(service) == "":
+		return invalid("StartChaos service", service, "must name a service")
+	case EnvKey(service) == reservedKey:
+		return invalid("StartChaos service", service, "fault injection is per service: name the service instead of DEFAULT")
+	}
+	zero := cfg.ErrorRate == 0 && cfg.LatencyRate == 0 && cfg.Latency == 0 && cfg.Error == nil
+	if !zero && !cfg.on() {
+		// Half a configuration is a mistake, not a request for the
+		// variables' injection or a whole outage.
+		return invalid("ChaosConfig", cfg, "injects nothing: set ErrorRate, or Latency with LatencyRate")
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()

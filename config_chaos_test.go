@@ -117,6 +117,9 @@ func TestRegistryStartStopChaos(t *testing.T) {
 	if err := r.StartChaos("keycloak", ChaosConfig{ErrorRate: 7}); !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "ChaosConfig.ErrorRate") {
 		t.Errorf("StartChaos with a bad rate: %v, want ErrInvalidConfig naming ChaosConfig.ErrorRate", err)
 	}
+	if err := r.StartChaos("keycloak", ChaosConfig{Latency: time.Second}); !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "injects nothing") {
+		t.Errorf("StartChaos with a Latency and no LatencyRate: %v, want ErrInvalidConfig: injects nothing", err)
+	}
 	// A Reload keeps what StartChaos started.
 	reloadEnv(t, r, map[string]string{"RESILIENCE_CHAOS": "true", "RETRY_MAX_ATTEMPTS": "1"})
 	if _, err := f(context.Background()); !errors.Is(err, ErrChaos) {
@@ -208,6 +211,14 @@ func TestAdminChaos(t *testing.T) {
 		{"/chaos/openfga/on", `{"error_rate": 2}`, http.StatusBadRequest, "ErrorRate"},
 		{"/chaos/openfga/on", `{"latency": "soon"}`, http.StatusBadRequest, "soon"},
 		{"/chaos/openfga/on", `{"rate": 1}`, http.StatusBadRequest, "unknown field"},
+		// Half a body is a mistake, never a whole outage.
+		{"/chaos/openfga/on", `{"latency_rate": 0.5}`, http.StatusBadRequest, "needs a Latency"},
+		{"/chaos/openfga/on", `{"error_rate": 0}`, http.StatusBadRequest, "injects nothing"},
+		{"/chaos/openfga/on", `{"latency": "0s"}`, http.StatusBadRequest, "needs a Latency"},
+		{"/chaos/openfga/on", `{"error_rate": 0.1}garbage`, http.StatusBadRequest, "after the JSON value"},
+		{"/chaos/openfga/on", `{"error_rate": 0.1}{"error_rate": 1}`, http.StatusBadRequest, "after the JSON value"},
+		{"/chaos//on", ``, http.StatusBadRequest, "must name a service"},
+		{"/chaos/default/on", ``, http.StatusBadRequest, "instead of DEFAULT"},
 		{"/chaos/openfga/explode", ``, http.StatusNotFound, "use on or off"},
 	} {
 		if code, body := post(t, srv.URL+tc.path, tc.body); code != tc.code || !strings.Contains(body, tc.says) {

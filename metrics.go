@@ -386,6 +386,12 @@ func errorType(err error) string {
 			return x.errorType() // a failing HTTP status: "http_503"
 		case *checkError:
 			return "check" // a result Stack.Check or Transport.Check rejected
+		case interface{ ErrorType() string }:
+			// An error that names its own kind, as an adapter at the
+			// edge does for its protocol's failures ("grpc_unavailable").
+			if et := x.ErrorType(); et != "" {
+				return et
+			}
 		}
 	}
 	for x := err; x != nil; x = errors.Unwrap(x) {

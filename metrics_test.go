@@ -420,7 +420,15 @@ func TestMetricsBreakerRecoveryDuration(t *testing.T) {
 		f(context.Background()) // the probe succeeds: closed, 36s after the open
 		cb.ForceOpen()
 		time.Sleep(3 * time.Second)
-		cb.Reset() // an operator's 3s
+		cb.Reset() // an operator's hold for maintenance: not timed
+		fail = true
+		f(context.Background()) // opens
+		time.Sleep(time.Hour)
+		cb.ForceClose() // an operator's word against the breaker: not timed
+		cb.Reset()
+		f(context.Background()) // opens
+		time.Sleep(3 * time.Second)
+		cb.Reset() // an operator's word that the downstream recovered: 3s
 		var got []float64
 		for _, dp := range collect(t, reader)["resilience.circuit_breaker.recovery_duration"].Data.(metricdata.Histogram[float64]).DataPoints {
 			if v, _ := dp.Attributes.Value(attrService); v.AsString() == name {
@@ -428,7 +436,29 @@ func TestMetricsBreakerRecoveryDuration(t *testing.T) {
 			}
 		}
 		if want := []float64{2, 39}; !slices.Equal(got, want) {
-			t.Errorf("recovery_duration of %s: count and sum %v, want %v (36s and 3s)", name, got, want)
+			t.Errorf("recovery_duration of %s: count and sum %v, want %v (36s, and 3s to a Reset)", name, got, want)
 		}
 	})
+}
+
+// typedErr names its own error.type, as an adapter's error does.
+type typedErr struct{ kind string }
+
+func (e typedErr) Error() string     { return "typed: " + e.kind }
+func (e typedErr) ErrorType() string { return e.kind }
+
+func TestErrorTypeFromTheErrorsOwnMethod(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want string
+	}{
+		{typedErr{"grpc_unavailable"}, "grpc_unavailable"},
+		{fmt.Errorf("wrapped: %w", typedErr{"grpc_aborted"}), "grpc_aborted"},
+		{&Error{Err: ErrRetryExhausted, Cause: typedErr{"grpc_unavailable"}}, "grpc_unavailable"},
+		{typedErr{""}, "resilience.typedErr"}, // empty: the type, as before
+	} {
+		if got := errorType(tc.err); got != tc.want {
+			t.Errorf("errorType(%v) = %q, want %q", tc.err, got, tc.want)
+		}
+	}
 }

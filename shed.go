@@ -157,7 +157,9 @@ func (h *shedHandler) reject(ctx context.Context, w http.ResponseWriter, prio in
 //
 // On success, serve the request, then call release, once the request is
 // served: it gives the slot back and, for an adaptive bulkhead, reports the
-// request's latency. Calls of release after the first do nothing. A shed
+// request's latency. Calls of release after the first do nothing, and so
+// does the release that comes with an error: defer release() is safe
+// either way. A shed
 // request gets an error matching [ErrBulkheadFull], counted in
 // resilience.shed.rejections by resource_type and priority as Shed counts
 // its own; a request whose ctx ended while it waited gets the context's
@@ -173,11 +175,11 @@ func (b *Bulkhead) Admit(ctx context.Context, priority int) (release func(), err
 		if err == errBypassed {
 			return noop, nil
 		}
-		return nil, b.shed(ctx, priority, err)
+		return noop, b.shed(ctx, priority, err)
 	}
 	grel, err := b.acquireGlobal(ctx)
 	if err != nil {
-		return nil, b.shed(ctx, priority, b.refusedGlobal(ctx, err))
+		return noop, b.shed(ctx, priority, b.refusedGlobal(ctx, err))
 	}
 	a := b.adapt.Load()
 	var start time.Duration

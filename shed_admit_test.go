@@ -92,8 +92,12 @@ func TestAdmitCanceledWaiter(t *testing.T) {
 		synctest.Wait()
 		cancel()
 		<-w.done
-		if !errors.Is(w.err, context.Canceled) || w.release != nil {
-			t.Fatalf("canceled waiter: %v; want context.Canceled and no release", w.err)
+		if !errors.Is(w.err, context.Canceled) || w.release == nil {
+			t.Fatalf("canceled waiter: %v; want context.Canceled and a release that does nothing", w.err)
+		}
+		w.release() // as defer release() would: gives back nothing
+		if s := b.Stats(); s.Active != 1 {
+			t.Fatalf("Stats = %+v after the refused request's release; want the holder still inside", s)
 		}
 		holder()
 		if s := b.Stats(); s.Active != 0 || s.Waiting != 0 {

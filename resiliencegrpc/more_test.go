@@ -166,3 +166,18 @@ func TestRejectionStatus(t *testing.T) {
 		t.Errorf("attemptError.Error() = %q", got)
 	}
 }
+
+// The metrics' error.type names a failed attempt's status, as Transport's
+// http_503 names a status, rather than the adapter's Go type.
+func TestAttemptErrorType(t *testing.T) {
+	for code, want := range map[codes.Code]string{
+		codes.Unavailable:       "grpc_unavailable",
+		codes.ResourceExhausted: "grpc_resource_exhausted",
+		codes.DeadlineExceeded:  "grpc_deadline_exceeded",
+		codes.Internal:          "grpc_internal",
+	} {
+		if got := (&attemptError{err: status.Error(code, "x")}).ErrorType(); got != want {
+			t.Errorf("%v: ErrorType() = %q, want %q", code, got, want)
+		}
+	}
+}

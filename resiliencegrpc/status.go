@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	"github.com/resilience-go/resilience"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -76,6 +77,23 @@ func (e *attemptError) Retryable() bool { return e.retryable }
 
 // RetryAfter is the server's pushback, or negative when it sent none.
 func (e *attemptError) RetryAfter() time.Duration { return e.hint }
+
+// ErrorType names the status for the metrics' error.type, as Transport's
+// "http_503" names a status: "grpc_unavailable", "grpc_resource_exhausted".
+func (e *attemptError) ErrorType() string {
+	var b strings.Builder
+	b.WriteString("grpc_")
+	for i, r := range status.Code(e.err).String() { // "ResourceExhausted"
+		if unicode.IsUpper(r) {
+			if i > 0 {
+				b.WriteByte('_')
+			}
+			r = unicode.ToLower(r)
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
 
 // judge says what an attempt's error is to the policies: nil with neutral
 // set when the pipeline must see a success (the status goes back to the
