@@ -14,6 +14,7 @@ import (
 const (
 	callNotRun   = iota // rejected by gobreaker
 	probeDenied         // a half-open probe another process holds
+	staleDenied         // admitted by gobreaker while the breaker is open
 	callRunning         // fn running, or it panicked or called Goexit
 	callReturned        // fn returned
 )
@@ -62,7 +63,21 @@ func (cb *CircuitBreaker) guard(ctx context.Context, r *breakerRule, call func(c
 	}()
 	_, err := g.gb.Execute(func() (struct{}, error) {
 		cb.flushTo(ctx) // deliver open -> half-open before asking the sync
-		if sb := cb.sync.Load(); sb != nil && cb.lastState() == StateHalfOpen && !sb.s.AllowProbe(ctx, cb.name) {
+		// One read of the state for both checks: an open applied between
+		// two reads would let a half-open admission out unasked.
+		st := cb.lastState()
+		if st == StateOpen || (st == StateHalfOpen && cb.cur.Load() != g) {
+			// Let through by g while the breaker is open: g opened
+			// after admitting it, or its own open period ended during a
+			// longer one held here, or g was replaced by an open (Trip,
+			// TripFor, OpenFor) after this call loaded it. g may have let
+			// it through as a probe that no sync was asked about (issue
+			// 18: a second probe in a round, from a replica applying the
+			// fleet's open at that moment). Its outcome would not count.
+			stage = staleDenied
+			return struct{}{}, errExcluded
+		}
+		if sb := cb.sync.Load(); sb != nil && st == StateHalfOpen && !sb.s.AllowProbe(ctx, cb.name) {
 			// Another process is probing: give the probe back uncounted.
 			stage = probeDenied
 			return struct{}{}, errExcluded
@@ -93,6 +108,8 @@ func (cb *CircuitBreaker) guard(ctx context.Context, r *breakerRule, call func(c
 		return cb.reject(r, call, cb.errOpen)
 	case probeDenied:
 		return cb.reject(r, call, cb.errTooMany)
+	case staleDenied:
+		return cb.reject(r, call, cb.errOpen)
 	}
 	return true, nil
 }

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -326,5 +327,155 @@ func TestCircuitBreakerProbeThatReachedDownstreamCountsDespiteFullBulkhead(t *te
 		}
 		close(release)
 		held.Wait()
+	})
+}
+
+// Issue 18: a replica that tripped on its own a little after the fleet
+// stayed open a full OpenTimeout from its own trip, not until the shared
+// open ended, and went half-open on its own clock. OpenFor sets the end of
+// an open breaker's period, earlier or later, without a transition.
+func TestOpenForEndsALateLocalOpenWithTheSharedOne(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var tl transLog
+		cb := mustBreaker(t, CircuitBreakerConfig{FailMax: 1, OpenTimeout: time.Second, DisableLogging: true, OnStateChange: tl.add})
+		fail := WithCircuitBreaker(func(context.Context) (int, error) { return 0, errBoom }, cb)
+		fail(context.Background()) // opens until 1s on its own clock
+		time.Sleep(200 * time.Millisecond)
+		if opened := cb.OpenFor(600 * time.Millisecond); opened {
+			t.Error("OpenFor on an open breaker reported a transition")
+		}
+		time.Sleep(600*time.Millisecond - time.Millisecond)
+		if st := cb.State(); st != StateOpen {
+			t.Fatalf("1ms before the shared end: %v; want open", st)
+		}
+		time.Sleep(2 * time.Millisecond)
+		if st := cb.State(); st != StateHalfOpen {
+			t.Fatalf("1ms after the shared end, 199ms before its own: %v; want half-open", st)
+		}
+		if got, want := tl.get(), []string{"closed->open", "open->half-open"}; !slices.Equal(got, want) {
+			t.Errorf("transitions %v; want %v", got, want)
+		}
+	})
+}
+
+// Issue 18: a failed probe's longer open, seen by a replica already open,
+// only held back that replica's probes; its breaker said half-open while the
+// fleet was open. OpenFor extends the open itself.
+func TestOpenForExtendsAnOpenBreaker(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var tl transLog
+		cb := mustBreaker(t, CircuitBreakerConfig{FailMax: 1, OpenTimeout: time.Second, MaxOpenTimeout: 8 * time.Second, DisableLogging: true, OnStateChange: tl.add})
+		fail := WithCircuitBreaker(func(context.Context) (int, error) { return 0, errBoom }, cb)
+		fail(context.Background())
+		time.Sleep(500 * time.Millisecond)
+		cb.OpenFor(2 * time.Second)
+		time.Sleep(2*time.Second - time.Millisecond)
+		if _, err := fail(context.Background()); !errors.Is(err, ErrCircuitOpen) {
+			t.Fatalf("1ms before the adopted end: err %v; want ErrCircuitOpen", err)
+		}
+		if st := cb.State(); st != StateOpen {
+			t.Fatalf("state %v; want open", st)
+		}
+		time.Sleep(2 * time.Millisecond)
+		if st := cb.State(); st != StateHalfOpen {
+			t.Fatalf("after the adopted end: %v; want half-open", st)
+		}
+		if got := cb.OpenPeriod(); got != 2500*time.Millisecond {
+			t.Errorf("OpenPeriod() = %v; want 2.5s, from its own trip", got)
+		}
+		if got, want := tl.get(), []string{"closed->open", "open->half-open"}; !slices.Equal(got, want) {
+			t.Errorf("transitions %v; want %v", got, want)
+		}
+	})
+}
+
+// Issue 18: an open adopted from half-open is another replica's failed
+// probe, and a doubled period adopted is the fleet's streak: the next probe
+// that fails here must double that, not start again from OpenTimeout.
+func TestOpenForKeepsTheFleetsDoubling(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cb := mustBreaker(t, CircuitBreakerConfig{FailMax: 1, OpenTimeout: time.Second, MaxOpenTimeout: 16 * time.Second, DisableLogging: true})
+		fail := WithCircuitBreaker(func(context.Context) (int, error) { return 0, errBoom }, cb)
+		fail(context.Background())
+		time.Sleep(time.Second + time.Millisecond)
+		if st := cb.State(); st != StateHalfOpen {
+			t.Fatalf("state %v; want half-open", st)
+		}
+		if !cb.OpenFor(2 * time.Second) { // another replica's probe failed
+			t.Fatal("OpenFor from half-open reported no transition")
+		}
+		time.Sleep(2*time.Second + time.Millisecond)
+		fail(context.Background()) // this replica's probe fails
+		if got := cb.OpenPeriod(); got != 4*time.Second {
+			t.Errorf("after an adopted 2s open, a failed probe opens for %v; want 4s", got)
+		}
+		time.Sleep(4*time.Second + time.Millisecond)
+		cb.OpenFor(time.Hour) // capped at MaxOpenTimeout
+		time.Sleep(16*time.Second - time.Millisecond)
+		if st := cb.State(); st != StateOpen {
+			t.Fatalf("state %v; want open until MaxOpenTimeout", st)
+		}
+		time.Sleep(2 * time.Millisecond)
+		if st := cb.State(); st != StateHalfOpen {
+			t.Fatalf("state %v; want half-open after MaxOpenTimeout", st)
+		}
+	})
+}
+
+// OpenFor leaves an operator's decision alone, and an end already passed.
+func TestOpenForLeavesForcedAndPastAlone(t *testing.T) {
+	cb := mustBreaker(t, CircuitBreakerConfig{FailMax: 1, OpenTimeout: time.Second, DisableLogging: true})
+	if cb.OpenFor(0) || cb.OpenFor(-time.Second) || cb.State() != StateClosed {
+		t.Fatal("OpenFor(<= 0) opened the breaker")
+	}
+	cb.ForceClose()
+	if cb.OpenFor(time.Second) || cb.State() != StateClosed {
+		t.Fatal("OpenFor opened a breaker held by ForceClose")
+	}
+}
+
+// fleetSync is a BreakerSync that lets every probe through, counting the
+// calls it was asked about.
+type fleetSync struct{ asked atomic.Int32 }
+
+func (s *fleetSync) StateChanged(string, State, State) {}
+func (s *fleetSync) AllowProbe(context.Context, string) bool {
+	s.asked.Add(1)
+	return true
+}
+
+// Issue 18: a call that gobreaker let through as a probe just as the
+// fleet's open was applied (OpenFor, from another goroutine, between
+// gobreaker's admission and the sync's question) went to the downstream
+// without the sync being asked: a second probe in the round. Here the
+// open is applied by the transition's own callback, which runs at that
+// very point of the call.
+func TestCircuitBreakerProbeAdmittedAsTheFleetReopensIsRejected(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var cb *CircuitBreaker
+		var reopened atomic.Bool
+		cb = mustBreaker(t, CircuitBreakerConfig{FailMax: 1, OpenTimeout: time.Second, DisableLogging: true,
+			OnStateChange: func(_ string, from, to State) {
+				if to == StateHalfOpen && reopened.CompareAndSwap(false, true) {
+					cb.OpenFor(time.Second) // another replica's probe failed
+				}
+			}})
+		fs := &fleetSync{}
+		cb.SetSync(fs)
+		var reached atomic.Int32
+		call := WithCircuitBreaker(func(context.Context) (int, error) { reached.Add(1); return 0, errBoom }, cb)
+		call(context.Background()) // opens
+		reached.Store(0)
+		time.Sleep(time.Second + time.Millisecond)
+		_, err := call(context.Background()) // half-open: the probe, as the fleet reopens
+		if n := reached.Load(); n != 0 {
+			t.Fatalf("%d calls reached the downstream as the fleet's open was applied (sync asked %d times); want 0", n, fs.asked.Load())
+		}
+		if !errors.Is(err, ErrCircuitOpen) {
+			t.Fatalf("err = %v; want ErrCircuitOpen", err)
+		}
+		if st := cb.State(); st != StateOpen {
+			t.Fatalf("state %v; want open, for the fleet's period", st)
+		}
 	})
 }

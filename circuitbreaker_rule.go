@@ -314,14 +314,21 @@ func (cb *CircuitBreaker) openedLocked(g *breakerGen) {
 		}
 	}
 	p := max(cb.rule.Load().period(cb.streak, hint), g.timeout)
-	end := now + int64(p)
+	cb.openUntilLocked(g, p, now, p)
+}
+
+// openUntilLocked records an open period of length p that ends rest after
+// now (monotonic), held by guard where rest outlasts g's own open period.
+// evMu is held.
+func (cb *CircuitBreaker) openUntilLocked(g *breakerGen, p time.Duration, now int64, rest time.Duration) {
+	end := now + int64(rest)
 	if end < now {
 		end = math.MaxInt64
 	}
 	cb.lateHalfOpen = false
 	cb.period.Store(int64(p))
 	cb.openEnd.Store(end)
-	if p > g.timeout {
+	if rest > g.timeout {
 		cb.hold.Store(end)
 	} else {
 		cb.hold.Store(0)
@@ -429,6 +436,75 @@ func (cb *CircuitBreaker) trip(d time.Duration) {
 	}
 	cb.tripMin.Store(0)
 	cb.tripping.Add(-1)
+}
+
+// OpenFor opens the breaker, or keeps it open, until d from now: shorter
+// or longer than its own open period would be, up to the longest open
+// period its configuration allows. A BreakerSync uses it so that every
+// process's open ends when the shared one does: a process that tripped on
+// its own a little after the others, or that learns of another's failed
+// probe while it is still open, goes half-open with the fleet, not a full
+// OpenTimeout after its own trip (issue 18). Unlike TripFor, it changes an
+// open breaker's end, and it makes no transition when the breaker is open
+// already.
+//
+// An open adopted from half-open counts as a failed probe, as it is one
+// (another process's); an adopted period as long as k doublings of
+// OpenTimeout counts as k, so that the next failed probe here doubles what
+// the fleet had reached. It reports whether the breaker was not open
+// before: whether it made a transition to open. d <= 0, and a breaker held
+// by ForceOpen or ForceClose, are left as they are. It is safe for
+// concurrent use.
+func (cb *CircuitBreaker) OpenFor(d time.Duration) (opened bool) {
+	if d <= 0 || cb.Forced() {
+		return false
+	}
+	r := cb.rule.Load()
+	d = min(d, max(r.maxOpen, r.hintCap))
+	cb.setMu.Lock()
+	// gobreaker fixes its open period per instance: a fresh one whose
+	// period is no longer than d, opened before it is published, ends the
+	// open at d; a longer d is held, as a failed probe's doubled period is.
+	// Probes in flight are dropped as stale, as with Trip.
+	saved := cb.settings.Timeout
+	cb.settings.Timeout = min(d, saved)
+	g := cb.newGen()
+	cb.settings.Timeout = saved
+	g.force.Add(1)
+	g.gb.Execute(func() (struct{}, error) { return struct{}{}, errFailure })
+	g.force.Add(-1)
+	cb.evMu.Lock()
+	if cb.mode.Load()&(modeForcedOpen|modeForcedClosed) != 0 {
+		cb.evMu.Unlock() // forced meanwhile: the operator decides
+		cb.setMu.Unlock()
+		return false
+	}
+	cb.cur.Store(g)
+	from := cb.last
+	k := 0
+	for p := r.open; p < d && p < r.maxOpen; p = satMul(p, 2) {
+		k++
+	}
+	switch from {
+	case StateHalfOpen:
+		cb.streak = max(cb.streak+1, k)
+	case StateOpen:
+		cb.streak = max(cb.streak, k)
+	default:
+		cb.streak = k
+	}
+	period := d
+	if from == StateOpen {
+		// Measured from when it opened, as Since and OpenPeriod are read
+		// together (a BreakerSync republishes an open as such).
+		period += time.Since(cb.since)
+	}
+	cb.openUntilLocked(g, period, int64(monotonic()), d)
+	cb.transitionLocked(from, StateOpen)
+	cb.evMu.Unlock()
+	cb.setMu.Unlock()
+	cb.flush()
+	return from != StateOpen
 }
 
 // tripGen opens g. gobreaker has no way to set a state, so it feeds g one

@@ -13,9 +13,9 @@ import (
 // the hot path local: see BreakerSync and Limiter.
 type Store interface {
 	// BreakerSync returns the sync for cb, which the store may also drive
-	// with Trip and Reset to apply state seen elsewhere. The registry calls
-	// it while holding its own lock: it must not call back into the
-	// registry.
+	// with Trip, TripFor, OpenFor and Reset to apply state seen elsewhere.
+	// The registry calls it while holding its own lock: it must not call
+	// back into the registry.
 	BreakerSync(cb *CircuitBreaker) BreakerSync
 	// Limiter returns the cluster-wide cap of limit calls for resource.
 	Limiter(resource string, limit int) Limiter
@@ -129,9 +129,12 @@ func (cb *CircuitBreaker) SetSync(s BreakerSync) {
 // Limiter caps calls across processes: a cluster-wide bulkhead. The
 // redisstore module implements it with leases that expire if a process dies
 // mid-call. Acquire must wait at most a small bounded time for the shared
-// store, return an error matching ErrBulkheadFull when the cap is reached,
-// and let the call through when the store cannot be reached, so that every
-// process keeps working on its local bulkhead.
+// store and return an error matching ErrBulkheadFull when the cap is
+// reached. When the store cannot confirm a slot in time, or cannot be
+// reached, it should hold the process to a fair share of the limit, such
+// as ceil(limit / processes), rather than let every call through: a cap
+// that vanishes when the store is slow, which is when the fleet is loaded,
+// protects nothing (issue 18). The local bulkhead applies either way.
 type Limiter interface {
 	Acquire(ctx context.Context) (release func(), err error)
 }
