@@ -46,8 +46,12 @@ const expectWindow = 250 * time.Millisecond
 // later by more than a SyncInterval: a retry hint's longer period, from a
 // replica that opened on its own while another's open was on its way.
 // Ends a few ms apart are one open seen twice (a replica's announce racing
-// its own event, a missed expectation), not worth a message. A replica
-// that leaves half-open releases the probe lock it holds in the same step.
+// its own event, a missed expectation), not worth a message. An open not
+// written over another replica's open in force returns that one's end as a
+// fourth value, for the replica to adopt: a replica that tripped on its own
+// a little after the fleet ends its open with the fleet's (issue 18). A
+// replica that leaves half-open releases the probe lock it holds in the
+// same step.
 //
 // KEYS: state hash, probe lock. ARGV: state, open period ms (0: not
 // known), transition time ms ("" for Redis's clock), origin, epoch for a new
@@ -64,13 +68,16 @@ local at = now
 if ARGV[3] ~= '' then at = tonumber(ARGV[3]) end
 local ends = 0
 if ARGV[1] == 'open' and tonumber(ARGV[2]) > 0 then ends = at + tonumber(ARGV[2]) end
-local cur = redis.call('HMGET', KEYS[1], 'state', 'until', 'at', 'epoch', 'gen')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'until', 'at', 'epoch', 'gen', 'origin')
 if cur[1] then
   if tonumber(cur[3]) > at then return {0, cur[4], cur[5]} end
   if cur[1] == ARGV[1] then
     if ARGV[1] ~= 'open' then return {0, cur[4], cur[5]} end
     local u = tonumber(cur[2])
-    if ARGV[9] ~= '1' and (u == 0 or (u > now and ends <= u + tonumber(ARGV[10]))) then return {0, cur[4], cur[5]} end
+    if ARGV[9] ~= '1' and (u == 0 or (u > now and ends <= u + tonumber(ARGV[10]))) then
+      if cur[6] == ARGV[4] then return {0, cur[4], cur[5]} end
+      return {0, cur[4], cur[5], u}
+    end
   end
 end
 local epoch = cur[4] or ARGV[5]
@@ -82,19 +89,32 @@ return {1, epoch, gen}
 `)
 
 // probeScript takes the probe lock for a replica, or renews it if the
-// replica holds it already; it returns -1 then, or else how long the other
-// holder's lock still lasts, in ms.
+// replica holds it already, unless the shared state is an open still in
+// force: the shared state, not each replica's clock, decides when a
+// half-open round begins (issue 18). Without that check a replica whose own
+// open ended a little after the fleet's could take the lock that a failed
+// probe had just released, and send a second probe in the round. It
+// returns {1} when this replica holds the lock, {0, ms} when another
+// replica holds it for ms more, and {2, until} while the shared open lasts
+// until the unix ms until, by Redis's clock.
 //
-// KEYS: probe lock. ARGV: replica id, ttl ms.
+// KEYS: probe lock, state hash. ARGV: replica id, ttl ms.
 var probeScript = redis.NewScript(`
+local st = redis.call('HMGET', KEYS[2], 'state', 'until')
+if st[1] == 'open' and st[2] then
+  local u = tonumber(st[2])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if u and u > now then return {2, u} end
+end
 local cur = redis.call('GET', KEYS[1])
 if (not cur) or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return -1
+  return {1}
 end
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 then ttl = 0 end
-return ttl
+return {0, ttl}
 `)
 
 // releaseProbeScript deletes the probe lock if the replica holds it.
@@ -220,9 +240,9 @@ func (b *breaker) AllowProbe(ctx context.Context, name string) bool {
 	if now < b.denyUntil.Load() {
 		return false
 	}
-	take := func(ctx context.Context) (int64, error) {
-		v, err := probeScript.Run(ctx, s.client, []string{b.pkey}, s.id, s.opts.ProbeTTL.Milliseconds()).Int64()
-		if err == nil && v < 0 {
+	take := func(ctx context.Context) ([]any, error) {
+		v, err := probeScript.Run(ctx, s.client, []string{b.pkey, b.hkey}, s.id, s.opts.ProbeTTL.Milliseconds()).Slice()
+		if err == nil && len(v) > 0 && v[0] == int64(1) {
 			// Also when the caller has stopped waiting: the lock is
 			// released on the next transition out of half-open.
 			b.probeExp.Store(time.Now().Add(s.opts.ProbeTTL).UnixNano())
@@ -238,12 +258,38 @@ func (b *breaker) AllowProbe(ctx context.Context, name string) bool {
 		return true // local fallback: every replica may probe
 	}
 	s.markOK()
-	if v < 0 {
+	code, arg := probeAnswer(v)
+	wait := time.Duration(arg) * time.Millisecond
+	switch code {
+	case 1:
 		return true
+	case 2:
+		// The shared open lasts until arg: this replica went half-open on
+		// its own clock before the fleet's open ended (it missed the
+		// message, or it is on its way). Hold the probes until then, and
+		// have the worker bring the breaker itself in line.
+		for {
+			h := b.holdUntil.Load()
+			if h >= arg || b.holdUntil.CompareAndSwap(h, arg) {
+				break
+			}
+		}
+		wait = time.Until(time.UnixMilli(arg))
+		s.poke()
 	}
-	wait := min(time.Duration(v)*time.Millisecond, s.opts.SyncInterval)
-	b.denyUntil.Store(time.Now().Add(wait).UnixNano())
+	b.denyUntil.Store(time.Now().Add(min(wait, s.opts.SyncInterval)).UnixNano())
 	return false
+}
+
+// probeAnswer reads probeScript's reply: its code and its value.
+func probeAnswer(v []any) (code, arg int64) {
+	if len(v) > 0 {
+		code, _ = v[0].(int64)
+	}
+	if len(v) > 1 {
+		arg, _ = v[1].(int64)
+	}
+	return code, arg
 }
 
 func (b *breaker) expect(to resilience.State) {
@@ -330,10 +376,32 @@ func (s *Store) publish(b *breaker, to resilience.State, leftHalfOpen bool, at t
 		return
 	}
 	s.markOK()
-	if len(res) == 3 && res[0] == int64(1) {
+	if len(res) >= 3 && res[0] == int64(1) {
 		// Our own write: skip it when it comes back.
 		b.epoch, _ = res[1].(string)
 		b.gen, _ = res[2].(int64)
+	}
+	if len(res) == 4 && to == resilience.StateOpen {
+		// An open in force already, from another replica: end ours with
+		// it, earlier or later, so that this replica goes half-open with
+		// the fleet and not a full OpenTimeout after its own trip.
+		if until, _ := res[3].(int64); until > time.Now().UnixMilli() && !b.cb.Forced() {
+			s.adoptOpen(b, until)
+		}
+	}
+}
+
+// adoptOpen makes the shared open that lasts until the unix ms until the
+// local breaker's: it is open until then, whatever its own clock says, and
+// sends no probe before. The worker alone calls it.
+func (s *Store) adoptOpen(b *breaker, until int64) {
+	b.holdUntil.Store(until)
+	b.heldAt = time.Now()
+	if b.cb.OpenFor(time.Until(time.UnixMilli(until))) {
+		// From closed or half-open (another replica's probe failed): the
+		// transition is this one, not to be published back. It is queued
+		// for this worker, which handles it after this returns.
+		b.expect(resilience.StateOpen)
 	}
 }
 
@@ -393,35 +461,27 @@ func (s *Store) apply(b *breaker, v shared, fromPoll bool) {
 		if v.until > 0 && v.until <= time.Now().UnixMilli() {
 			return // over already
 		}
-		// No probe from here before the shared open ends, whatever the
-		// local breaker does: a probe that got through early and succeeded
-		// would close the whole fleet before the end another replica was
-		// told (a retry hint) or chose (a failed probe's doubled period).
-		b.holdUntil.Store(v.until)
-		b.heldAt = time.Now()
-		if b.cb.State() == resilience.StateOpen {
-			// Open already, perhaps for a shorter period than the shared
-			// one. TripFor leaves an open breaker as it is, and tripping it
-			// again once it is half-open would count as a failed probe
-			// here, doubling its next period, and would race the call that
-			// took the probe slot. So the hold alone extends it: the
-			// breaker goes half-open on its own clock, as half-open is not
-			// shared, and AllowProbe rejects its calls, uncounted, as when
-			// another replica probes, until the shared open ends. Nothing
-			// changes state, so nothing is published and nothing echoes.
+		if v.until == 0 {
+			// An end not known (an older replica): the local open period.
+			if b.cb.State() != resilience.StateOpen {
+				b.expect(resilience.StateOpen)
+				b.cb.Trip()
+			}
 			return
 		}
-		// Closed or half-open (another replica's probe failed). The
-		// transition is expected, so it is not published back.
-		b.expect(resilience.StateOpen)
-		if v.until > 0 {
-			// For what is left of the shared period, up to the local
-			// breaker's longest: a ratio's open, a failed probe's doubled
-			// period and a retry hint's longer one reach every replica.
-			b.cb.TripFor(time.Until(time.UnixMilli(v.until)))
-		} else {
-			b.cb.Trip() // an end not known: the local open period
-		}
+		// The shared open is the fleet's: the local breaker is open until
+		// it ends, no longer and no shorter, whatever state it is in
+		// (issue 18). Open already, for a shorter period (another
+		// replica's failed probe, a retry hint) or a longer one (it
+		// tripped on its own after the fleet): its end moves, with no
+		// transition, so nothing is published and nothing echoes. Closed,
+		// or half-open (another replica's probe failed): it opens until
+		// then. And no probe from here before that end, even if Redis
+		// goes away meanwhile: a probe that got through early and
+		// succeeded would close the whole fleet before the end another
+		// replica was told (a retry hint) or chose (a failed probe's
+		// doubled period).
+		s.adoptOpen(b, v.until)
 	case "closed":
 		b.holdUntil.Store(0) // whatever held the probes is over
 		st := b.cb.State()
