@@ -2,6 +2,8 @@ package redisstore
 
 import (
 	"context"
+	"errors"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -14,43 +16,101 @@ import (
 // A global bulkhead is a sorted set at <prefix>bh:{KEY}, KEY being the
 // EnvKey of the resource: one member per call in flight anywhere in the
 // fleet, a lease id, scored by when the lease expires (unix ms, by Redis's
-// clock, so that the replicas' clocks do not matter).
+// clock, so that the replicas' clocks do not matter). Beside it,
+// <prefix>bh:{KEY}:replicas holds one member per replica that uses the
+// cap, scored by when its heartbeat expires: the live replicas, whose
+// number sets each replica's fair share of the limit when a slot cannot be
+// confirmed (issue 18).
 
-// acquireScript drops the expired leases, then adds one if fewer than the
-// limit remain. It returns 1 if it added it, 0 if the cap is reached.
+// acquireScript drops the expired leases, renews the replica's heartbeat,
+// then adds the leases asked for, in order, while fewer than the limit are
+// held: one round trip for every caller of a replica waiting at once. It
+// returns how many it added (the first ones asked for) and how many
+// replicas are alive.
 //
-// KEYS: the set. ARGV: limit, lease ttl ms, lease id.
+// KEYS: the set, the replicas. ARGV: limit, lease ttl ms, replica id, then
+// the lease ids.
 var acquireScript = redis.NewScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
-return 1
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('PEXPIRE', KEYS[2], 2 * ttl)
+local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+local n = 0
+for i = 4, #ARGV do
+  if n >= free then break end
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+  n = n + 1
+end
+if n > 0 then redis.call('PEXPIRE', KEYS[1], 2 * ttl) end
+return {n, redis.call('ZCARD', KEYS[2])}
 `)
 
-// renewScript pushes back the expiry of the leases still in the set; a
-// lease already gone (expired, or lost with Redis's data) is not added back.
+// renewScript pushes back the expiry of the leases still in the set (a
+// lease already gone, expired or lost with Redis's data, is not added
+// back) and of the replica's heartbeat, and returns how many replicas are
+// alive.
 //
-// KEYS: the set. ARGV: lease ttl ms, then the lease ids.
+// KEYS: the set, the replicas. ARGV: lease ttl ms, replica id, then the
+// lease ids.
 var renewScript = redis.NewScript(`
 local t = redis.call('TIME')
-local exp = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', exp, ARGV[i]) end
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local exp = now + tonumber(ARGV[1])
+for i = 3, #ARGV do redis.call('ZADD', KEYS[1], 'XX', exp, ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
-return 0
+redis.call('ZADD', KEYS[2], exp, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[1]))
+return redis.call('ZCARD', KEYS[2])
 `)
+
+// maxBatch bounds the leases one round trip asks for.
+const maxBatch = 256
 
 // limiter is a cluster-wide cap for one resource.
 type limiter struct {
 	s       *Store
-	key     string
+	key     string // the leases
+	rkey    string // the replicas' heartbeats
 	limit   atomic.Int64
 	errFull *resilience.Error // returned on every refusal
 
-	mu   sync.Mutex
-	live map[string]struct{} // the leases of this replica's calls in flight
+	// replicas is the number of live replicas Redis last reported; 0
+	// before its first answer.
+	replicas atomic.Int64
+	// inside counts this replica's calls in flight through the cap, with
+	// a lease or on the local share: the local share admits a call only
+	// while it is below the share.
+	inside atomic.Int64
+	// shared counts the calls that took the local share instead of a
+	// lease: Redis down, slow or failing. For the tests and the README's
+	// figures.
+	shared atomic.Int64
+	// slowAt is when a caller's wait last counted as a failed round trip
+	// (unix ns): one per OpTimeout, not one per waiting caller.
+	slowAt atomic.Int64
+
+	mu      sync.Mutex
+	live    map[string]struct{} // the leases of this replica's calls in flight
+	queue   []*slotRequest      // waiting for the next round trip
+	sending bool                // a sender goroutine runs
+}
+
+// slotRequest is one caller's request for a lease, answered by the
+// sender's next round trip.
+type slotRequest struct {
+	id    string
+	claim atomic.Int32 // 0: waiting; 1: answered; 2: the caller left
+	done  chan slotAnswer
+}
+
+type slotAnswer struct {
+	granted bool
+	err     error
 }
 
 // leaseRef is a lease to give back.
@@ -63,20 +123,27 @@ type leaseRef struct {
 // replica that names the same resource (by EnvKey) shares one count; each
 // enforces the limit it was given. Asking again for the same resource
 // returns the same Limiter with the new limit, so that a registry Reload
-// takes effect at once.
+// takes effect at once. A new limiter announces its replica (its
+// heartbeat) in the background, so that the others' fair shares count it.
 func (s *Store) Limiter(resource string, limit int) resilience.Limiter {
 	key := resilience.EnvKey(resource)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	l, ok := s.limiters[key]
 	if !ok {
+		k := s.opts.KeyPrefix + "bh:{" + key + "}"
 		l = &limiter{
 			s:       s,
-			key:     s.opts.KeyPrefix + "bh:{" + key + "}",
+			key:     k,
+			rkey:    k + ":replicas",
 			errFull: &resilience.Error{Err: resilience.ErrBulkheadFull, Name: resource},
 			live:    map[string]struct{}{},
 		}
 		s.limiters[key] = l
+		select {
+		case s.beat <- struct{}{}:
+		default:
+		}
 	}
 	l.limit.Store(int64(limit))
 	return l
@@ -87,48 +154,202 @@ func noop() {}
 // Acquire takes a lease, waiting at most OpTimeout for Redis. It returns an
 // error matching resilience.ErrBulkheadFull when the fleet has the limit of
 // calls in flight, and the caller's context error if the caller gave up.
-// When Redis does not answer in time, or is known to be down, it lets the
-// call through (the local bulkhead still applies). Release gives the lease
-// back in the background; it never waits for Redis.
+// The callers that wait at once share one round trip: one sender per
+// resource asks for all their leases in one script, and whoever arrives
+// while it is on its way goes in the next.
+//
+// When Redis does not answer within OpTimeout, or is known to be down,
+// the call is held to this replica's fair share of the limit,
+// ceil(limit / live replicas), the live replicas being those whose
+// heartbeat Redis last reported (at least 1), with the calls of this
+// replica that hold a lease counted in: never to no cap. Release gives the
+// lease back in the background; it never waits for Redis.
 func (l *limiter) Acquire(ctx context.Context) (release func(), err error) {
 	s := l.s
 	if err := ctx.Err(); err != nil {
 		return noop, err
 	}
 	if !s.usable() {
-		return noop, nil
+		return l.local()
 	}
-	id := s.id + ":" + strconv.FormatUint(s.leaseSeq.Add(1), 36)
-	take := func(ctx context.Context) (int64, error) {
-		return acquireScript.Run(ctx, s.client, []string{l.key}, l.limit.Load(), s.opts.LeaseTTL.Milliseconds(), id).Int64()
+	r := &slotRequest{
+		id:   s.id + ":" + strconv.FormatUint(s.leaseSeq.Add(1), 36),
+		done: make(chan slotAnswer, 1),
 	}
-	late := func(v int64, err error) {
-		if err == nil && v == 1 {
-			s.release(l, id) // taken after the caller stopped waiting
+	l.mu.Lock()
+	l.queue = append(l.queue, r)
+	start := !l.sending
+	l.sending = true
+	l.mu.Unlock()
+	if start {
+		if !s.track() {
+			l.fail(errClosed) // closed meanwhile: nothing will send it
+		} else {
+			go l.send()
 		}
 	}
-	v, err := bounded(s, ctx, take, late)
-	if err == nil {
-		s.markOK()
+	t := time.NewTimer(s.opts.OpTimeout)
+	defer t.Stop()
+	var a slotAnswer
+	select {
+	case a = <-r.done:
+	case <-t.C:
+		a = l.leave(r)
+	case <-ctx.Done():
+		a = l.leave(r)
+	}
+	if a.err == errLeft {
+		if err := ctx.Err(); err != nil {
+			return noop, err
+		}
+		l.slow()
+		return l.local() // not confirmed in time
 	}
 	switch {
-	case err == nil && v == 1:
-		l.mu.Lock()
-		l.live[id] = struct{}{}
-		l.mu.Unlock()
+	case a.granted:
 		var once atomic.Bool
 		return func() {
 			if once.CompareAndSwap(false, true) {
-				s.release(l, id)
+				l.inside.Add(-1)
+				s.release(l, r.id)
 			}
 		}, nil
-	case err == nil:
-		return noop, l.errFull
-	case callerGaveUp(ctx, err):
-		return noop, err
+	case a.err != nil:
+		return l.local()
 	default:
-		s.markDown(err)
-		return noop, nil
+		return noop, l.errFull
+	}
+}
+
+// errLeft is leave's answer when the caller left before Redis answered.
+var errLeft = errors.New("redisstore: the caller stopped waiting")
+
+// leave gives up waiting for r's answer, unless it has just come.
+func (l *limiter) leave(r *slotRequest) slotAnswer {
+	if r.claim.CompareAndSwap(0, 2) {
+		return slotAnswer{err: errLeft}
+	}
+	return <-r.done // answered just in time
+}
+
+// local admits a call on this replica's fair share of the limit, counting
+// the calls of this replica that hold a lease: then, with every replica
+// on its share, the fleet has at most limit + replicas - 1 calls in
+// flight.
+func (l *limiter) local() (release func(), err error) {
+	l.shared.Add(1)
+	share := l.share()
+	for {
+		n := l.inside.Load()
+		if n >= share {
+			return noop, l.errFull
+		}
+		if l.inside.CompareAndSwap(n, n+1) {
+			break
+		}
+	}
+	var once atomic.Bool
+	return func() {
+		if once.CompareAndSwap(false, true) {
+			l.inside.Add(-1)
+		}
+	}, nil
+}
+
+// share is ceil(limit / live replicas).
+func (l *limiter) share() int64 {
+	n := max(l.replicas.Load(), 1)
+	return (l.limit.Load() + n - 1) / n
+}
+
+// slow counts a caller's wait that outlasted OpTimeout as a failed round
+// trip, at most once per OpTimeout: the callers that waited on one round
+// trip make one failure, not one each.
+func (l *limiter) slow() {
+	now := time.Now().UnixNano()
+	last := l.slowAt.Load()
+	if now-last < int64(l.s.opts.OpTimeout) || !l.slowAt.CompareAndSwap(last, now) {
+		return
+	}
+	l.s.markDown(errSlow)
+}
+
+// send asks Redis for the leases queued, in batches of up to maxBatch,
+// until the queue is empty, and hands each caller its answer. A lease
+// whose caller has left is given back as soon as it lands.
+func (l *limiter) send() {
+	s := l.s
+	defer s.wg.Done()
+	ids := make([]any, 0, 8)
+	for {
+		l.mu.Lock()
+		n := min(len(l.queue), maxBatch)
+		batch := slices.Clone(l.queue[:n])
+		l.queue = slices.Delete(l.queue, 0, n)
+		if n == 0 {
+			l.sending = false
+			l.mu.Unlock()
+			return
+		}
+		l.mu.Unlock()
+		// Those whose caller left are not asked for.
+		batch = slices.DeleteFunc(batch, func(r *slotRequest) bool { return r.claim.Load() == 2 })
+		if len(batch) == 0 {
+			continue
+		}
+		ids = append(ids[:0], l.limit.Load(), s.opts.LeaseTTL.Milliseconds(), s.id)
+		for _, r := range batch {
+			ids = append(ids, r.id)
+		}
+		ctx, cancel := context.WithTimeout(s.ctx, s.opts.OpTimeout)
+		res, err := acquireScript.Run(ctx, s.client, []string{l.key, l.rkey}, ids...).Slice()
+		cancel()
+		granted := 0
+		if err == nil {
+			s.markOK()
+			var live int64
+			if len(res) == 2 {
+				g, _ := res[0].(int64)
+				granted = int(g)
+				live, _ = res[1].(int64)
+			}
+			if live > 0 {
+				l.replicas.Store(live)
+			}
+		} else if s.ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded) {
+			// A deadline is counted by the callers that waited on it
+			// (slow); this is Redis refusing or the connection failing.
+			s.markDown(err)
+		}
+		for i, r := range batch {
+			a := slotAnswer{granted: err == nil && i < granted, err: err}
+			if a.granted {
+				l.mu.Lock()
+				l.live[r.id] = struct{}{}
+				l.mu.Unlock()
+				l.inside.Add(1)
+			}
+			if r.claim.CompareAndSwap(0, 1) {
+				r.done <- a
+			} else if a.granted {
+				l.inside.Add(-1)
+				s.release(l, r.id) // taken after the caller stopped waiting
+			}
+		}
+	}
+}
+
+// fail answers every queued request with err, when no sender can run.
+func (l *limiter) fail(err error) {
+	l.mu.Lock()
+	q := l.queue
+	l.queue = nil
+	l.sending = false
+	l.mu.Unlock()
+	for _, r := range q {
+		if r.claim.CompareAndSwap(0, 1) {
+			r.done <- slotAnswer{err: err}
+		}
 	}
 }
 
@@ -149,7 +370,9 @@ func (s *Store) release(l *limiter, id string) {
 }
 
 // leaseKeeper gives leases back, in batches, and renews the leases of the
-// calls in flight every LeaseTTL/3.
+// calls in flight and this replica's heartbeats every LeaseTTL/3, and at
+// once when a limiter is new. On Close it gives back what is queued and
+// removes the heartbeats, so that the other replicas' shares grow at once.
 func (s *Store) leaseKeeper() {
 	defer s.wg.Done()
 	renew := time.NewTicker(max(s.opts.LeaseTTL/3, time.Millisecond))
@@ -161,14 +384,16 @@ func (s *Store) leaseKeeper() {
 			// Give back what is queued, briefly: the client is still open.
 			batch = drain(s.releases, batch[:0])
 			ctx, cancel := context.WithTimeout(context.Background(), s.opts.OpTimeout)
-			s.removeLeases(ctx, batch)
+			s.removeLeases(ctx, batch, true)
 			cancel()
 			return
 		case r := <-s.releases:
 			batch = drain(s.releases, append(batch[:0], r))
 			ctx, cancel := s.bg()
-			s.removeLeases(ctx, batch)
+			s.removeLeases(ctx, batch, false)
 			cancel()
+		case <-s.beat:
+			s.renewLeases()
 		case <-renew.C:
 			s.renewLeases()
 		}
@@ -188,17 +413,33 @@ func drain(ch chan leaseRef, batch []leaseRef) []leaseRef {
 	return batch
 }
 
-func (s *Store) removeLeases(ctx context.Context, batch []leaseRef) {
-	if len(batch) == 0 || s.down.Load() {
+// removeLeases gives back a batch of leases in one pipeline; leaving, it
+// also removes this replica's heartbeats.
+func (s *Store) removeLeases(ctx context.Context, batch []leaseRef, leaving bool) {
+	if s.down.Load() || (len(batch) == 0 && !leaving) {
 		return // they expire after LeaseTTL
 	}
 	byKey := map[string][]any{}
 	for _, r := range batch {
 		byKey[r.l.key] = append(byKey[r.l.key], r.id)
 	}
+	var rkeys []string
+	if leaving {
+		s.mu.Lock()
+		for _, l := range s.limiters {
+			rkeys = append(rkeys, l.rkey)
+		}
+		s.mu.Unlock()
+	}
+	if len(byKey) == 0 && len(rkeys) == 0 {
+		return
+	}
 	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for key, ids := range byKey {
 			p.ZRem(ctx, key, ids...)
+		}
+		for _, k := range rkeys {
+			p.ZRem(ctx, k, s.id)
 		}
 		return nil
 	})
@@ -207,6 +448,8 @@ func (s *Store) removeLeases(ctx context.Context, batch []leaseRef) {
 	}
 }
 
+// renewLeases renews, for each limiter, the leases of this replica's calls
+// in flight and its heartbeat, and learns how many replicas are alive.
 func (s *Store) renewLeases() {
 	if !s.usable() {
 		return
@@ -219,21 +462,22 @@ func (s *Store) renewLeases() {
 	s.mu.Unlock()
 	for _, l := range ls {
 		l.mu.Lock()
-		args := make([]any, 0, len(l.live)+1)
-		args = append(args, s.opts.LeaseTTL.Milliseconds())
+		args := make([]any, 0, len(l.live)+2)
+		args = append(args, s.opts.LeaseTTL.Milliseconds(), s.id)
 		for id := range l.live {
 			args = append(args, id)
 		}
 		l.mu.Unlock()
-		if len(args) == 1 {
-			continue
-		}
 		ctx, cancel := s.bg()
-		err := renewScript.Run(ctx, s.client, []string{l.key}, args...).Err()
+		n, err := renewScript.Run(ctx, s.client, []string{l.key, l.rkey}, args...).Int64()
 		cancel()
 		if err != nil {
 			s.markDown(err)
 			return
+		}
+		s.markOK()
+		if n > 0 {
+			l.replicas.Store(n)
 		}
 	}
 }

@@ -27,9 +27,11 @@
 // with a GlobalLimit takes a slot and when a fleet-wide rate limit gives a
 // permit, each bounded by [Options.OpTimeout]. When
 // Redis is slow or down, every replica keeps working on its local breakers
-// and bulkheads (a probe is allowed, a global slot is granted), says so once
-// in its log, and re-converges when Redis answers again. README.md, beside this
-// file, has the design and the measurements.
+// and bulkheads (a probe is allowed; a global cap falls back to the
+// replica's fair share of it, never to no cap), says so once in its log,
+// and re-converges when Redis answers again. README.md, beside this file,
+// has the design, the guarantees with the tests that hold them, and the
+// measurements.
 package redisstore
 
 import (
@@ -71,14 +73,17 @@ type Options struct {
 
 	// OpTimeout bounds every Redis round trip made on a call path: asking
 	// for the half-open probe, taking a global bulkhead slot and a permit
-	// of a fleet-wide rate limit. A call
-	// never waits longer than this for Redis. 0 means 50ms.
+	// of a fleet-wide rate limit. A call never waits longer than this for
+	// Redis; a global slot not confirmed within it is taken from the
+	// replica's fair share of the limit. 0 means 50ms.
 	OpTimeout time.Duration
 
 	// LeaseTTL is how long a global bulkhead slot outlives the replica that
 	// holds it: a replica that dies mid-call frees its slots after at most
 	// this long. A live replica renews the slots of its calls in flight
-	// every LeaseTTL/3, so calls may run longer. 0 means 30s.
+	// every LeaseTTL/3, so calls may run longer. It is also how long a
+	// replica that stopped is still counted among the live replicas that
+	// share a global limit when Redis is slow or down. 0 means 30s.
 	LeaseTTL time.Duration
 
 	// ProbeTTL is how long the half-open probe lock lasts when the replica
@@ -142,6 +147,7 @@ type Store struct {
 	msgs     chan *message // changes published by other replicas
 	resync   chan struct{} // asks the worker to poll now
 	releases chan leaseRef // global slots to give back
+	beat     chan struct{} // asks the lease keeper to renew now: a limiter is new
 	leaseSeq atomic.Uint64 // makes lease ids unique
 
 	mu       sync.Mutex
@@ -176,6 +182,7 @@ func New(client redis.UniversalClient, opts Options) *Store {
 		msgs:      make(chan *message, 256),
 		resync:    make(chan struct{}, 1),
 		releases:  make(chan leaseRef, 1024),
+		beat:      make(chan struct{}, 1),
 		breakers:  map[*resilience.CircuitBreaker]*breaker{},
 		byKey:     map[string][]*breaker{},
 		limiters:  map[string]*limiter{},
@@ -272,7 +279,8 @@ func (s *Store) ID() string { return s.id }
 
 // Close stops the store's background work and waits for it. Breakers and
 // bulkheads attached to the store keep working on local state: a probe is
-// allowed and a global slot granted without asking Redis. Slots of calls
+// allowed without asking Redis, and a global cap holds this replica to its
+// fair share of the limit, as when Redis is down. Slots of calls
 // still in flight are no longer renewed and expire after LeaseTTL. If the
 // store opened its client from a URL, Close closes the client too. It is
 // safe to call more than once.
