@@ -30,7 +30,9 @@ import (
 //
 // KEYS: the set, the replicas. ARGV: limit, lease ttl ms, replica id, then
 // the lease ids.
-var acquireScript = redis.NewScript(`
+var acquireScript = redis.NewScript(acquireSource)
+
+const acquireSource = `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
@@ -47,7 +49,7 @@ for i = 4, #ARGV do
 end
 if n > 0 then redis.call('PEXPIRE', KEYS[1], 2 * ttl) end
 return {n, redis.call('ZCARD', KEYS[2])}
-`)
+`
 
 // renewScript pushes back the expiry of the leases still in the set (a
 // lease already gone, expired or lost with Redis's data, is not added
