@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -293,5 +295,76 @@ func TestLateTripEndsWithTheSharedOpen(t *testing.T) {
 	if d := halfOpen.Sub(until); d < -3*time.Millisecond || d > openTimeout/4 {
 		t.Fatalf("C went half-open %v after the shared open's end; want with it (its own trip said %v)",
 			d, tripped.Add(openTimeout).Sub(until))
+	}
+}
+
+// TestFleetDoublesTheOpenPeriod: with MaxOpenTimeout, each failed probe
+// doubles the fleet's open period, whichever replica sends it: a replica
+// that adopted the others' opens doubles what the fleet had reached, not
+// its own OpenTimeout (issue 18: "a failed probe's new open, with its new
+// until, longer after repeated failures").
+func TestFleetDoublesTheOpenPeriod(t *testing.T) {
+	const base, maxOpen = 50 * time.Millisecond, 400 * time.Millisecond
+	env := map[string]string{
+		"CIRCUIT_BREAKER_DOWNSTREAM_FAIL_MAX":    "1",
+		"CIRCUIT_BREAKER_DOWNSTREAM_TIMEOUT":     base.String(),
+		"CIRCUIT_BREAKER_DOWNSTREAM_MAX_TIMEOUT": maxOpen.String(),
+	}
+	f := newFleet(t, env, Options{})
+	f.down.outage.Store(true)
+	waitSubscribed(t, f.stores[0], 3)
+	sub := newClient(t, true).Subscribe(context.Background(), f.stores[0].channel)
+	defer sub.Close()
+	if _, err := sub.Receive(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	published := sub.Channel()
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range 3 {
+		for range 3 {
+			wg.Go(func() {
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					f.calls[i](context.Background())
+					time.Sleep(time.Millisecond) // pacing, not synchronisation
+				}
+			})
+		}
+	}
+	// The first open, then failed probes: 100, 200, 400, 400, 400ms.
+	want := []time.Duration{base, 2 * base, 4 * base, maxOpen, maxOpen, maxOpen}
+	var periods []time.Duration
+	var origins []string
+	deadline := time.After(10 * time.Second)
+	for len(periods) < len(want) {
+		select {
+		case m := <-published:
+			fl := strings.Fields(m.Payload)
+			if fl[2] != "open" {
+				continue
+			}
+			until, _ := strconv.ParseInt(fl[3], 10, 64)
+			at, _ := strconv.ParseInt(fl[4], 10, 64)
+			periods = append(periods, time.Duration(until-at)*time.Millisecond)
+			origins = append(origins, fl[5])
+		case <-deadline:
+			t.Fatalf("opens published: %v; want %d", periods, len(want))
+		}
+	}
+	close(stop)
+	wg.Wait()
+	by := map[string]bool{}
+	for _, o := range origins {
+		by[o] = true
+	}
+	t.Logf("the fleet's open periods %v, from %d replicas", periods, len(by))
+	if !slices.Equal(periods, want) {
+		t.Fatalf("the fleet's open periods %v; want %v", periods, want)
 	}
 }
