@@ -123,6 +123,24 @@ func (l *probeLog) snapshot() (probes, strays, halfAt []stamp, firstHO [3]time.D
 	return slices.Clone(l.probes), slices.Clone(l.strays), slices.Clone(l.halfAt), l.firstHO, l.closed
 }
 
+// callUntil starts n goroutines on wg that call call, a millisecond apart,
+// until stop is closed.
+func callUntil(wg *sync.WaitGroup, stop <-chan struct{}, n int, call func()) {
+	for range n {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				call()
+				time.Sleep(time.Millisecond) // pacing, not synchronisation
+			}
+		})
+	}
+}
+
 // TestFleetOneProbePerFailedRound: three replicas, ten goroutines each
 // calling a downstream that is down, 20 half-open rounds whose probes fail
 // at once. Exactly one probe reaches the downstream in every round: two
@@ -175,19 +193,9 @@ func testOneProbePerRound(t *testing.T, late time.Duration) {
 		cbp.Store(cb)
 		cb.SetSync(markingSync{st.BreakerSync(cb)})
 		call := resilience.WithCircuitBreaker(l.call(i), cb)
-		for range 10 {
-			wg.Go(func() {
-				for {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					call(context.WithValue(context.Background(), markKey{}, &callMark{}))
-					time.Sleep(time.Millisecond) // pacing, not synchronisation
-				}
-			})
-		}
+		callUntil(&wg, stop, 10, func() {
+			call(context.WithValue(context.Background(), markKey{}, &callMark{}))
+		})
 	}
 	startReplica(0)
 	startReplica(1)
@@ -323,19 +331,7 @@ func TestFleetDoublesTheOpenPeriod(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for i := range 3 {
-		for range 3 {
-			wg.Go(func() {
-				for {
-					select {
-					case <-stop:
-						return
-					default:
-					}
-					f.calls[i](context.Background())
-					time.Sleep(time.Millisecond) // pacing, not synchronisation
-				}
-			})
-		}
+		callUntil(&wg, stop, 3, func() { f.calls[i](context.Background()) })
 	}
 	// The first open, then failed probes: 100, 200, 400, 400, 400ms.
 	want := []time.Duration{base, 2 * base, 4 * base, maxOpen, maxOpen, maxOpen}
