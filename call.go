@@ -203,7 +203,7 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 		case nil:
 			cb.counts.successes.Add(1)
 			if ended-began > r.slow && ended != 0 {
-				cb.slowCall(r, admitted, ended)
+				cb.slowCall(ctx, r, admitted, ended)
 			}
 		case errFailure:
 			cb.recordFailure(ctx, errorType(err))

@@ -193,6 +193,10 @@ type CircuitBreaker struct {
 	lastAtomic atomic.Int32 // last, for lock-free reads on the call path
 	since      time.Time    // when it entered that state
 	downSince  time.Time    // when it last left closed; zero while closed
+	// untraced holds the transitions no call has flushed yet: the next
+	// call to flush adds them to its span, whoever delivers them.
+	untraced  []transition
+	nuntraced atomic.Int32
 }
 
 // The bits of CircuitBreaker.mode.
@@ -361,14 +365,14 @@ func (cb *CircuitBreaker) gbState(g *breakerGen) State {
 		if int64(monotonic()) <= h {
 			return StateOpen
 		}
-		cb.endHold(h)
+		cb.endHold(context.Background(), h)
 	}
 	return fromGobreaker(g.gb.State())
 }
 
 // endHold ends the longer open period that ended at h, and reports the move
 // to half-open that gobreaker made meanwhile, if it did.
-func (cb *CircuitBreaker) endHold(h int64) {
+func (cb *CircuitBreaker) endHold(ctx context.Context, h int64) {
 	if !cb.hold.CompareAndSwap(h, 0) {
 		return
 	}
@@ -380,7 +384,7 @@ func (cb *CircuitBreaker) endHold(h int64) {
 		}
 	}
 	cb.evMu.Unlock()
-	cb.flush()
+	cb.flushTo(ctx)
 }
 
 // held reports whether a longer open period holds the breaker open now.

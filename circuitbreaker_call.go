@@ -41,7 +41,7 @@ func (cb *CircuitBreaker) guard(ctx context.Context, r *breakerRule, call func(c
 		if int64(monotonic()) <= h {
 			return cb.reject(r, call, cb.errOpen)
 		}
-		cb.endHold(h)
+		cb.endHold(ctx, h)
 	}
 	g := cb.cur.Load()
 	stage := callNotRun

@@ -88,6 +88,8 @@ func (cb *CircuitBreaker) transitionLocked(from, to State) {
 	// are rare; an append each costs nothing that matters.
 	cb.pending = append(cb.pending, transition{from, to})
 	cb.npending.Add(1)
+	cb.untraced = append(cb.untraced, transition{from, to})
+	cb.nuntraced.Add(1)
 }
 
 // flush delivers queued transitions outside every lock. Only one goroutine
@@ -96,13 +98,18 @@ func (cb *CircuitBreaker) transitionLocked(from, to State) {
 // it returns.
 func (cb *CircuitBreaker) flush() { cb.flushTo(context.Background()) }
 
-// flushTo is flush for a call: the transitions it delivers are events of
-// ctx's span too.
+// flushTo is flush for a call: the transitions queued since the last
+// flush are events of ctx's span, whichever goroutine delivers them to the
+// callbacks. A flush without a call's context (an operator's Reset, a
+// Reload) takes them off the list untraced.
 func (cb *CircuitBreaker) flushTo(ctx context.Context) {
-	if cb.npending.Load() == 0 {
+	if cb.npending.Load() == 0 && cb.nuntraced.Load() == 0 {
 		return
 	}
 	cb.evMu.Lock()
+	traced := cb.untraced
+	cb.untraced = nil
+	cb.nuntraced.Store(0)
 	for len(cb.pending) > 0 && !cb.delivering {
 		t := cb.pending[0]
 		cb.pending = cb.pending[1:]
@@ -110,7 +117,6 @@ func (cb *CircuitBreaker) flushTo(ctx context.Context) {
 		cb.delivering = true
 		cb.evMu.Unlock()
 		cb.deliver(t)
-		traceTransition(ctx, cb.name, t)
 		cb.evMu.Lock()
 		cb.delivering = false
 	}
@@ -118,6 +124,9 @@ func (cb *CircuitBreaker) flushTo(ctx context.Context) {
 		cb.pending = nil
 	}
 	cb.evMu.Unlock()
+	for _, t := range traced {
+		traceTransition(ctx, cb.name, t)
+	}
 }
 
 func (cb *CircuitBreaker) deliver(t transition) {

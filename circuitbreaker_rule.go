@@ -1,6 +1,7 @@
 package resilience
 
 import (
+	"context"
 	"log/slog"
 	"math"
 	"sync"
@@ -393,7 +394,7 @@ func (cb *CircuitBreaker) noteHint(err error) {
 // slowCall counts a slow call of g, which ran from began to ended, and
 // opens the breaker if the slow-call ratio is reached: gobreaker asks
 // ReadyToTrip only after a failure.
-func (cb *CircuitBreaker) slowCall(r *breakerRule, began, ended time.Duration) {
+func (cb *CircuitBreaker) slowCall(ctx context.Context, r *breakerRule, began, ended time.Duration) {
 	cb.counts.slowCalls.Add(1)
 	// The current generation: a call that began before it is not counted
 	// in it, as gobreaker drops the outcome of an earlier one.
@@ -404,7 +405,7 @@ func (cb *CircuitBreaker) slowCall(r *breakerRule, began, ended time.Duration) {
 	n := g.slow.add(began, ended)
 	if r.slowRatio > 0 && cb.lastState() == StateClosed && cb.cur.Load() == g && r.trips(g.gb.Counts(), n) {
 		cb.tripGen(g)
-		cb.flush()
+		cb.flushTo(ctx)
 	}
 }
 

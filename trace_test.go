@@ -240,3 +240,53 @@ func BenchmarkTraceRejection(b *testing.B) {
 		})
 	}
 }
+
+// Regression: a breaker's transitions were added to the span of whichever
+// call delivered them to the callbacks, so a call whose transitions
+// another call was delivering (a slow OnStateChange) had none on its own
+// span, and the deliverer had them all.
+func TestTraceTransitionsOnTheSpanOfTheCallThatCausedThem(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		name := uniqueName("trace-transitions")
+		release := make(chan struct{})
+		var once sync.Once
+		cb := mustBreaker(t, CircuitBreakerConfig{Name: name, FailMax: 1, OpenTimeout: time.Second, DisableLogging: true,
+			OnStateChange: func(string, State, State) { once.Do(func() { <-release }) }})
+		fail := true
+		f := Compose(func(context.Context) (int, error) {
+			if fail {
+				return 0, errFlaky
+			}
+			return 1, nil
+		}, Stack[int]{Name: name, CircuitBreaker: cb})
+		rec := tracetest.NewSpanRecorder()
+		tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
+		defer tp.Shutdown(context.Background())
+		ctxA, spanA := tp.Tracer("test").Start(context.Background(), "A")
+		ctxB, spanB := tp.Tracer("test").Start(context.Background(), "B")
+		done := make(chan struct{})
+		go func() {
+			f(ctxA) // opens the breaker, and delivers it to the slow callback
+			close(done)
+		}()
+		synctest.Wait()
+		time.Sleep(time.Second + time.Millisecond) // past the open period
+		fail = false
+		f(ctxB) // half-open, the probe succeeds: closed
+		close(release)
+		<-done
+		spanA.End()
+		spanB.End()
+		got := map[string][]string{}
+		for _, s := range rec.Ended() {
+			for _, e := range s.Events() {
+				got[s.Name()] = append(got[s.Name()], e.Name+" "+attrsString(e.Attributes))
+			}
+		}
+		ev := func(from, to string) string {
+			return "resilience.circuit_breaker.state_change resilience.circuit_breaker.from=" + from + ",resilience.circuit_breaker.to=" + to + ",resilience.service=" + name
+		}
+		wantEvents(t, got["A"], ev("closed", "open"))
+		wantEvents(t, got["B"], ev("open", "half-open"), ev("half-open", "closed"))
+	})
+}
