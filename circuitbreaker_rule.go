@@ -445,7 +445,7 @@ func (cb *CircuitBreaker) trip(d time.Duration) {
 // process's open ends when the shared one does: a process that tripped on
 // its own a little after the others, or that learns of another's failed
 // probe while it is still open, goes half-open with the fleet, not a full
-// OpenTimeout after its own trip (issue 18). Unlike TripFor, it changes an
+// OpenTimeout after its own trip. Unlike TripFor, it changes an
 // open breaker's end, and it makes no transition when the breaker is open
 // already.
 //

@@ -134,7 +134,7 @@ func (cb *CircuitBreaker) SetSync(s BreakerSync) {
 // reached, it should hold the process to a fair share of the limit, such
 // as ceil(limit / processes), rather than let every call through: a cap
 // that vanishes when the store is slow, which is when the fleet is loaded,
-// protects nothing (issue 18). The local bulkhead applies either way.
+// protects nothing. The local bulkhead applies either way.
 type Limiter interface {
 	Acquire(ctx context.Context) (release func(), err error)
 }
