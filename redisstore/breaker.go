@@ -49,7 +49,7 @@ const expectWindow = 250 * time.Millisecond
 // its own event, a missed expectation), not worth a message. An open not
 // written over another replica's open in force returns that one's end as a
 // fourth value, for the replica to adopt: a replica that tripped on its own
-// a little after the fleet ends its open with the fleet's (issue 18). A
+// a little after the fleet ends its open with the fleet's. A
 // replica that leaves half-open releases the probe lock it holds in the
 // same step.
 //
@@ -91,7 +91,7 @@ return {1, epoch, gen}
 // probeScript takes the probe lock for a replica, or renews it if the
 // replica holds it already, unless the shared state is an open still in
 // force: the shared state, not each replica's clock, decides when a
-// half-open round begins (issue 18). Without that check a replica whose own
+// half-open round begins. Without that check a replica whose own
 // open ended a little after the fleet's could take the lock that a failed
 // probe had just released, and send a second probe in the round. It
 // returns {1} when this replica holds the lock, {0, ms} when another
@@ -470,8 +470,8 @@ func (s *Store) apply(b *breaker, v shared, fromPoll bool) {
 			return
 		}
 		// The shared open is the fleet's: the local breaker is open until
-		// it ends, no longer and no shorter, whatever state it is in
-		// (issue 18). Open already, for a shorter period (another
+		// it ends, no longer and no shorter, whatever state it is in.
+		// Open already, for a shorter period (another
 		// replica's failed probe, a retry hint) or a longer one (it
 		// tripped on its own after the fleet): its end moves, with no
 		// transition, so nothing is published and nothing echoes. Closed,

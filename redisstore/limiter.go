@@ -20,7 +20,7 @@ import (
 // <prefix>bh:{KEY}:replicas holds one member per replica that uses the
 // cap, scored by when its heartbeat expires: the live replicas, whose
 // number sets each replica's fair share of the limit when a slot cannot be
-// confirmed (issue 18).
+// confirmed.
 
 // acquireScript drops the expired leases, renews the replica's heartbeat,
 // then adds the leases asked for, in order, while fewer than the limit are
