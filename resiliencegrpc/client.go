@@ -9,6 +9,7 @@ import (
 	"github.com/resilience-go/resilience"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -52,8 +53,9 @@ type method struct {
 // answer, or a status that is neither retried nor counted, which goes back
 // to the caller as it came.
 type result struct {
-	reply any   // the reply the answer was decoded into
-	err   error // a neutral status, or io.EOF for a stream that ended empty
+	reply any          // the reply the answer was decoded into
+	err   error        // a neutral status, or io.EOF for a stream that ended empty
+	meta  *attemptMeta // a unary attempt's header, trailer and peer
 }
 
 func (c *client) method(full string) *method {
@@ -73,9 +75,14 @@ func (c *client) method(full string) *method {
 				m.idempotent = declaredIdempotent(c.cfg.files, full)
 			}
 		}
-		// ForService hedges when the service has a hedge; a hedge of a
-		// method that is not idempotent is refused by the attempt.
-		m.unary = resilience.ForService(c.reg, m.service, m.attemptUnary)
+		// ForService hedges when the service has a hedge: a method that
+		// is not idempotent gets the same pipeline without it, so that
+		// it is never sent twice at once.
+		if m.idempotent {
+			m.unary = resilience.ForService(c.reg, m.service, m.attemptUnary)
+		} else {
+			m.unary = resilience.ForServiceNoHedge(c.reg, m.service, m.attemptUnary)
+		}
 		m.stream = resilience.ForStream(c.reg, m.service, m.attemptStream)
 		return m
 	})
@@ -102,10 +109,15 @@ func (c *client) method(full string) *method {
 // the method's idempotency_level). DATA_LOSS counts and is not retried.
 // The others (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
 // PERMISSION_DENIED, UNAUTHENTICATED, FAILED_PRECONDITION, OUT_OF_RANGE,
-// UNIMPLEMENTED) are answers, not illness: neither retried nor counted, the
-// pipeline sees a success and the caller gets the status. The policies'
-// hooks (RetryIf, OnRetry, IsFailure) see a failing attempt's error, whose
-// code status.Code reads.
+// UNIMPLEMENTED) are answers, not illness: not retried, and the pipeline
+// sees a success, which the breaker counts as one (it ends a run of
+// consecutive failures and is a call of its window), as it does a
+// Transport's 4xx or an error IsFailure says is not a failure; the caller
+// gets the status. The policies' hooks (RetryIf, OnRetry, IsFailure) see a
+// failing attempt's error, whose code status.Code reads. A RetryIf cannot
+// have INTERNAL or UNKNOWN of a method that is not idempotent sent again,
+// nor a call whose pushback says not to retry: those attempts' errors are
+// resilience.Permanent, and no attempt follows them.
 //
 // Pushback. The trailer grpc-retry-pushback-ms is honoured as gRFC A6
 // says: a non-negative value is the wait before the next attempt, exactly,
@@ -120,8 +132,10 @@ func (c *client) method(full string) *method {
 // it.
 //
 // Hedging. With HEDGE_<SERVICE>_DELAY set, calls of idempotent methods are
-// hedged, each copy decoding into a reply of its own; hedges of other
-// methods are not sent. Leave grpc-go's own retry policy (the service
+// hedged, each copy decoding into a reply of its own, and the caller's
+// grpc.Header, grpc.Trailer and grpc.Peer get the answering attempt's;
+// other methods run in the service's pipeline without its hedge
+// ([resilience.ForServiceNoHedge]) and are never sent twice at once. Leave grpc-go's own retry policy (the service
 // config's retryPolicy) off for these calls, or each of its attempts is
 // retried here too.
 //
@@ -139,6 +153,7 @@ func UnaryClientInterceptor(reg *resilience.Registry, opts ...Option) grpc.Unary
 			return m.err
 		}
 		call := &unaryCall{Context: ctx, m: m, req: req, reply: reply, cc: cc, invoker: invoker, opts: opts}
+		call.scanOptions()
 		if m.idempotent {
 			if pm, ok := reply.(proto.Message); ok {
 				// Read here, before any attempt decodes into the reply,
@@ -147,6 +162,15 @@ func UnaryClientInterceptor(reg *resilience.Registry, opts ...Option) grpc.Unary
 			}
 		}
 		res, err := m.unary(call)
+		if call.metaOpts {
+			// The answering attempt's, or the last to end's: never a
+			// hedge that lost and ended later.
+			meta := res.meta
+			if err != nil || meta == nil {
+				meta = call.last.Load()
+			}
+			call.giveMeta(meta)
+		}
 		if err != nil {
 			return callerError(m.service, err)
 		}
@@ -171,10 +195,79 @@ type unaryCall struct {
 	opts       []grpc.CallOption
 	replyType  protoreflect.MessageType // the reply's, for hedges: nil if not a proto
 	inFlight   atomic.Int32             // attempts running: more than one is a hedge
-	// The first attempt's trailer and options, and so every attempt's
+	// The first attempt's metadata and options, and so every attempt's
 	// but a hedge's: one allocation per call, the call's own.
-	trailer metadata.MD
-	optBuf  [4]grpc.CallOption
+	meta   attemptMeta
+	optBuf [4]grpc.CallOption
+	// The caller's grpc.Header, grpc.Trailer and grpc.Peer, given the
+	// answering attempt's after the call rather than every attempt's.
+	metaOpts bool
+	header   *metadata.MD
+	trailer  *metadata.MD
+	peer     *peer.Peer
+	last     atomic.Pointer[attemptMeta]  // the last attempt to end
+	final    atomic.Pointer[attemptError] // a status no attempt may follow
+}
+
+// attemptMeta is what one attempt's call options fill in.
+type attemptMeta struct {
+	header, trailer metadata.MD
+	peer            peer.Peer
+}
+
+// scanOptions finds the caller's grpc.Header, grpc.Trailer and grpc.Peer,
+// which each attempt replaces with its own.
+func (c *unaryCall) scanOptions() {
+	for _, o := range c.opts {
+		switch o := o.(type) {
+		case grpc.HeaderCallOption:
+			c.header, c.metaOpts = o.HeaderAddr, true
+		case grpc.TrailerCallOption:
+			c.trailer, c.metaOpts = o.TrailerAddr, true
+		case grpc.PeerCallOption:
+			c.peer, c.metaOpts = o.PeerAddr, true
+		}
+	}
+}
+
+// giveMeta gives the caller an attempt's header, trailer and peer.
+func (c *unaryCall) giveMeta(m *attemptMeta) {
+	if m == nil {
+		return
+	}
+	if c.header != nil {
+		*c.header = m.header
+	}
+	if c.trailer != nil {
+		*c.trailer = m.trailer
+	}
+	if c.peer != nil {
+		*c.peer = m.peer
+	}
+}
+
+// options returns the caller's options for an attempt, with its own
+// header, trailer and peer in place of the caller's: never an append into
+// the caller's array, which hedges would share.
+func (c *unaryCall) options(m *attemptMeta, buf []grpc.CallOption) []grpc.CallOption {
+	if !c.metaOpts {
+		buf = append(buf, c.opts...)
+	} else {
+		for _, o := range c.opts {
+			switch o.(type) {
+			case grpc.HeaderCallOption, grpc.TrailerCallOption, grpc.PeerCallOption:
+				continue
+			}
+			buf = append(buf, o)
+		}
+		if c.header != nil {
+			buf = append(buf, grpc.HeaderCallOption{HeaderAddr: &m.header})
+		}
+		if c.peer != nil {
+			buf = append(buf, grpc.PeerCallOption{PeerAddr: &m.peer})
+		}
+	}
+	return append(buf, grpc.TrailerCallOption{TrailerAddr: &m.trailer})
 }
 
 // Value finds the call; other keys go to the caller's context, which keeps
@@ -186,8 +279,8 @@ func (c *unaryCall) Value(key any) any {
 	return c.Context.Value(key)
 }
 
-// errNotHedged is a refused hedge of a method that is not idempotent.
-var errNotHedged = resilience.Permanent(errors.New("resiliencegrpc: not hedged: the method is not idempotent"))
+// errNotHedged is a refused hedge whose reply cannot be made.
+var errNotHedged = resilience.Permanent(errors.New("resiliencegrpc: not hedged: no reply of its own can be made"))
 
 var errNoCall = errors.New("resiliencegrpc: an attempt's context does not carry its call")
 
@@ -196,31 +289,43 @@ func (m *method) attemptUnary(ctx context.Context) (result, error) {
 	if c == nil {
 		return result{}, errNoCall // unreachable: every call passes its own
 	}
+	if e := c.final.Load(); e != nil {
+		// gRFC A6's pushback or the method's idempotency said not to
+		// try again, whatever a RetryIf says: not sent.
+		return result{}, resilience.Permanent(e)
+	}
 	reply := c.reply
+	am := &c.meta
 	if c.inFlight.Add(1) > 1 {
-		// A hedge beside an attempt still running: sent only if the
-		// method may be sent twice, and decoded into a reply of its own.
-		if reply = c.newReply(); reply == nil || !m.idempotent {
+		// A hedge beside an attempt still running (only idempotent
+		// methods are hedged): decoded into a reply of its own.
+		if reply = c.newReply(); reply == nil {
 			c.inFlight.Add(-1)
 			return result{}, errNotHedged
 		}
+		am = new(attemptMeta)
 	}
 	defer c.inFlight.Add(-1)
-	// The caller's options and one for the trailer: never an append into
-	// the caller's array, which hedges would share.
-	trailer, opts := &c.trailer, c.optBuf[:0]
-	if reply != c.reply {
-		trailer, opts = new(metadata.MD), nil // a hedge, beside the first attempt
+	var buf []grpc.CallOption
+	if am == &c.meta {
+		buf = c.optBuf[:0]
 	}
-	*trailer = nil
-	opts = append(append(opts, c.opts...), grpc.TrailerCallOption{TrailerAddr: trailer})
-	err := c.invoker(ctx, m.full, c.req, reply, c.cc, opts...)
+	*am = attemptMeta{}
+	err := c.invoker(ctx, m.full, c.req, reply, c.cc, c.options(am, buf)...)
+	if c.metaOpts {
+		// A copy: a later attempt reuses c.meta.
+		last := *am
+		c.last.Store(&last)
+	}
 	if err == nil {
-		return result{reply: reply}, nil
+		return result{reply: reply, meta: am}, nil
 	}
-	perr, neutral := judge(ctx, err, *trailer, m.idempotent)
+	perr, neutral := judge(ctx, err, am.trailer, m.idempotent)
 	if neutral {
-		return result{reply: reply, err: err}, nil
+		return result{reply: reply, err: err, meta: am}, nil
+	}
+	if ae := finalOf(perr); ae != nil {
+		c.final.Store(ae)
 	}
 	return result{}, perr
 }

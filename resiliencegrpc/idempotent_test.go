@@ -2,11 +2,14 @@ package resiliencegrpc
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/resilience-go/resilience"
+	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protodesc"
 	"google.golang.org/protobuf/reflect/protoregistry"
@@ -124,5 +127,33 @@ func TestReplyCopies(t *testing.T) {
 	copyReply(pm, &healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_SERVING})
 	if pm.Status != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("copyReply of a proto: %v", pm)
+	}
+}
+
+// TestUnaryNotIdempotentSentTwiceWhenFirstDelayed: with a hedge and chaos
+// latency before some attempts, a hedge could reach the method before the
+// round's first attempt, be taken for it and be sent; and the first,
+// taken for a hedge, ended the call with "not hedged". A method that is
+// not idempotent runs in a pipeline that never hedges: each call reaches
+// the server once and ends with its status.
+func TestUnaryNotIdempotentSentTwiceWhenFirstDelayed(t *testing.T) {
+	reg := registry(t, func(c *resilience.Config) {
+		c.ChaosEnabled = true
+		c.Chaos = map[string]resilience.ChaosConfig{healthKey: {LatencyRate: 0.5, Latency: 40 * time.Millisecond}}
+		c.Hedges = map[string]resilience.HedgingConfig{healthKey: {Delay: 5 * time.Millisecond}}
+		c.Retry.MaxAttempts = 1
+		c.CircuitBreakers[healthKey] = resilience.CircuitBreakerConfig{FailMax: 1000, OpenTimeout: time.Minute}
+	})
+	h := newHealth(step{code: codes.Unavailable})
+	c := healthClient(t, bufnet, h, reg) // Check is not idempotent
+	const calls = 40
+	for range calls {
+		_, err := c.Check(context.Background(), &healthpb.HealthCheckRequest{})
+		if status.Code(err) != codes.Unavailable || strings.Contains(err.Error(), "not hedged") {
+			t.Errorf("err = %v; want the server's UNAVAILABLE", err)
+		}
+	}
+	if got := h.hits.Load(); got != calls {
+		t.Errorf("server hits = %d for %d calls; want %d: a method that is not idempotent was sent twice", got, calls, calls)
 	}
 }

@@ -63,7 +63,19 @@ func classOf(c codes.Code) class {
 type attemptError struct {
 	err       error
 	retryable bool
-	hint      time.Duration // from the pushback trailer; < 0: none
+	// final: gRFC A6's pushback or the method's idempotency says not to
+	// try again, which a RetryIf cannot override.
+	final bool
+	hint  time.Duration // from the pushback trailer; < 0: none
+}
+
+// finalOf returns the attempt's error if it is final, else nil.
+func finalOf(err error) *attemptError {
+	var ae *attemptError
+	if errors.As(err, &ae) && ae.final {
+		return ae
+	}
+	return nil
 }
 
 func (e *attemptError) Error() string { return e.err.Error() }
@@ -126,6 +138,9 @@ func judge(ctx context.Context, err error, trailer metadata.MD, idempotent bool)
 		retryable = idempotent
 	}
 	e := &attemptError{err: err, retryable: retryable, hint: -1}
+	// Not sent again whatever a RetryIf says: the server might have done
+	// the work of a method that is not idempotent.
+	e.final = classOf(status.Code(err)) == classIdempotent && !idempotent
 	if vs := trailer.Get(PushbackKey); len(vs) > 0 {
 		d, ok := -time.Duration(1), false
 		if len(vs) == 1 {
@@ -133,10 +148,15 @@ func judge(ctx context.Context, err error, trailer metadata.MD, idempotent bool)
 		}
 		if !ok {
 			// gRFC A6: the server says not to retry.
-			e.retryable = false
+			e.retryable, e.final = false, true
 		} else if retryable {
 			e.hint = d
 		}
+	}
+	if e.final {
+		// Permanent, for a RetryIf that asks resilience.IsRetryable; the
+		// attempts that follow are refused (see finalOf).
+		return resilience.Permanent(e), false
 	}
 	return e, false
 }

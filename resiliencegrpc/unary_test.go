@@ -8,8 +8,11 @@ import (
 
 	"github.com/resilience-go/resilience"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
 
@@ -325,5 +328,52 @@ func TestUnaryWithService(t *testing.T) {
 	}
 	if got := reg.CircuitBreaker(healthSvc).Counts().Requests; got != 0 {
 		t.Fatalf("the gRPC service's breaker saw %d requests; want 0", got)
+	}
+}
+
+// TestUnaryHedgeLoserOverwritesCallerMetadata: in a hedged call, the
+// first attempt, slow, loses to the hedge and is cancelled; it wrote its
+// (empty) header and trailer into the caller's grpc.Header and
+// grpc.Trailer after the winner did. The caller gets the winner's.
+func TestUnaryHedgeLoserOverwritesCallerMetadata(t *testing.T) {
+	reg := registry(t, func(c *resilience.Config) {
+		c.Hedges = map[string]resilience.HedgingConfig{healthKey: {Delay: 20 * time.Millisecond}}
+	})
+	h := newHealth(step{delay: 300 * time.Millisecond, header: []string{"who", "first"}, trailer: []string{"who", "first"}},
+		step{header: []string{"who", "hedge"}, trailer: []string{"who", "hedge"}})
+	c := healthClient(t, bufnet, h, reg, WithIdempotent(checkM))
+	var hdr, trl metadata.MD
+	var p peer.Peer
+	_, err := c.Check(context.Background(), &healthpb.HealthCheckRequest{}, grpc.Header(&hdr), grpc.Trailer(&trl), grpc.Peer(&p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := h.hits.Load(); got != 2 {
+		t.Fatalf("server hits = %d; want 2, the first and its hedge", got)
+	}
+	if got := trl.Get("who"); len(got) != 1 || got[0] != "hedge" {
+		t.Errorf("trailer who = %v; want the winner's [hedge]", got)
+	}
+	if got := hdr.Get("who"); len(got) != 1 || got[0] != "hedge" {
+		t.Errorf("header who = %v; want the winner's [hedge]", got)
+	}
+	if p.Addr == nil {
+		t.Error("peer: no address; want the winner's")
+	}
+}
+
+// TestUnaryCallerMetadataOnFailure: without a hedge, the caller's
+// grpc.Header and grpc.Trailer get the last attempt's, on failure too.
+func TestUnaryCallerMetadataOnFailure(t *testing.T) {
+	reg := registry(t, nil)
+	h := newHealth(step{code: codes.Unavailable, trailer: []string{"n", "1"}}, step{code: codes.DataLoss, trailer: []string{"n", "2"}})
+	c := healthClient(t, bufnet, h, reg)
+	var trl metadata.MD
+	_, err := c.Check(context.Background(), &healthpb.HealthCheckRequest{}, grpc.Trailer(&trl))
+	if status.Code(err) != codes.DataLoss {
+		t.Fatalf("err = %v; want DATA_LOSS", err)
+	}
+	if got := trl.Get("n"); len(got) != 1 || got[0] != "2" {
+		t.Errorf("trailer n = %v; want the last attempt's [2]", got)
 	}
 }
