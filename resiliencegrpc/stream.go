@@ -25,8 +25,9 @@ const replayLimit = 256 << 10
 // and errors of [UnaryClientInterceptor]. A stream's attempt lasts until
 // its first response message: until then a failure is retried by the
 // service's policy, on a new stream to which the messages sent so far are
-// sent again, in order (they are kept, up to 256 KiB as grpc-go's own retry
-// does; past that the stream is not retried); once a message has been
+// sent again, in order (copies of them are kept, up to 256 KiB of their
+// encoding as grpc-go's own retry does; past that, or once a message that
+// is not a proto was sent, the stream is not retried); once a message has been
 // received, the stream is the answer, and a later failure goes to the
 // caller as it is. NewStream returns once the first attempt's stream is
 // open, or with the error that ended the call (an open breaker, say).
@@ -107,6 +108,7 @@ type streamAttempt struct {
 	verdict    chan error    // the first RecvMsg's error; nil: a message came
 	decided    chan struct{} // closed once the attempt committed or failed
 	sendFailed atomic.Bool   // a send found the stream ended
+	receiving  atomic.Bool   // the caller's RecvMsg is waiting on cs
 }
 
 // notifyLocked wakes everyone waiting for a change. s.mu is held.
@@ -149,9 +151,11 @@ func (m *method) attemptStream(ctx context.Context) (result, error) {
 	s.mu.Lock()
 	replayable, lastErr := s.replayable, s.lastErr
 	s.mu.Unlock()
-	if !replayable && lastErr != nil {
+	if lastErr != nil && (!replayable || finalOf(lastErr) != nil) {
 		// Messages were dropped from the buffer since the last attempt
-		// failed: another would send a part of them.
+		// failed, and another would send a part of them; or gRFC A6's
+		// pushback or the method's idempotency said not to try again,
+		// whatever a RetryIf says.
 		return result{}, resilience.Permanent(lastErr)
 	}
 	cs, err := s.streamer(ctx, s.desc, s.cc, m.full, s.opts...)
@@ -173,14 +177,7 @@ func (m *method) attemptStream(ctx context.Context) (result, error) {
 		s.mu.Unlock()
 		return result{}, resilience.Permanent(lastErr)
 	}
-	var v error
-	select {
-	case v = <-a.verdict:
-	case <-ctx.Done():
-		// The attempt's timeout, or the caller gave up, before a
-		// message: the stream ends with the attempt's context.
-		v = ctxStatus(ctx.Err())
-	}
+	v, ended := awaitVerdict(ctx, a)
 	switch {
 	case v == nil:
 		s.commit(a, resilience.KeepAttempt(ctx))
@@ -191,17 +188,60 @@ func (m *method) attemptStream(ctx context.Context) (result, error) {
 		return result{err: io.EOF}, nil
 	}
 	s.retire(a)
-	perr, neutral := judge(ctx, v, cs.Trailer(), m.idempotent)
+	var trailer metadata.MD
+	if !ended {
+		trailer = cs.Trailer() // RecvMsg returned its error: the trailer is in
+	}
+	perr, neutral := judge(ctx, v, trailer, m.idempotent)
 	if neutral {
 		return result{err: v}, nil
 	}
 	s.mu.Lock()
-	if ae, ok := perr.(*attemptError); ok && !s.replayable {
+	if ae := (*attemptError)(nil); errors.As(perr, &ae) && !s.replayable {
 		ae.retryable = false
 	}
 	s.mu.Unlock()
 	s.failed(perr)
 	return result{}, perr
+}
+
+// awaitVerdict waits for the first RecvMsg's verdict on a, or for the end
+// of the attempt's context or of a's stream, and returns the verdict or
+// the status of the context that ended it (ended set). A verdict that
+// came with the end is preferred: its message, or its status and trailer,
+// are the stream's.
+func awaitVerdict(ctx context.Context, a *streamAttempt) (v error, ended bool) {
+	var done context.Context
+	select {
+	case v = <-a.verdict:
+		return v, false
+	case <-ctx.Done():
+		// The attempt's timeout, or the caller gave up, before a
+		// message: the stream ends with the attempt's context.
+		done = ctx
+	case <-a.cs.Context().Done():
+		if a.receiving.Load() {
+			// The caller's RecvMsg ended the stream: its verdict, with
+			// the server's status, is on its way.
+			select {
+			case v = <-a.verdict:
+				return v, false
+			case <-ctx.Done():
+				done = ctx
+			}
+			break
+		}
+		// grpc-go ended the stream before a message, no RecvMsg
+		// waiting (ClientConn.Close): the attempt ends now, giving back
+		// its slot, not with the attempt's timeout.
+		done = a.cs.Context()
+	}
+	select {
+	case v = <-a.verdict:
+		return v, false
+	default:
+		return ctxStatus(done.Err()), true
+	}
 }
 
 func (s *clientStream) failed(err error) {
@@ -318,6 +358,7 @@ func (s *clientStream) RecvMsg(msg any) error {
 		if s.committed.Load() == a {
 			return s.recvCommitted(a, msg)
 		}
+		a.receiving.Store(true)
 		rerr := a.cs.RecvMsg(msg)
 		select {
 		case a.verdict <- rerr:
@@ -365,11 +406,7 @@ func (s *clientStream) SendMsg(msg any) error {
 		return io.EOF // as grpc-go says of an ended stream: RecvMsg has its status
 	}
 	if s.replayable {
-		s.buf = append(s.buf, msg)
-		s.bufSize += sizeOf(msg)
-		if s.bufSize > replayLimit {
-			s.buf, s.replayable = nil, false
-		}
+		s.keepLocked(msg)
 	}
 	a := s.cur
 	s.mu.Unlock()
@@ -384,12 +421,20 @@ func (s *clientStream) SendMsg(msg any) error {
 	return err
 }
 
-// sizeOf is what a message costs the replay buffer.
-func sizeOf(msg any) int {
-	if pm, ok := msg.(proto.Message); ok {
-		return proto.Size(pm)
+// keepLocked keeps a copy of msg to replay, which the caller may change
+// or reuse once SendMsg returns, as grpc-go, which encodes it in SendMsg,
+// allows. A message that is not a proto, whose size and copy are
+// unknown, ends the replay, as outgrowing the buffer does. s.mu is held.
+func (s *clientStream) keepLocked(msg any) {
+	pm, ok := msg.(proto.Message)
+	if ok {
+		s.bufSize += proto.Size(pm)
 	}
-	return 1 << 10 // unknown: a guess, so that the buffer stays bounded
+	if !ok || s.bufSize > replayLimit {
+		s.buf, s.replayable = nil, false
+		return
+	}
+	s.buf = append(s.buf, proto.Clone(pm))
 }
 
 // CloseSend closes the sending side, of the retried streams too.

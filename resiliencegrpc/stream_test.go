@@ -264,20 +264,26 @@ func (s *inputServer) StreamingInputCall(ss grpc.ClientStreamingServer[testpb.St
 	return ss.SendAndClose(&testpb.StreamingInputCallResponse{AggregatedPayloadSize: int32(sum)})
 }
 
+// inputStream serves an inputServer on nw and opens a StreamingInputCall
+// to it through the stream interceptor.
+func inputStream(t *testing.T, nw network) (*inputServer, grpc.ClientStreamingClient[testpb.StreamingInputCallRequest, testpb.StreamingInputCallResponse]) {
+	t.Helper()
+	srv := &inputServer{}
+	cc := serve(t, nw, func(s *grpc.Server) { testpb.RegisterTestServiceServer(s, srv) }, nil,
+		grpc.WithStreamInterceptor(StreamClientInterceptor(registry(t, nil))))
+	s, err := testpb.NewTestServiceClient(cc).StreamingInputCall(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return srv, s
+}
+
 // The messages sent before the first response are sent again, in order,
 // to the retried stream.
 func TestStreamReplaysSentMessages(t *testing.T) {
 	for _, nw := range networks {
 		t.Run(string(nw), func(t *testing.T) {
-			reg := registry(t, nil)
-			srv := &inputServer{}
-			cc := serve(t, nw, func(s *grpc.Server) { testpb.RegisterTestServiceServer(s, srv) }, nil,
-				grpc.WithStreamInterceptor(StreamClientInterceptor(reg)))
-			c := testpb.NewTestServiceClient(cc)
-			s, err := c.StreamingInputCall(context.Background())
-			if err != nil {
-				t.Fatal(err)
-			}
+			srv, s := inputStream(t, nw)
 			want := []int{1, 2, 3, 4}
 			for _, n := range want {
 				if err := s.Send(&testpb.StreamingInputCallRequest{Payload: &testpb.Payload{Body: make([]byte, n)}}); err != nil {
@@ -310,20 +316,13 @@ func TestStreamReplaysSentMessages(t *testing.T) {
 // Past the replay buffer's bound, a stream is not retried: it could not
 // send everything again.
 func TestStreamBeyondReplayLimitNotRetried(t *testing.T) {
-	reg := registry(t, nil)
-	srv := &inputServer{}
-	cc := serve(t, bufnet, func(s *grpc.Server) { testpb.RegisterTestServiceServer(s, srv) }, nil,
-		grpc.WithStreamInterceptor(StreamClientInterceptor(reg)))
-	s, err := testpb.NewTestServiceClient(cc).StreamingInputCall(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, s := inputStream(t, bufnet)
 	for range 3 {
 		if err := s.Send(&testpb.StreamingInputCallRequest{Payload: &testpb.Payload{Body: make([]byte, replayLimit/2)}}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	_, err = s.CloseAndRecv()
+	_, err := s.CloseAndRecv()
 	if status.Code(err) != codes.Unavailable || srv.calls.Load() != 1 {
 		t.Fatalf("err = %v, streams %d; want UNAVAILABLE from one stream", err, srv.calls.Load())
 	}
@@ -442,5 +441,155 @@ func TestStreamBidiAfterCommit(t *testing.T) {
 	}
 	if _, err := s.Recv(); err != io.EOF {
 		t.Fatalf("Recv after CloseSend: %v; want io.EOF", err)
+	}
+}
+
+// TestStreamReplayAliasesCallerMessages: a caller that reuses its request
+// message, or the buffer its payload points to (the upload idiom, as
+// grpc-go, which encodes in SendMsg, allows), got the last value replayed
+// N times to the retried stream. The stream keeps copies.
+func TestStreamReplayAliasesCallerMessages(t *testing.T) {
+	srv, s := inputStream(t, bufnet)
+	msg := &testpb.StreamingInputCallRequest{Payload: &testpb.Payload{}}
+	buf := make([]byte, 3)
+	for i := 1; i <= 3; i++ {
+		msg.Payload.Body = buf[:i] // the same message and the same buffer
+		if err := s.Send(msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp, err := s.CloseAndRecv()
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if err != nil || resp.GetAggregatedPayloadSize() != 6 || len(srv.streams) != 2 {
+		t.Errorf("streams received %v; sum %d, err %v; want [[1 2 3] [1 2 3]], 6", srv.streams, resp.GetAggregatedPayloadSize(), err)
+	}
+}
+
+// failThenEcho's FullDuplexCall fails its first stream after reading two
+// messages, and echoes on the next.
+type failThenEcho struct {
+	testpb.UnimplementedTestServiceServer
+	calls atomic.Int32
+}
+
+func (s *failThenEcho) FullDuplexCall(ss grpc.BidiStreamingServer[testpb.StreamingOutputCallRequest, testpb.StreamingOutputCallResponse]) error {
+	if s.calls.Add(1) == 1 {
+		ss.Recv()
+		ss.Recv()
+		return status.Error(codes.Unavailable, "down")
+	}
+	return echoServer{}.FullDuplexCall(ss)
+}
+
+// TestStreamReplayRacesCallerBuffer: the retry's goroutine marshalled the
+// kept messages while the caller refilled the buffer they pointed to, a
+// data race (run with -race).
+func TestStreamReplayRacesCallerBuffer(t *testing.T) {
+	reg := registry(t, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	cc := serve(t, bufnet, func(s *grpc.Server) { testpb.RegisterTestServiceServer(s, &failThenEcho{}) }, nil,
+		grpc.WithStreamInterceptor(StreamClientInterceptor(reg)))
+	s, err := testpb.NewTestServiceClient(cc).FullDuplexCall(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	received := make(chan int)
+	go func() {
+		n := 0
+		defer func() { received <- n }()
+		for {
+			m, err := s.Recv()
+			if err != nil {
+				return
+			}
+			if b := m.GetPayload().GetBody(); len(b) > 0 && b[0] != b[len(b)-1] {
+				t.Errorf("an echo mixes two messages' bytes: %d, %d", b[0], b[len(b)-1])
+			}
+			n++
+		}
+	}()
+	buf := make([]byte, 1024)
+	const sent = 200
+	for i := range sent {
+		for j := range buf {
+			buf[j] = byte(i)
+		}
+		if err := s.Send(&testpb.StreamingOutputCallRequest{Payload: &testpb.Payload{Body: buf}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.CloseSend()
+	if n := <-received; n != sent {
+		t.Errorf("echoes = %d; want %d", n, sent)
+	}
+}
+
+// TestStreamNonProtoMessageCountedAsKiB: a message that is not a proto was
+// kept as a 1 KiB guess, and replayed as the pointer it is. Its size and
+// copy are unknown: the stream is not replayed once one is sent.
+func TestStreamNonProtoMessageCountedAsKiB(t *testing.T) {
+	s := &clientStream{replayable: true}
+	s.keepLocked(&testpb.Empty{})
+	if !s.replayable || len(s.buf) != 1 {
+		t.Fatalf("after a proto: replayable %v, %d kept; want true, 1", s.replayable, len(s.buf))
+	}
+	s.keepLocked(&struct{ b []byte }{})
+	if s.replayable || s.buf != nil {
+		t.Errorf("after a message that is not a proto: replayable %v, %d kept; want false, none", s.replayable, len(s.buf))
+	}
+}
+
+// TestStreamConnCloseBeforeFirstMessage: a stream whose ClientConn closed
+// before its first message kept its slot and its goroutine until the
+// attempt's timeout, which then counted against the breaker.
+func TestStreamConnCloseBeforeFirstMessage(t *testing.T) {
+	reg := registry(t, func(c *resilience.Config) {
+		breaker(1)(c)
+		c.Timeouts[healthKey] = 5 * time.Second
+		c.Bulkheads[healthKey] = resilience.BulkheadConfig{Limit: 1, FailFast: true}
+	})
+	b := reg.Bulkhead(healthSvc)
+	entered := make(chan struct{})
+	h := newHealth(step{block: true, entered: entered})
+	cc := serve(t, bufnet, func(s *grpc.Server) { healthpb.RegisterHealthServer(s, h) }, nil,
+		grpc.WithStreamInterceptor(StreamClientInterceptor(reg)))
+	if _, err := healthpb.NewHealthClient(cc).Watch(context.Background(), &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	<-entered
+	cc.Close()
+	deadline := time.Now().Add(time.Second)
+	for b.Stats().Active != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the slot is still held 1s after ClientConn.Close; want it given back")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if st := reg.CircuitBreaker(healthSvc).State(); st != resilience.StateClosed {
+		t.Errorf("breaker = %v after ClientConn.Close; want closed: nothing failed", st)
+	}
+}
+
+// fakeStream is a grpc.ClientStream of which only Context works.
+type fakeStream struct {
+	grpc.ClientStream
+	ctx context.Context
+}
+
+func (f fakeStream) Context() context.Context { return f.ctx }
+
+// TestStreamFirstMessageLostToTimeout: a first message and the attempt's
+// timeout arriving together were a coin toss; the message wins.
+func TestStreamFirstMessageLostToTimeout(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for range 100 {
+		a := &streamAttempt{cs: fakeStream{ctx: context.Background()}, verdict: make(chan error, 1)}
+		a.verdict <- nil
+		if v, ended := awaitVerdict(ctx, a); v != nil || ended {
+			t.Fatalf("awaitVerdict = %v, ended %v; want the first message's nil verdict", v, ended)
+		}
 	}
 }
