@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
@@ -77,39 +78,39 @@ func ExampleUnaryClientInterceptor() {
 
 // busy holds its caller until released.
 type busy struct {
-	healthpb.UnimplementedHealthServer
+	testpb.UnimplementedTestServiceServer
 	in, out chan struct{}
 }
 
-func (b *busy) Check(context.Context, *healthpb.HealthCheckRequest) (*healthpb.HealthCheckResponse, error) {
+func (b *busy) EmptyCall(context.Context, *testpb.Empty) (*testpb.Empty, error) {
 	b.in <- struct{}{}
 	<-b.out
-	return &healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_SERVING}, nil
+	return &testpb.Empty{}, nil
 }
 
 // A server that sheds what it cannot serve at once: with its one slot
 // taken, a call of priority 0 is shed with RESOURCE_EXHAUSTED and a
-// pushback.
+// pushback. (The health service is never shed.)
 func ExampleUnaryServerInterceptor() {
 	b, err := resilience.NewBulkhead(resilience.BulkheadConfig{Name: "server", Limit: 1})
 	if err != nil {
 		panic(err)
 	}
 	h := &busy{in: make(chan struct{}), out: make(chan struct{})}
-	everyone := func(context.Context, string) int { return 0 } // the health service too, for the example
-	conn, stop := dial(func(s *grpc.Server) { healthpb.RegisterHealthServer(s, h) },
+	everyone := func(context.Context, string) int { return 0 }
+	conn, stop := dial(func(s *grpc.Server) { testpb.RegisterTestServiceServer(s, h) },
 		[]grpc.ServerOption{grpc.ChainUnaryInterceptor(resiliencegrpc.UnaryServerInterceptor(b, resiliencegrpc.WithPriority(everyone)))})
 	defer stop()
-	client := healthpb.NewHealthClient(conn)
+	client := testpb.NewTestServiceClient(conn)
 
 	done := make(chan error)
 	go func() {
-		_, err := client.Check(context.Background(), &healthpb.HealthCheckRequest{})
+		_, err := client.EmptyCall(context.Background(), &testpb.Empty{})
 		done <- err
 	}()
 	<-h.in // the slot is taken
 	var trailer metadata.MD
-	_, err = client.Check(context.Background(), &healthpb.HealthCheckRequest{}, grpc.Trailer(&trailer))
+	_, err = client.EmptyCall(context.Background(), &testpb.Empty{}, grpc.Trailer(&trailer))
 	fmt.Println(status.Code(err), trailer.Get(resiliencegrpc.PushbackKey))
 	close(h.out)
 	fmt.Println(<-done)

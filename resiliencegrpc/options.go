@@ -120,6 +120,7 @@ type ServerOption func(*serverConfig)
 
 type serverConfig struct {
 	priority func(ctx context.Context, fullMethod string) int
+	user     bool // priority is WithPriority's
 	pushback time.Duration
 	err      error
 }
@@ -131,15 +132,16 @@ type serverConfig struct {
 // MaxQueue allow, a newcomer of higher priority shedding the lowest waiter
 // when the queue is full; resilience.PriorityHighest is never shed. Keep
 // its values to a few: each is a metric attribute. It must be safe for
-// concurrent use. Without it, the health service (grpc.health.v1.Health)
-// has PriorityHighest and every other call priority 0. A nil f is an error
-// every call reports.
+// concurrent use. The health service (grpc.health.v1.Health) has
+// PriorityHighest whatever f returns for it, so that an overloaded server
+// is not also taken for a dead one; without WithPriority every other call
+// has priority 0. A nil f is an error every call reports.
 func WithPriority(f func(ctx context.Context, fullMethod string) int) ServerOption {
 	return func(c *serverConfig) {
 		if f == nil && c.err == nil {
 			c.err = invalid("WithPriority f", "nil", "must not be nil")
 		}
-		c.priority = f
+		c.priority, c.user = f, true
 	}
 }
 
@@ -159,10 +161,15 @@ func WithPushback(d time.Duration) ServerOption {
 // checks are never shed, so that an overloaded server is not also taken
 // for a dead one.
 func defaultPriority(_ context.Context, fullMethod string) int {
-	if strings.HasPrefix(fullMethod, "/grpc.health.v1.Health/") {
+	if isHealth(fullMethod) {
 		return resilience.PriorityHighest
 	}
 	return 0
+}
+
+// isHealth reports whether fullMethod is the health service's.
+func isHealth(fullMethod string) bool {
+	return strings.HasPrefix(fullMethod, "/grpc.health.v1.Health/")
 }
 
 // methodCache maps full method names to what the interceptor keeps for

@@ -22,8 +22,9 @@ import (
 // and an errdetails.RetryInfo saying when to try again ([WithPushback]),
 // rather than queued until its deadline, so that an overloaded server
 // answers fast and keeps serving what it admitted. [WithPriority] ranks
-// calls: lower priorities are shed first, and the highest never; by
-// default the health service is never shed. A call whose client goes away
+// calls: lower priorities are shed first, and the highest never; the
+// health service (grpc.health.v1.Health) is never shed, whatever
+// WithPriority says. A call whose client goes away
 // while it waits leaves the queue with CANCELED or DEADLINE_EXCEEDED. With
 // an adaptive bulkhead (BULKHEAD_<R>_ADAPTIVE), the limit follows the
 // handlers' latency. Shed calls are counted in resilience.shed.rejections
@@ -61,6 +62,16 @@ func UnaryServerInterceptor(b *resilience.Bulkhead, opts ...ServerOption) grpc.U
 	}
 	shed := st.Err() // read-only, shared by every shed call
 	prio := cfg.priority
+	if user := prio; cfg.user {
+		prio = func(ctx context.Context, fullMethod string) int {
+			if isHealth(fullMethod) {
+				// Whatever WithPriority says: an overloaded server
+				// must not also be taken for a dead one.
+				return resilience.PriorityHighest
+			}
+			return user(ctx, fullMethod)
+		}
+	}
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		release, err := b.Admit(ctx, prio(ctx, info.FullMethod))
 		if err != nil {

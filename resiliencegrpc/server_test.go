@@ -151,14 +151,31 @@ func TestServerShedsByPriority(t *testing.T) {
 // Without WithPriority, the health service is never shed, and every other
 // call is shed at once when no slot is free.
 func TestServerHealthNeverShedByDefault(t *testing.T) {
-	b, err := resilience.NewBulkhead(resilience.BulkheadConfig{Name: "grpc-health", Limit: 1})
+	healthWaits(t, "grpc-health", true)
+}
+
+// TestServerHealthNeverShedWithPriority: a WithPriority that ranks every
+// call 0, the health service's included, does not get the health check
+// shed: it waits for a slot, as PriorityHighest does.
+func TestServerHealthNeverShedWithPriority(t *testing.T) {
+	healthWaits(t, "grpc-health-prio", false, WithPriority(func(context.Context, string) int { return 0 }))
+}
+
+// healthWaits checks that a health check waits for the one slot another
+// call holds, and is served once it is free; with other, that a call of
+// priority 0 is shed meanwhile.
+func healthWaits(t *testing.T, name string, other bool, opts ...ServerOption) {
+	t.Helper()
+	b, err := resilience.NewBulkhead(resilience.BulkheadConfig{Name: name, Limit: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, c, health := shedServer(t, b)
+	g, c, health := shedServer(t, b, opts...)
 	holder := call(c, "holder", "")
 	<-g.entered
-	wantShed(t, "another call while full", <-call(c, "other", ""), "1000")
+	if other {
+		wantShed(t, "another call while full", <-call(c, "other", ""), "1000")
+	}
 	checked := make(chan error, 1)
 	go func() {
 		_, err := health.Check(context.Background(), &healthpb.HealthCheckRequest{})
