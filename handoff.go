@@ -120,10 +120,7 @@ func (h *hold) touch() {
 
 // expire ends a kept body whose idle or stream timeout passed: its reads
 // fail with ErrTimeout, and its slot is given back.
-func (h *hold) expire() {
-	h.cancel(ErrTimeout)
-	h.free()
-}
+func (h *hold) expire() { h.free(ErrTimeout) }
 
 // expired reports whether the body was cut by its idle or stream timeout.
 func (h *hold) expired() bool { return context.Cause(h.Context) == ErrTimeout }
@@ -136,27 +133,30 @@ func (h *hold) release() {
 	if h.streamTimer != nil {
 		h.streamTimer.Stop()
 	}
-	h.free()
+	h.free(nil)
 }
 
 // settle gives back what the attempt did not keep.
 func (h *hold) settle() {
 	if !h.kept {
-		h.free()
+		h.free(nil)
 	}
 }
 
-// free gives the slot and the context back, once.
-func (h *hold) free() {
+// free gives the slot and the context back, once, the context ended with
+// cause. The slot first: whoever the context's end wakes (a body's
+// reader, a stream's RecvMsg, which then returns to its caller) finds the
+// slot back already, whichever goroutine freed it.
+func (h *hold) free(cause error) {
 	if !h.done.CompareAndSwap(false, true) {
 		return
-	}
-	h.cancel(nil)
-	if h.after != nil {
-		h.after()
 	}
 	if h.b != nil {
 		h.grel()
 		h.b.release()
+	}
+	h.cancel(cause)
+	if h.after != nil {
+		h.after()
 	}
 }
