@@ -64,6 +64,9 @@ func FuzzLoadConfig(f *testing.F) {
 	f.Add("RETRY_EXPONENTIAL_MAX", "0.25", "RETRY_EXPONENTIAL_BASE", "NaN", "BULKHEAD_DB_LIMIT", "-1")
 	f.Add("CIRCUIT_BREAKER__TIMEOUT", "1e400", "TIMEOUT_", "x", "BULKHEAD_DEFAULT_MAX_WAIT", "1h")
 	f.Add("RESILIENCE_ENABLED", "maybe", "RETRY_JITTER", "1", "CIRCUIT_BREAKER_DEFAULT_HALF_OPEN_MAX_CALLS", "99999999999")
+	f.Add("RESILIENCE_CHAOS", "true", "CHAOS_LLM_LATENCY_RATE", "0.5", "CHAOS_LLM_ERROR_RATE", "1.5")
+	f.Add("CHAOS_DEFAULT_LATENCY", "2s", "CHAOS__ERROR_RATE", "NaN", "CHAOS_X_LATENCY", "-1")
+	f.Add("BULKHEAD_LLM_ADAPTIVE", "gradient", "BULKHEAD_LLM_MIN_LIMIT", "0", "BULKHEAD_LLM_MAX_LIMIT", "1e9")
 	f.Fuzz(func(t *testing.T, k1, v1, k2, v2, k3, v3 string) {
 		env := map[string]string{k1: v1, k2: v2, k3: v3}
 		cfg, err := LoadConfigWith(LoadOptions{Environment: env})
