@@ -303,9 +303,18 @@ func (l *limiter) send() {
 		for _, r := range batch {
 			ids = append(ids, r.id)
 		}
-		ctx, cancel := context.WithTimeout(s.ctx, s.opts.OpTimeout)
+		// Not under OpTimeout: the callers stop waiting at OpTimeout on
+		// their own timer, and a script cut short by a deadline may still
+		// run in Redis, granting leases nobody would ever give back.
+		ctx, cancel := s.bg()
 		res, err := acquireScript.Run(ctx, s.client, []string{l.key, l.rkey}, ids...).Slice()
 		cancel()
+		if err != nil {
+			// It may have run all the same: give back whatever it granted.
+			for _, r := range batch {
+				s.release(l, r.id)
+			}
+		}
 		granted := 0
 		if err == nil {
 			s.markOK()
@@ -396,8 +405,15 @@ func (s *Store) leaseKeeper() {
 			cancel()
 		case <-s.beat:
 			s.renewLeases()
+			ctx, cancel := s.bg()
+			s.removeLeases(ctx, nil, false)
+			cancel()
 		case <-renew.C:
 			s.renewLeases()
+			// Releases kept while Redis was down, if it is back.
+			ctx, cancel := s.bg()
+			s.removeLeases(ctx, nil, false)
+			cancel()
 		}
 	}
 }
@@ -418,8 +434,16 @@ func drain(ch chan leaseRef, batch []leaseRef) []leaseRef {
 // removeLeases gives back a batch of leases in one pipeline; leaving, it
 // also removes this replica's heartbeats.
 func (s *Store) removeLeases(ctx context.Context, batch []leaseRef, leaving bool) {
-	if s.down.Load() || (len(batch) == 0 && !leaving) {
-		return // they expire after LeaseTTL
+	if s.down.Load() {
+		s.keepUnsent(batch) // sent once Redis is back; else they expire after LeaseTTL
+		return
+	}
+	s.unsentMu.Lock()
+	batch = append(batch, s.unsent...)
+	s.unsent = nil
+	s.unsentMu.Unlock()
+	if len(batch) == 0 && !leaving {
+		return
 	}
 	byKey := map[string][]any{}
 	for _, r := range batch {
@@ -447,7 +471,22 @@ func (s *Store) removeLeases(ctx context.Context, batch []leaseRef, leaving bool
 	})
 	if err != nil && s.ctx.Err() == nil {
 		s.markDown(err)
+		s.keepUnsent(batch)
 	}
+}
+
+// maxUnsent bounds the releases kept for Redis's return: past it, the
+// oldest are left to expire after LeaseTTL.
+const maxUnsent = 4096
+
+// keepUnsent keeps releases Redis did not take, for the next batch.
+func (s *Store) keepUnsent(batch []leaseRef) {
+	s.unsentMu.Lock()
+	s.unsent = append(s.unsent, batch...)
+	if n := len(s.unsent) - maxUnsent; n > 0 {
+		s.unsent = append(s.unsent[:0], s.unsent[n:]...)
+	}
+	s.unsentMu.Unlock()
 }
 
 // renewLeases renews, for each limiter, the leases of this replica's calls

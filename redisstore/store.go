@@ -147,6 +147,11 @@ type Store struct {
 	msgs     chan *message // changes published by other replicas
 	resync   chan struct{} // asks the worker to poll now
 	releases chan leaseRef // global slots to give back
+	// unsent holds the releases Redis did not take (down, or an error),
+	// sent again with the next that go out: a release dropped would hold
+	// its slot of the global cap until LeaseTTL, with nothing in flight.
+	unsentMu sync.Mutex
+	unsent   []leaseRef
 	beat     chan struct{} // asks the lease keeper to renew now: a limiter is new
 	leaseSeq atomic.Uint64 // makes lease ids unique
 
@@ -342,6 +347,12 @@ func (s *Store) markUp() {
 	if s.down.CompareAndSwap(true, false) {
 		s.opts.Logger.Info("resilience/redisstore: Redis reachable again; re-syncing",
 			slog.String("replica", s.id))
+		// Renew the leases of the calls in flight, and give back the
+		// releases kept while it was down, now.
+		select {
+		case s.beat <- struct{}{}:
+		default:
+		}
 	}
 }
 
