@@ -439,6 +439,16 @@ func (cb *CircuitBreaker) trip(d time.Duration) {
 	cb.tripping.Add(-1)
 }
 
+// MaxOpenPeriod returns the longest open period the breaker allows, which
+// bounds OpenFor and TripFor: MaxOpenTimeout if it is set (it caps a retry
+// hint's too), else 10 times OpenTimeout, a retry hint's cap. A BreakerSync bounds an open it
+// learns of by it too: the open's end comes from another process's clock.
+// It is safe for concurrent use.
+func (cb *CircuitBreaker) MaxOpenPeriod() time.Duration {
+	r := cb.rule.Load()
+	return max(r.maxOpen, r.hintCap)
+}
+
 // OpenFor opens the breaker, or keeps it open, until d from now: shorter
 // or longer than its own open period would be, up to the longest open
 // period its configuration allows. A BreakerSync uses it so that every
@@ -461,7 +471,7 @@ func (cb *CircuitBreaker) OpenFor(d time.Duration) (opened bool) {
 		return false
 	}
 	r := cb.rule.Load()
-	d = min(d, max(r.maxOpen, r.hintCap))
+	d = min(d, cb.MaxOpenPeriod())
 	cb.setMu.Lock()
 	// gobreaker fixes its open period per instance: a fresh one whose
 	// period is no longer than d, opened before it is published, ends the

@@ -447,3 +447,18 @@ func FuzzBreakerRulePeriod(f *testing.F) {
 		}
 	})
 }
+
+func TestMaxOpenPeriod(t *testing.T) {
+	for _, tc := range []struct {
+		cfg  CircuitBreakerConfig
+		want time.Duration
+	}{
+		{CircuitBreakerConfig{OpenTimeout: time.Second}, 10 * time.Second},                                   // a hint's cap
+		{CircuitBreakerConfig{OpenTimeout: time.Second, MaxOpenTimeout: 30 * time.Second}, 30 * time.Second}, // doubling's
+		{CircuitBreakerConfig{OpenTimeout: time.Second, MaxOpenTimeout: 4 * time.Second}, 4 * time.Second},   // which caps a hint too
+	} {
+		if got := mustBreaker(t, tc.cfg).MaxOpenPeriod(); got != tc.want {
+			t.Errorf("%+v: MaxOpenPeriod() = %v, want %v", tc.cfg, got, tc.want)
+		}
+	}
+}

@@ -53,6 +53,10 @@ const expectWindow = 250 * time.Millisecond
 // replica that leaves half-open releases the probe lock it holds in the
 // same step.
 //
+// A transition time later than Redis's now is taken as now: a replica's
+// clock ahead of Redis's must not push an open's end, and with it every
+// replica's half-open round, into the future.
+//
 // KEYS: state hash, probe lock. ARGV: state, open period ms (0: not
 // known), transition time ms ("" for Redis's clock), origin, epoch for a new
 // hash, channel, breaker key, hash ttl ms, "1" if the breaker left
@@ -65,7 +69,7 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local at = now
-if ARGV[3] ~= '' then at = tonumber(ARGV[3]) end
+if ARGV[3] ~= '' then at = math.min(tonumber(ARGV[3]), now) end
 local ends = 0
 if ARGV[1] == 'open' and tonumber(ARGV[2]) > 0 then ends = at + tonumber(ARGV[2]) end
 local cur = redis.call('HMGET', KEYS[1], 'state', 'until', 'at', 'epoch', 'gen', 'origin')
@@ -268,6 +272,7 @@ func (b *breaker) AllowProbe(ctx context.Context, name string) bool {
 		// its own clock before the fleet's open ended (it missed the
 		// message, or it is on its way). Hold the probes until then, and
 		// have the worker bring the breaker itself in line.
+		arg = b.capHold(arg)
 		for {
 			h := b.holdUntil.Load()
 			if h >= arg || b.holdUntil.CompareAndSwap(h, arg) {
@@ -391,10 +396,21 @@ func (s *Store) publish(b *breaker, to resilience.State, leftHalfOpen bool, at t
 	}
 }
 
+// capHold bounds a shared open's end, unix ms, by the longest open the
+// local breaker allows from now (MaxOpenTimeout, or 10x OpenTimeout for a
+// retry hint), as OpenFor bounds the breaker itself: the end comes from
+// another replica's clock, and one clock far ahead must not hold the
+// fleet open, with no probe, for as long as it is wrong.
+func (b *breaker) capHold(until int64) int64 {
+	longest := max(b.cb.MaxOpenPeriod(), 0)
+	return min(until, time.Now().Add(longest).UnixMilli())
+}
+
 // adoptOpen makes the shared open that lasts until the unix ms until the
 // local breaker's: it is open until then, whatever its own clock says, and
 // sends no probe before. The worker alone calls it.
 func (s *Store) adoptOpen(b *breaker, until int64) {
+	until = b.capHold(until)
 	b.holdUntil.Store(until)
 	b.heldAt = time.Now()
 	if b.cb.OpenFor(time.Until(time.UnixMilli(until))) {

@@ -364,3 +364,29 @@ func TestFleetDoublesTheOpenPeriod(t *testing.T) {
 		t.Fatalf("the fleet's open periods %v; want %v", periods, want)
 	}
 }
+
+// Regression: a shared open's end was trusted as it came, from another
+// replica's clock: one replica whose clock ran an hour ahead held the
+// whole fleet open, with no probe, for that hour. The end is bounded by
+// the longest open the local breaker allows.
+func TestSkewedSharedOpenIsBoundedByTheLongestOpen(t *testing.T) {
+	env := map[string]string{"CIRCUIT_BREAKER_X_FAIL_MAX": "1", "CIRCUIT_BREAKER_X_TIMEOUT": "100ms"}
+	opts := Options{KeyPrefix: prefix(t), SyncInterval: 200 * time.Millisecond}
+	sa := newStore(t, opts)
+	cbA := newRegistry(t, env, sa).CircuitBreaker("x")
+	sb := newStore(t, opts)
+	cbB := newRegistry(t, env, sb).CircuitBreaker("x")
+	ba := syncOf(t, sa, cbA)
+	cbA.ForceOpen() // A only publishes, as a replica whose clock is an hour ahead
+	sa.publish(ba, resilience.StateOpen, false, time.Now().Add(time.Hour), 100*time.Millisecond)
+	longest := cbB.MaxOpenPeriod() // 1s: ten OpenTimeouts, for a hint
+	waitFor(t, 5*time.Second, "B to hold the shared open", func() bool { return syncOf(t, sb, cbB).holdUntil.Load() != 0 })
+	if h := time.Until(time.UnixMilli(syncOf(t, sb, cbB).holdUntil.Load())); h > longest {
+		t.Fatalf("B holds its probes %v, want at most %v, the longest open it allows", h, longest)
+	}
+	calls := 0
+	waitFor(t, 5*time.Second, "B to probe again", func() bool {
+		resilience.WithCircuitBreaker(func(context.Context) (int, error) { calls++; return 0, nil }, cbB)(context.Background())
+		return calls > 0
+	})
+}
