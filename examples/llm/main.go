@@ -299,12 +299,15 @@ func paced(ctx context.Context, w io.Writer, client *Client) error {
 			}
 		})
 	}
-	// Half a permit's interval in: the burst is spent, its calls are
-	// done, and every caller waits for its next permit.
+	// Once the burst is spent, every other caller waits for a permit. The
+	// state is watched for, not slept for: a fixed sleep read it late on
+	// a loaded machine, after the next permit.
 	interval := time.Second / requestsPerSecond
-	time.Sleep(interval / 2)
 	st := requests.Stats()
-	fmt.Fprintf(w, "  after %v: %d requests sent, %d callers waiting for a request permit\n", interval/2, st.Granted, st.Waiting)
+	for deadline := time.Now().Add(interval / 2); (st.Granted < requestBurst || st.Waiting < len(pacedPrompts)-requestBurst) && time.Now().Before(deadline); st = requests.Stats() {
+		time.Sleep(time.Millisecond)
+	}
+	fmt.Fprintf(w, "  once the burst is spent: %d requests sent, %d callers waiting for a request permit\n", st.Granted, st.Waiting)
 	wg.Wait()
 
 	// In a fixed order, whatever order the callers ran in.

@@ -54,7 +54,7 @@ func TestRun(t *testing.T) {
 
 		// The second part: callers paced by requests and tokens.
 		`paced calls: 4 callers share limits of 5 requests per second (burst 2) and 600 tokens per second; a total timeout of 2s per call`,
-		`  after 100ms: 2 requests sent, 4 callers waiting for a request permit`,
+		`  once the burst is spent: 2 requests sent, 4 callers waiting for a request permit`,
 		`  caller 1, "What is a token bucket?": estimated 56 tokens, used 29 (27 given back)`,
 		`  caller 1, "Why pace requests instead of retrying 429s?": estimated 61 tokens, used 27 (34 given back)`,
 		`  caller 2, "What does a rate limit per minute mean?": estimated 60 tokens, used 27 (33 given back)`,
