@@ -299,12 +299,13 @@ func paced(ctx context.Context, w io.Writer, client *Client) error {
 			}
 		})
 	}
-	// Once the burst is spent, every other caller waits for a permit. The
-	// state is watched for, not slept for: a fixed sleep read it late on
-	// a loaded machine, after the next permit.
+	// Once the burst is spent and its calls are done, every caller waits
+	// for its next permit. The state is watched for, not slept for: a
+	// fixed sleep could read it before the burst's calls ended, or after
+	// the next permit.
 	interval := time.Second / requestsPerSecond
 	st := requests.Stats()
-	for deadline := time.Now().Add(interval / 2); (st.Granted < requestBurst || st.Waiting < len(pacedPrompts)-requestBurst) && time.Now().Before(deadline); st = requests.Stats() {
+	for deadline := time.Now().Add(interval / 2); (st.Granted < requestBurst || st.Waiting < len(pacedPrompts)) && time.Now().Before(deadline); st = requests.Stats() {
 		time.Sleep(time.Millisecond)
 	}
 	fmt.Fprintf(w, "  once the burst is spent: %d requests sent, %d callers waiting for a request permit\n", st.Granted, st.Waiting)
