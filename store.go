@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"sync"
+	"time"
 )
 
 // Store shares a registry's state with the other processes of a fleet:
@@ -140,3 +141,21 @@ type Limiter interface {
 }
 
 type limiterBox struct{ l Limiter }
+
+// ExpiringStore is a [Store] that keeps no name for ever: a registry tells
+// it how long a name may go unused before its policies are evicted
+// (RESILIENCE_IDLE_EVICT), when it starts using the store and on every
+// Reload, and which names it evicted. The redisstore module implements it,
+// so that Redis does not grow with every host or tenant a fleet has seen.
+type ExpiringStore interface {
+	Store
+	// SetIdle says how long a name may go unused before the registry
+	// evicts its policies: every key the store writes should expire some
+	// time after that, unless it is written again.
+	SetIdle(idle time.Duration)
+	// Evicted says the registry dropped the breaker and the bulkhead of
+	// name: the store drops what it holds for them, as for a breaker or
+	// a limiter that is never asked for again. It is called with the
+	// registry's lock held, and must not call back into the registry.
+	Evicted(name string)
+}
