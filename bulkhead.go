@@ -81,6 +81,7 @@ type Bulkhead struct {
 	global   atomic.Pointer[limiterBox]
 	adapt    atomic.Pointer[adaptive] // nil: a fixed limit
 	inUse    atomic.Int32             // active, for adaptive samples without the lock
+	retired  atomic.Bool              // its registry evicted it: no longer observed
 
 	mu        sync.Mutex // guards what follows, and maxQueue, maxWait and failFast
 	limit     int        // the calls admitted at once
@@ -141,6 +142,12 @@ func (cfg BulkheadConfig) validate() error {
 // NewBulkhead returns a bulkhead configured by cfg, or an error that names
 // the first invalid field and its value.
 func NewBulkhead(cfg BulkheadConfig) (*Bulkhead, error) {
+	return newBulkhead(cfg, true)
+}
+
+// newBulkhead builds a bulkhead, observed by the gauges unless it is a
+// keyed one, whose calls its service's metrics count.
+func newBulkhead(cfg BulkheadConfig, observed bool) (*Bulkhead, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
@@ -159,7 +166,9 @@ func NewBulkhead(cfg BulkheadConfig) (*Bulkhead, error) {
 	if cfg.Adaptive != nil {
 		b.adapt.Store(newAdaptive(*cfg.Adaptive, b.limit))
 	}
-	observeBulkhead(b)
+	if observed {
+		observeBulkhead(b)
+	}
 	return b, nil
 }
 

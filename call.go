@@ -68,6 +68,14 @@ type pipeline struct {
 	chaos *chaosCell
 
 	rejected []metric.AddOption // resilience.bulkhead.rejections attributes
+
+	// A registry's pipeline: its service's set, what eviction knows of
+	// its policies (the set's, or a key's), and its entry point.
+	set  *svcSet
+	use  *usage
+	kind pipeKind
+	// base is the service's pipeline a keyed one was made from.
+	base *pipeline
 }
 
 // on reports whether the pipeline's policies act: a disabled registry's

@@ -94,6 +94,11 @@ type CircuitBreakerConfig struct {
 	// every open period is the same.
 	MaxOpenTimeout time.Duration
 
+	// MaxKeys bounds the keys ([WithKey]) a registry keeps a breaker and
+	// a bulkhead for under this service (CIRCUIT_BREAKER_<SERVICE>_MAX_KEYS).
+	// 0 means 1000. A breaker built on its own ignores it.
+	MaxKeys int
+
 	// Shadow runs the breaker in shadow mode: it counts, changes state,
 	// logs and records metrics as usual, but never rejects a call, so that
 	// thresholds can be tried on a critical path without the risk of a
@@ -163,6 +168,7 @@ type CircuitBreaker struct {
 	mService            []metric.AddOption // the service attribute, built once
 	mFailures           optCache           // by error.type
 	counts              *serviceCounts     // successes and rejections, observed by the metrics
+	retired             atomic.Bool        // its registry evicted it: no longer observed
 
 	// cur is the gobreaker instance in use. Reset swaps in a fresh one;
 	// calls already admitted by the old one finish against it, and the old
@@ -236,6 +242,12 @@ var (
 // NewCircuitBreaker returns a circuit breaker configured by cfg, or an error
 // that names the first invalid field and its value.
 func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
+	return newCircuitBreaker(cfg, true)
+}
+
+// newCircuitBreaker builds a breaker, observed by the state gauge unless
+// it is a keyed breaker, which the service's open_keys gauge counts.
+func newCircuitBreaker(cfg CircuitBreakerConfig, observed bool) (*CircuitBreaker, error) {
 	rule, shape, err := cfg.resolve()
 	if err != nil {
 		return nil, err
@@ -255,7 +267,9 @@ func NewCircuitBreaker(cfg CircuitBreakerConfig) (*CircuitBreaker, error) {
 	}
 	cb.setShape(shape)
 	cb.cur.Store(cb.newGen())
-	observeBreaker(cb)
+	if observed {
+		observeBreaker(cb)
+	}
 	return cb, nil
 }
 

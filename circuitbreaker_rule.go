@@ -60,6 +60,8 @@ func (cfg CircuitBreakerConfig) resolve() (*breakerRule, breakerShape, error) {
 	switch {
 	case cfg.FailMax < 0:
 		err = invalid("CircuitBreakerConfig.FailMax", cfg.FailMax, "must not be negative")
+	case cfg.MaxKeys < 0:
+		err = invalid("CircuitBreakerConfig.MaxKeys", cfg.MaxKeys, "must not be negative")
 	case uint64(cfg.FailMax) > math.MaxUint32:
 		err = invalid("CircuitBreakerConfig.FailMax", cfg.FailMax, "must fit in 32 bits")
 	case cfg.OpenTimeout < 0:

@@ -74,6 +74,16 @@ type Config struct {
 	// services whose calls are safe to repeat, named one by one.
 	Hedges map[string]HedgingConfig
 
+	// MaxServices is RESILIENCE_MAX_SERVICES: the most policy sets (a
+	// service's breaker, bulkhead and pipelines) the registry holds. Past
+	// it, the least recently used idle set is evicted, and when none is,
+	// new names share the set named "other". 0 means 1000.
+	MaxServices int
+	// IdleEvict is RESILIENCE_IDLE_EVICT: how long a service or a key
+	// goes without a call before its policies may be evicted. 0 means
+	// 10 minutes.
+	IdleEvict time.Duration
+
 	// StoreURL is RESILIENCE_STORE_URL, or RESILIENCE_REDIS_URL: where the
 	// registry shares breaker state and global bulkhead slots with the other
 	// processes of its fleet, through the Store registered for the URL's
@@ -97,6 +107,8 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		Enabled:        true,
+		MaxServices:    defaultMaxServices,
+		IdleEvict:      defaultIdleEvict,
 		Retry:          RetryConfig{MaxAttempts: 3, Multiplier: 2, MaxDelay: 10 * time.Second},
 		DefaultTimeout: defaultTimeout,
 		Timeouts: map[string]time.Duration{
@@ -215,6 +227,7 @@ func (c Config) Validate() error {
 	if err := validateEach(c.Hedges); err != nil {
 		errs = append(errs, err)
 	}
+	errs = append(errs, c.validateBounds()...)
 	if err := c.DefaultBulkhead.validate(); err != nil {
 		errs = append(errs, err)
 	}
@@ -392,6 +405,7 @@ func LoadConfigWith(opts LoadOptions) (Config, error) {
 	l.loadRateLimits(&cfg)
 	l.loadHedges(&cfg)
 	l.loadChaos(&cfg)
+	l.loadBounds(&cfg)
 
 	if len(l.errs) > 0 {
 		return DefaultConfig(), errors.Join(l.errs...)

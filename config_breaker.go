@@ -19,13 +19,14 @@ type breakerVars struct {
 	SlowCallDuration  time.Duration `env:"SLOW_CALL_DURATION"`
 	SlowCallRatio     float64       `env:"SLOW_CALL_RATIO"`
 	MaxTimeout        time.Duration `env:"MAX_TIMEOUT"`
+	MaxKeys           int           `env:"MAX_KEYS"`
 	Mode              string        `env:"MODE"`
 }
 
 // breakerSuffixes are the variables read per breaker; a suffix that ends
 // another (_MAX_TIMEOUT, _TIMEOUT) comes first, so that it is matched first.
 var breakerSuffixes = []string{
-	"_FAIL_MAX", "_MAX_TIMEOUT", "_TIMEOUT", "_HALF_OPEN_MAX_CALLS", "_FAILURE_RATIO", "_MINIMUM_THROUGHPUT",
+	"_FAIL_MAX", "_MAX_KEYS", "_MAX_TIMEOUT", "_TIMEOUT", "_HALF_OPEN_MAX_CALLS", "_FAILURE_RATIO", "_MINIMUM_THROUGHPUT",
 	"_SAMPLING_WINDOW", "_SLOW_CALL_DURATION", "_SLOW_CALL_RATIO", "_MODE",
 }
 
@@ -43,7 +44,7 @@ func (l *loader) loadBreakers(cfg *Config) {
 			FailMax: base.FailMax, Timeout: base.OpenTimeout, HalfOpenMaxCalls: base.HalfOpenMaxCalls,
 			FailureRatio: base.FailureRatio, MinimumThroughput: base.MinimumThroughput, SamplingWindow: base.SamplingWindow,
 			SlowCallDuration: base.SlowCallDuration, SlowCallRatio: base.SlowCallRatio, MaxTimeout: base.MaxOpenTimeout,
-			Mode: breakerMode(base.Shadow),
+			MaxKeys: base.MaxKeys, Mode: breakerMode(base.Shadow),
 		}
 		p := breakerPrefix + key + "_"
 		l.parse(&v, p)
@@ -63,6 +64,7 @@ func (l *loader) loadBreakers(cfg *Config) {
 			// open periods do not grow.
 			v.MaxTimeout = 0
 		}
+		l.check(p+"MAX_KEYS", v.MaxKeys >= 0, "must not be negative (0 means 1000)")
 		mode := strings.ToLower(strings.TrimSpace(v.Mode))
 		l.check(p+"MODE", mode == "normal" || mode == "shadow", "must be normal or shadow")
 		// A FailMax nobody set gives way to a ratio: only the ratio opens
@@ -79,7 +81,7 @@ func (l *loader) loadBreakers(cfg *Config) {
 			FailMax: v.FailMax, OpenTimeout: v.Timeout, HalfOpenMaxCalls: v.HalfOpenMaxCalls,
 			FailureRatio: v.FailureRatio, MinimumThroughput: v.MinimumThroughput, SamplingWindow: v.SamplingWindow,
 			SlowCallDuration: v.SlowCallDuration, SlowCallRatio: v.SlowCallRatio, MaxOpenTimeout: v.MaxTimeout,
-			Shadow: mode == "shadow",
+			MaxKeys: v.MaxKeys, Shadow: mode == "shadow",
 		}
 		if key == reservedKey {
 			cfg.DefaultCircuitBreaker = bc

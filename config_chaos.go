@@ -139,14 +139,6 @@ func (r *Registry) StopChaos(service string) {
 	r.applyChaosLocked(EnvKey(service), s)
 }
 
-// chaosCell returns the cell through which a service's pipelines find
-// their fault injection.
-func (r *Registry) chaosCell(service string) *chaosCell {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return &r.chaosLocked(service).cell
-}
-
 // chaosLocked returns the registry's entry for a service's injection,
 // making it on first use. r.mu is held.
 func (r *Registry) chaosLocked(service string) *serviceChaos {

@@ -137,11 +137,9 @@ func (r *Registry) Hedge(service string) *Hedge {
 	return r.hedgeLocked(service).cell.Load()
 }
 
-// hedgeCell returns the cell through which a service's pipelines find its
-// hedge, which a Reload may add, change or remove.
-func (r *Registry) hedgeCell(service string) *atomic.Pointer[Hedge] {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+// hedgeCellLocked returns the cell through which a service's pipelines
+// find its hedge, which a Reload may add, change or remove. r.mu is held.
+func (r *Registry) hedgeCellLocked(service string) *atomic.Pointer[Hedge] {
 	return &r.hedgeLocked(service).cell
 }
 

@@ -18,6 +18,7 @@ import (
 // Compose, the With... wrappers and ForService all return an edge's call.
 type edge[T any] struct {
 	p      *pipeline
+	ref    *regRef // a registry's Func: finds its pipeline at each call
 	fn     Func[T]
 	fb     Fallback[T]
 	fbKind int
@@ -51,6 +52,20 @@ func newEdge[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback
 // successful result used, to settle the estimate the pipeline took, and
 // check, if not nil, turning a result it rejects into a failure.
 func newEdgeUsed[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback[T], fbKind int, used func(T) int, check ...func(T) error) Func[T] {
+	return buildEdge(p, name, operation, fn, fb, fbKind, used, check...).register()
+}
+
+// newRegistryEdge returns fn protected by a registry's pipeline of
+// service for an entry point: ForService's, ForServiceNoHedge's,
+// ForStream's.
+func newRegistryEdge[T any](r *Registry, service string, kind pipeKind, fn Func[T]) Func[T] {
+	g := &regRef{r: r, name: service, kind: kind}
+	e := buildEdge(g.refresh(), service, service, fn, nil, 0, nil)
+	e.ref = g
+	return e.register()
+}
+
+func buildEdge[T any](p *pipeline, name, operation string, fn Func[T], fb Fallback[T], fbKind int, used func(T) int, check ...func(T) error) *edge[T] {
 	inner := lookupEdge(fn)
 	if inner != nil {
 		inner.nested.Store(true)
@@ -65,6 +80,10 @@ func newEdgeUsed[T any](p *pipeline, name, operation string, fn Func[T], fb Fall
 	if len(check) > 0 {
 		e.check = check[0]
 	}
+	return e
+}
+
+func (e *edge[T]) register() Func[T] {
 	f := Func[T](e.call)
 	registerFunc(f, e.self, e)
 	return f
@@ -72,6 +91,9 @@ func newEdgeUsed[T any](p *pipeline, name, operation string, fn Func[T], fb Fall
 
 func (e *edge[T]) call(ctx context.Context) (T, error) {
 	p := e.p
+	if e.ref != nil {
+		p = e.ref.current(ctx)
+	}
 	wrapped := e.self.nested.Load() && ctx.Value(nestKey{}) == e.self
 	if !p.on() {
 		// Straight through, recording nothing: the Func this edge wraps
@@ -91,29 +113,29 @@ func (e *edge[T]) call(ctx context.Context) (T, error) {
 	}
 	if wrapped {
 		// Another edge wraps this one and records the call.
-		v, _, err := e.protect(ctx)
+		v, _, err := e.protect(ctx, p)
 		return v, err
 	}
 	s := p.site
 	rec := s.begin(ctx)
 	o := outcomeFailure // a panic or runtime.Goexit, in fn or the fallback: a failed call
 	defer func() { s.end(ctx, rec, o) }()
-	v, oc, err := e.protect(ctx)
+	v, oc, err := e.protect(ctx, p)
 	o = oc
 	return v, err
 }
 
 // protect runs the pipeline and the fallback, and reports the outcome.
-func (e *edge[T]) protect(ctx context.Context) (v T, o outcome, err error) {
-	if e.p.hedged && e.p.hedgeNow() != nil {
-		return e.protectHedged(ctx)
+func (e *edge[T]) protect(ctx context.Context, p *pipeline) (v T, o outcome, err error) {
+	if p.hedged && p.hedgeNow() != nil {
+		return e.protectHedged(ctx, p)
 	}
 	var attempt attemptFunc
 	switch {
-	case e.p.enforce || e.check != nil:
+	case p.enforce || e.check != nil:
 		attempt = func(actx context.Context) error {
 			var err error
-			v, err = e.try(actx)
+			v, err = e.try(actx, p)
 			return err
 		}
 	default:
@@ -123,17 +145,17 @@ func (e *edge[T]) protect(ctx context.Context) (v T, o outcome, err error) {
 			return err
 		}
 	}
-	err = e.p.run(ctx, attempt, nil)
-	return e.finish(ctx, v, err)
+	err = p.run(ctx, attempt, nil)
+	return e.finish(ctx, p, v, err)
 }
 
 // try runs fn once, in its own goroutine if the timeout is enforced, and
 // applies the result check.
-func (e *edge[T]) try(ctx context.Context) (T, error) {
+func (e *edge[T]) try(ctx context.Context, p *pipeline) (T, error) {
 	var v T
 	var err error
-	if e.p.enforce {
-		v, err = enforced(ctx, e.p, e.fn)
+	if p.enforce {
+		v, err = enforced(ctx, p, e.fn)
 	} else {
 		v, err = e.fn(ctx)
 	}
@@ -150,25 +172,26 @@ func (e *edge[T]) try(ctx context.Context) (T, error) {
 type hedgeCall[T any] struct {
 	race
 	e *edge[T]
+	p *pipeline
 	v T
 }
 
-func (e *edge[T]) protectHedged(ctx context.Context) (T, outcome, error) {
-	c := &hedgeCall[T]{e: e}
-	c.init(ctx, e.p, c)
-	err := e.p.run(c, c.attempt, nil)
+func (e *edge[T]) protectHedged(ctx context.Context, p *pipeline) (T, outcome, error) {
+	c := &hedgeCall[T]{e: e, p: p}
+	c.init(ctx, p, c)
+	err := p.run(c, c.attempt, nil)
 	// Every attempt has returned, and wrote c.v under the race's lock.
-	return e.finish(ctx, c.v, err)
+	return e.finish(ctx, p, c.v, err)
 }
 
 // attempt runs one attempt of a hedging call, the first on the caller's
 // goroutine or a hedge on its own, and keeps its result if the race says.
 func (c *hedgeCall[T]) attempt(ctx context.Context) error {
 	s := seatOf(ctx, &c.race)
-	if s != nil && !c.e.p.enforce {
+	if s != nil && !c.p.enforce {
 		s.sent(ctx) // inside its slot; enforced says so once it has one
 	}
-	v, err := c.e.try(ctx)
+	v, err := c.e.try(ctx, c.p)
 	if s == nil {
 		c.v = v
 		return err
@@ -192,10 +215,10 @@ func (c *hedgeCall[T]) dropKept() { drop(c.v) }
 
 // finish settles the tokens of a call that succeeded, or applies the
 // fallback to one that failed.
-func (e *edge[T]) finish(ctx context.Context, v T, err error) (T, outcome, error) {
+func (e *edge[T]) finish(ctx context.Context, p *pipeline, v T, err error) (T, outcome, error) {
 	if err == nil {
 		if e.used != nil {
-			e.p.settleTokens(ctx, e.used(v))
+			p.settleTokens(ctx, e.used(v))
 		}
 		return v, outcomeSuccess, nil
 	}
@@ -203,7 +226,7 @@ func (e *edge[T]) finish(ctx context.Context, v T, err error) (T, outcome, error
 	if e.fb != nil && o != outcomeCanceled {
 		// The caller's own cancellation is passed back, not replaced: a
 		// caller that gave up wants to know it did.
-		return applyFallback(ctx, e.p.site, e.fb, e.fbKind, err)
+		return applyFallback(ctx, p.site, e.fb, e.fbKind, err)
 	}
 	return v, o, err
 }

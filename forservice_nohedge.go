@@ -15,23 +15,5 @@ func ForServiceNoHedge[T any](r *Registry, service string, fn Func[T]) Func[T] {
 	if r == nil {
 		r = Default()
 	}
-	return newEdge(r.noHedgePipeline(service), service, service, fn, nil, 0)
-}
-
-// noHedgeKey names ForServiceNoHedge's pipeline of a service in
-// Registry.pipelines, beside the pipeKeys and streamKeys.
-type noHedgeKey struct{ service string }
-
-// noHedgePipeline returns ForService's pipeline of service without its
-// hedge. The policies it points to are the service's, shared with the
-// other entry points.
-func (r *Registry) noHedgePipeline(service string) *pipeline {
-	k := noHedgeKey{service}
-	if p, ok := r.pipelines.Load(k); ok {
-		return p.(*pipeline)
-	}
-	p := *r.pipeline(service, false)
-	p.hedge, p.hedgeCell, p.hedged = nil, nil, false
-	actual, _ := r.pipelines.LoadOrStore(k, &p)
-	return actual.(*pipeline)
+	return newRegistryEdge(r, service, kindNoHedge, fn)
 }

@@ -65,6 +65,8 @@ type instruments struct {
 	callDuration                                     metric.Float64Histogram
 	cbState, bhActive, bhQueue, bhLimit              metric.Int64ObservableGauge
 	shedRejections                                   metric.Int64Counter
+	regEvictions                                     metric.Int64Counter
+	cbOpenKeys                                       metric.Int64ObservableGauge
 	reg                                              metric.Registration
 }
 
@@ -176,8 +178,10 @@ func newInstruments(mp metric.MeterProvider) *instruments {
 	in.fbUsed = observedCounter("resilience.fallback.used", "Failed calls answered by a fallback.", "{call}")
 	in.fbCacheHits = observedCounter("resilience.fallback.cache_hits", "Failed calls answered from a fallback cache.", "{call}")
 	in.calls = observedCounter("resilience.calls", "Protected calls, by outcome.", "{call}")
+	in.regEvictions = counter("resilience.registry.evictions", "Idle policy sets a registry evicted to stay within its cap, by kind: service or key.", "{set}")
+	in.cbOpenKeys = gauge("resilience.circuit_breaker.open_keys", "Keyed circuit breakers of a service (WithKey) that are not closed.", "{key}")
 	in.callDuration = histogram("resilience.call.duration", "Duration of protected calls, retries and waits included.")
-	reg, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error { return observe(in, o) }, in.cbState, in.bhActive, in.bhQueue, in.bhLimit, in.cbSuccesses, in.cbRejections, in.cbSlowCalls, in.cbThreshold, in.rlGranted, in.rlRejected, in.rlWaiting, in.calls, in.fbUsed, in.fbCacheHits)
+	reg, err := m.RegisterCallback(func(ctx context.Context, o metric.Observer) error { return observe(in, o) }, in.cbState, in.bhActive, in.bhQueue, in.bhLimit, in.cbSuccesses, in.cbRejections, in.cbSlowCalls, in.cbThreshold, in.rlGranted, in.rlRejected, in.rlWaiting, in.calls, in.fbUsed, in.fbCacheHits, in.cbOpenKeys)
 	errs = append(errs, err)
 	in.reg = reg
 	// An SDK reports these to otel's error handler too and leaves a working
@@ -200,13 +204,18 @@ var observed struct {
 	bulkheads []weak.Pointer[Bulkhead]
 	limiters  []weak.Pointer[RateLimiter]
 	sites     []*site // one per name and operation: see newSite
+	keys      []weak.Pointer[keyTable]
 }
 
-// prune keeps the live entries of ws, calling f on each.
-func prune[T any](ws []weak.Pointer[T], f func(*T)) []weak.Pointer[T] {
+// prune keeps the live entries of ws, calling f on each: those neither
+// collected nor retired by a registry's eviction.
+func prune[T any, PT interface {
+	*T
+	gone() bool
+}](ws []weak.Pointer[T], f func(*T)) []weak.Pointer[T] {
 	live := ws[:0]
 	for _, w := range ws {
-		if v := w.Value(); v != nil {
+		if v := w.Value(); v != nil && !PT(v).gone() {
 			live = append(live, w)
 			f(v)
 		}
@@ -277,7 +286,12 @@ func observe(in *instruments, o metric.Observer) error {
 		o.ObserveInt64(in.bhQueue, int64(s.Waiting), attrs)
 		o.ObserveInt64(in.bhLimit, int64(b.Limit()), attrs)
 	})
+	sites := observed.sites[:0]
 	for _, s := range observed.sites {
+		if s.retired.Load() {
+			continue
+		}
+		sites = append(sites, s)
 		for oc := range numOutcomes {
 			if n := s.counts[oc].Load(); n > 0 {
 				calls[callKey{s.name, oc}] += n
@@ -288,21 +302,22 @@ func observe(in *instruments, o metric.Observer) error {
 		}
 		s.fbHits.each(func(et string, n int64) { hits[fbKey{s.name, et, ""}] += n })
 	}
+	clear(observed.sites[len(sites):])
+	observed.sites = sites
+	observeOpenKeys(in, o)
 	observed.mu.Unlock()
 
-	serviceCountsMap.Range(func(k, v any) bool {
-		c := v.(*serviceCounts)
-		attrs := metric.WithAttributeSet(attribute.NewSet(attrService.String(k.(string))))
+	eachServiceCounts(func(k string, c *serviceCounts) {
+		attrs := metric.WithAttributeSet(attribute.NewSet(attrService.String(k)))
 		o.ObserveInt64(in.cbSuccesses, c.successes.Load(), attrs)
 		o.ObserveInt64(in.cbRejections, c.rejections.Load(), attrs)
 		if n := c.shadowRejections.Load(); n > 0 {
 			o.ObserveInt64(in.cbRejections, n, metric.WithAttributeSet(attribute.NewSet(
-				attrService.String(k.(string)), attrMode.String("shadow"))))
+				attrService.String(k), attrMode.String("shadow"))))
 		}
 		if n := c.slowCalls.Load(); n > 0 {
 			o.ObserveInt64(in.cbSlowCalls, n, attrs)
 		}
-		return true
 	})
 	for k, n := range used {
 		o.ObserveInt64(in.fbUsed, n, metric.WithAttributeSet(attribute.NewSet(
@@ -316,26 +331,6 @@ func observe(in *instruments, o metric.Observer) error {
 		o.ObserveInt64(in.calls, n, metric.WithAttributeSet(attribute.NewSet(attrName.String(k.name), attrOutcome.String(outcomeNames[k.outcome]))))
 	}
 	return nil
-}
-
-// serviceCounts are the counts of the breakers of one service name. They
-// are kept per name, not per breaker, and live as long as the process, so
-// that the observed counters never fall when a breaker is dropped or rebuilt
-// (Prometheus would read a fall as a counter reset).
-type serviceCounts struct {
-	successes, rejections atomic.Int64
-	shadowRejections      atomic.Int64 // calls a shadow breaker would have rejected
-	slowCalls             atomic.Int64
-}
-
-var serviceCountsMap sync.Map // service name -> *serviceCounts
-
-func countsFor(name string) *serviceCounts {
-	if c, ok := serviceCountsMap.Load(name); ok {
-		return c.(*serviceCounts)
-	}
-	c, _ := serviceCountsMap.LoadOrStore(name, new(serviceCounts))
-	return c.(*serviceCounts)
 }
 
 // optCache keeps the option slices of attribute sets that vary per call,
@@ -415,6 +410,7 @@ func classify(ctx context.Context, err error) outcome {
 // wrapped, so that recording allocates nothing.
 type site struct {
 	name, operation string
+	retired         atomic.Bool               // its registry evicted it: no longer observed
 	counts          [numOutcomes]atomic.Int64 // resilience.calls, observed
 	durations       [numOutcomes][]metric.RecordOption
 	function        []metric.AddOption            // the function attribute alone
@@ -441,6 +437,29 @@ func newSite(name, operation string) *site {
 	if s, ok := sites.Load(key); ok {
 		return s.(*site)
 	}
+	s := makeSite(name, operation)
+	if actual, loaded := sites.LoadOrStore(key, s); loaded {
+		return actual.(*site)
+	}
+	observeSite(s)
+	return s
+}
+
+// newOwnSite returns a site of its own, not shared through sites: a
+// registry's, which the registry retires when it evicts the name.
+func newOwnSite(name, operation string) *site {
+	s := makeSite(name, operation)
+	observeSite(s)
+	return s
+}
+
+func observeSite(s *site) {
+	observed.mu.Lock()
+	observed.sites = append(observed.sites, s)
+	observed.mu.Unlock()
+}
+
+func makeSite(name, operation string) *site {
 	s := &site{name: name, operation: operation}
 	for o := range numOutcomes {
 		s.durations[o] = recSet(attrName.String(name), attrOutcome.String(outcomeNames[o]))
@@ -452,12 +471,6 @@ func newSite(name, operation string) *site {
 		faultLatency: addSet(attrFunction.String(name), attribute.String("fault", "latency")),
 	}
 	s.timeoutDuration = recSet(attrFunction.String(name), attrOperationType.String(operation))
-	if actual, loaded := sites.LoadOrStore(key, s); loaded {
-		return actual.(*site)
-	}
-	observed.mu.Lock()
-	observed.sites = append(observed.sites, s)
-	observed.mu.Unlock()
 	return s
 }
 

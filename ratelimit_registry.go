@@ -192,11 +192,10 @@ func (r *Registry) attachLimiterLocked(l *RateLimiter, key string, tokens bool) 
 	l.SetGlobal(rs.GlobalRateLimiter(limiterKey(key, tokens), global, per, burst))
 }
 
-// limitCell returns the cell through which a service's pipelines find its
-// request limiter, which a Reload may add, change or remove.
-func (r *Registry) limitCell(name string) *atomic.Pointer[RateLimiter] {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+// limitCellLocked returns the cell through which a service's pipelines
+// find its request limiter, which a Reload may add, change or remove. r.mu
+// is held.
+func (r *Registry) limitCellLocked(name string) *atomic.Pointer[RateLimiter] {
 	key := EnvKey(name)
 	if c, ok := r.limitCells[key]; ok {
 		return c.cell

@@ -18,16 +18,25 @@ type Registry struct {
 	// enabled is the registry's one on/off switch (RESILIENCE_ENABLED),
 	// read by every policy it builds and every entry point that uses it.
 	enabled   atomic.Bool
-	pipelines sync.Map // pipeKey -> *pipeline
+	pipelines sync.Map // pipeKey -> *pipeline, of the sets in sets
+	// evictions counts the sets evicted, so that a Func left on the
+	// overflow set looks for room again once some was made.
+	evictions atomic.Uint64
 
-	mu        sync.Mutex
-	cfg       Config
-	breakers  map[string]*CircuitBreaker
-	bulkheads map[string]*Bulkhead
-	timeouts  map[string]*atomic.Int64   // per operation key, for ForService
-	phases    map[phaseKey]*atomic.Int64 // total, idle and stream timeouts, likewise
-	pauses    map[string]*atomic.Int64   // per service: a provider's spent window, until
-	limiters  map[string]*RateLimiter    // by limiterKey
+	mu         sync.Mutex
+	cfg        Config
+	sets       map[string]*svcSet // by EnvKey: registry_cap.go
+	other      *svcSet            // the overflow set, once used
+	bound      bound[*svcSet]
+	warnedFull bool
+	aging      *time.Timer // sweeps the tables once one is half full
+	closed     bool
+	breakers   map[string]*CircuitBreaker
+	bulkheads  map[string]*Bulkhead
+	timeouts   map[string]*atomic.Int64   // per operation key, for ForService
+	phases     map[phaseKey]*atomic.Int64 // total, idle and stream timeouts, likewise
+	pauses     map[string]*atomic.Int64   // per service: a provider's spent window, until
+	limiters   map[string]*RateLimiter    // by limiterKey
 	// limitCells hold each service's request limiter for its pipelines.
 	limitCells map[string]limitCell
 	hedges     map[string]*serviceHedge // by EnvKey of the service
@@ -38,9 +47,14 @@ type Registry struct {
 }
 
 // Close stops the background work of a store the registry opened from its
-// StoreURL. It is safe to call more than once.
+// StoreURL, and the timer that ages its policy sets for eviction. It is
+// safe to call more than once.
 func (r *Registry) Close() error {
 	r.mu.Lock()
+	r.closed = true
+	if r.aging != nil {
+		r.aging.Stop()
+	}
 	s, owned := r.store, r.ownsStore
 	if owned {
 		r.store = nil
@@ -62,6 +76,7 @@ func NewRegistry(cfg Config) (*Registry, error) {
 	r := &Registry{
 		cfg:       cfg.Clone(),
 		breakers:  map[string]*CircuitBreaker{},
+		sets:      map[string]*svcSet{},
 		bulkheads: map[string]*Bulkhead{},
 		timeouts:  map[string]*atomic.Int64{},
 	}
@@ -75,6 +90,7 @@ func NewRegistry(cfg Config) (*Registry, error) {
 			return nil, err
 		}
 		r.store, r.ownsStore = s, true
+		r.tellStoreIdleLocked() // no other goroutine has r yet
 	}
 	return r, nil
 }
@@ -91,44 +107,24 @@ func (r *Registry) Enabled() bool { return r.enabled.Load() }
 
 // CircuitBreaker returns the breaker for a service, built on first use from
 // the service's configuration and shared from then on: names with the same
-// [EnvKey] ("payments-eu", "PAYMENTS_EU") share one breaker.
+// [EnvKey] ("payments-eu", "PAYMENTS_EU") share one breaker. A breaker
+// asked for by name is held by code, so its policy set is never evicted;
+// when the registry holds RESILIENCE_MAX_SERVICES sets and none is idle, a
+// new name gets the breaker of the set named "other".
 func (r *Registry) CircuitBreaker(name string) *CircuitBreaker {
-	key := EnvKey(name)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if cb, ok := r.breakers[key]; ok {
-		return cb
-	}
-	cb, err := NewCircuitBreaker(r.cfg.CircuitBreakerConfig(name))
-	if err != nil {
-		// Unreachable: NewRegistry and Reload validated the configuration.
-		// Were it not so, a breaker with the defaults beats a nil one.
-		cb, _ = NewCircuitBreaker(CircuitBreakerConfig{Name: name})
-	}
-	cb.sw = &r.enabled
-	r.attachBreakerLocked(cb)
-	r.breakers[key] = cb
-	return cb
+	return r.breakerLocked(r.setLocked(name, true))
 }
 
 // Bulkhead returns the bulkhead for a resource, built on first use from the
-// resource's configuration and shared from then on.
+// resource's configuration and shared from then on. Like a breaker asked
+// for by name, its set is never evicted, and past the cap a new name gets
+// the bulkhead of the set named "other".
 func (r *Registry) Bulkhead(name string) *Bulkhead {
-	key := EnvKey(name)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if b, ok := r.bulkheads[key]; ok {
-		return b
-	}
-	b, err := NewBulkhead(r.cfg.BulkheadConfig(name))
-	if err != nil {
-		// Unreachable, as for breakers.
-		b, _ = NewBulkhead(BulkheadConfig{Name: name})
-	}
-	b.sw = &r.enabled
-	r.attachBulkheadLocked(b)
-	r.bulkheads[key] = b
-	return b
+	return r.bulkheadLocked(r.setLocked(name, true))
 }
 
 // Retry returns the registry's retry policy.
@@ -143,9 +139,7 @@ func (r *Registry) Timeout(operation string) time.Duration {
 	return r.cfg.Timeout(operation)
 }
 
-func (r *Registry) timeoutCell(operation string) *atomic.Int64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+func (r *Registry) timeoutCellLocked(operation string) *atomic.Int64 {
 	return cellLocked(&r.timeouts, EnvKey(operation), func() int64 { return int64(r.cfg.Timeout(operation)) })
 }
 
@@ -164,11 +158,9 @@ func cellLocked[K comparable](m *map[K]*atomic.Int64, k K, first func() int64) *
 	return c
 }
 
-// pauseCell returns the cell of a service's pause, which Transport sets
-// from a 429 that says the provider's window is spent.
-func (r *Registry) pauseCell(service string) *atomic.Int64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+// pauseCellLocked returns the cell of a service's pause, which Transport
+// sets from a 429 that says the provider's window is spent. r.mu is held.
+func (r *Registry) pauseCellLocked(service string) *atomic.Int64 {
 	return cellLocked(&r.pauses, EnvKey(service), func() int64 { return 0 })
 }
 
@@ -196,12 +188,10 @@ type phaseKey struct {
 	phase phase
 }
 
-// phaseCell returns the cell of an operation's timeout of phase ph, 0 when
-// it has none, which a Reload updates.
-func (r *Registry) phaseCell(operation string, ph phase) *atomic.Int64 {
+// phaseCellLocked returns the cell of an operation's timeout of phase ph,
+// 0 when it has none, which a Reload updates. r.mu is held.
+func (r *Registry) phaseCellLocked(operation string, ph phase) *atomic.Int64 {
 	k := phaseKey{EnvKey(operation), ph}
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	return cellLocked(&r.phases, k, func() int64 { return int64(phaseTimeout(ph.of(r.cfg), k.op)) })
 }
 
@@ -248,9 +238,11 @@ func (r *Registry) Reload(cfg Config) error {
 	for k, c := range r.phases {
 		c.Store(int64(phaseTimeout(k.phase.of(cfg), k.op)))
 	}
+	breakers = append(breakers, r.reloadKeysLocked()...)
 	r.reloadLimitersLocked()
 	r.reloadHedgesLocked()
 	r.reloadChaosLocked()
+	r.tellStoreIdleLocked()
 	wasOn := r.enabled.Swap(cfg.Enabled)
 	if wasOn && !cfg.Enabled {
 		// Callers queued for a slot pass through too, as every later
@@ -258,6 +250,7 @@ func (r *Registry) Reload(cfg Config) error {
 		for _, b := range r.bulkheads {
 			b.bypassWaiters()
 		}
+		r.eachKeyLocked(func(_ *svcSet, e *keyEntry) { e.bh.bypassWaiters() })
 	}
 	r.mu.Unlock()
 	// Transitions the new settings caused are delivered outside the
@@ -340,39 +333,88 @@ func keepBreakerCode(cur, next CircuitBreakerConfig) CircuitBreakerConfig {
 	return next
 }
 
-// pipeKey names a registry pipeline: ForService's, or Transport's, whose
-// attempts hand their slot to the response body.
+// pipeKind is the entry point a registry pipeline serves.
+type pipeKind uint8
+
+const (
+	kindService pipeKind = iota // ForService
+	kindHandoff                 // Transport: attempts hand their slot to the response body
+	kindNoHedge                 // ForServiceNoHedge
+	kindStream                  // ForStream: Transport's, without the hedge
+	numKinds
+)
+
+// pipeKey names a registry pipeline: a service name's, for one entry point.
 type pipeKey struct {
 	service string
-	handoff bool
+	kind    pipeKind
 }
 
-// pipeline returns the registry's pipeline for service, built once: its
-// breaker, the retry policy, its timeout and its bulkhead, under the
-// registry's switch.
-func (r *Registry) pipeline(service string, handoff bool) *pipeline {
-	k := pipeKey{service, handoff}
-	if p, ok := r.pipelines.Load(k); ok {
-		return p.(*pipeline)
+// pipeline returns the registry's pipeline for service and an entry point,
+// built once per set: its breaker, the retry policy, its timeouts, limits,
+// hedge and bulkhead, under the registry's switch. A name with no set of
+// its own gets the overflow set's.
+func (r *Registry) pipeline(service string, kind pipeKind) *pipeline {
+	if v, ok := r.pipelines.Load(pipeKey{service, kind}); ok {
+		if p := v.(*pipeline); !p.use.evicted.Load() {
+			return p
+		}
 	}
-	p := &pipeline{
-		sw:       &r.enabled,
-		cb:       r.CircuitBreaker(service),
-		retry:    r.retry,
-		timeout:  r.timeoutCell(service),
-		total:    r.phaseCell(service, phaseTotal),
-		idle:     r.phaseCell(service, phaseIdle),
-		stream:   r.phaseCell(service, phaseStream),
-		bulkhead: r.Bulkhead(service),
-		handoff:  handoff,
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.pipelineLocked(service, kind)
+}
+
+// pipelineLocked is pipeline with r.mu held.
+func (r *Registry) pipelineLocked(service string, kind pipeKind) *pipeline {
+	s := r.setLocked(service, false)
+	if s.other {
+		service = overflowName
 	}
-	p.limitCell = r.limitCell(service)
-	p.hedgeCell, p.hedged = r.hedgeCell(service), true
-	p.pause = r.pauseCell(service)
-	p.chaos = r.chaosCell(service)
-	p.setSite(newSite(service, service))
-	actual, _ := r.pipelines.LoadOrStore(k, p)
-	return actual.(*pipeline)
+	return r.setPipelineLocked(s, service, kind)
+}
+
+// setPipelineLocked returns the pipeline of s for the name service and an
+// entry point, building it on first use. r.mu is held.
+func (r *Registry) setPipelineLocked(s *svcSet, service string, kind pipeKind) *pipeline {
+	k := pipeKey{service, kind}
+	if p := s.pipes[k]; p != nil {
+		return p
+	}
+	var p *pipeline
+	switch kind {
+	case kindNoHedge, kindStream:
+		base := kindService
+		if kind == kindStream {
+			base = kindHandoff
+		}
+		c := *r.setPipelineLocked(s, service, base)
+		c.hedge, c.hedgeCell, c.hedged = nil, nil, false
+		p = &c
+	default:
+		p = &pipeline{
+			sw:       &r.enabled,
+			cb:       r.breakerLocked(s),
+			retry:    r.retry,
+			timeout:  r.timeoutCellLocked(service),
+			total:    r.phaseCellLocked(service, phaseTotal),
+			idle:     r.phaseCellLocked(service, phaseIdle),
+			stream:   r.phaseCellLocked(service, phaseStream),
+			bulkhead: r.bulkheadLocked(s),
+			handoff:  kind == kindHandoff,
+		}
+		p.limitCell = r.limitCellLocked(service)
+		p.hedgeCell, p.hedged = r.hedgeCellLocked(service), true
+		p.pause = r.pauseCellLocked(service)
+		p.chaos = &r.chaosLocked(service).cell
+		p.setSite(newOwnSite(service, service))
+	}
+	p.set, p.use, p.kind = s, &s.usage, kind
+	s.pipes[k] = p
+	if !s.other {
+		r.pipelines.Store(k, p)
+	}
+	return p
 }
 
 // ForService returns fn protected by the registry's policies for service:
@@ -388,7 +430,7 @@ func ForService[T any](r *Registry, service string, fn Func[T]) Func[T] {
 	if r == nil {
 		r = Default()
 	}
-	return newEdge(r.pipeline(service, false), service, service, fn, nil, 0)
+	return newRegistryEdge(r, service, kindService, fn)
 }
 
 var defaultRegistry struct {

@@ -66,6 +66,7 @@ func (r *Registry) UseStore(s Store) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.store = s
+	r.tellStoreIdleLocked()
 	for _, cb := range r.breakers {
 		r.attachBreakerLocked(cb)
 	}
@@ -75,6 +76,14 @@ func (r *Registry) UseStore(s Store) {
 	for lk, l := range r.limiters {
 		kind, key, _ := strings.Cut(lk, ":")
 		r.attachLimiterLocked(l, key, kind == "tokens")
+	}
+}
+
+// tellStoreIdleLocked tells an expiring store the idle period after which
+// the registry evicts a name. r.mu is held.
+func (r *Registry) tellStoreIdleLocked() {
+	if es, ok := r.store.(ExpiringStore); ok {
+		es.SetIdle(r.cfg.idleEvict())
 	}
 }
 

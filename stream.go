@@ -35,26 +35,7 @@ func ForStream[T any](r *Registry, service string, fn Func[T]) Func[T] {
 	if r == nil {
 		r = Default()
 	}
-	return newEdge(r.streamPipeline(service), service, service, fn, nil, 0)
-}
-
-// streamKey names ForStream's pipeline of a service in Registry.pipelines,
-// beside the pipeKeys of ForService and Transport.
-type streamKey struct{ service string }
-
-// streamPipeline returns the registry's pipeline for ForStream: Transport's
-// (a handoff pipeline, whose attempts may keep their slot), without the
-// hedge. The policies it points to are the service's, shared with the
-// other entry points.
-func (r *Registry) streamPipeline(service string) *pipeline {
-	k := streamKey{service}
-	if p, ok := r.pipelines.Load(k); ok {
-		return p.(*pipeline)
-	}
-	p := *r.pipeline(service, true)
-	p.hedge, p.hedgeCell, p.hedged = nil, nil, false
-	actual, _ := r.pipelines.LoadOrStore(k, &p)
-	return actual.(*pipeline)
+	return newRegistryEdge(r, service, kindStream, fn)
 }
 
 // Kept is an attempt's bulkhead slot and context, kept past the attempt's

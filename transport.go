@@ -83,6 +83,12 @@ type Transport struct {
 	// request's host without its port.
 	Service func(*http.Request) string
 
+	// Key, if set, names a request's key within its service: a tenant, a
+	// model. The request then runs through the breaker and bulkhead of
+	// its (service, key), as [WithKey] on its context does; "" means the
+	// key of its context, if any. See WithKey for the bounds.
+	Key func(*http.Request) string
+
 	// Check, if set, inspects each response whose status is not a
 	// failure: a non-nil error makes it a failure that the retry, the
 	// hedge and the breaker see as they see a failing status (for
@@ -107,7 +113,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		reg = Default()
 	}
 	service := t.serviceOf(req)
-	p := reg.pipeline(service, true)
+	p := reg.current(service, kindHandoff, t.keyOf(req))
 	if !p.on() {
 		return base.RoundTrip(req)
 	}
@@ -145,6 +151,15 @@ func hedgeable(method string) bool {
 		return true
 	}
 	return false
+}
+
+func (t *Transport) keyOf(req *http.Request) string {
+	if t.Key != nil {
+		if k := t.Key(req); k != "" {
+			return k
+		}
+	}
+	return keyOf(req.Context())
 }
 
 func (t *Transport) serviceOf(req *http.Request) string {
