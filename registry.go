@@ -19,8 +19,9 @@ type Registry struct {
 	// read by every policy it builds and every entry point that uses it.
 	enabled   atomic.Bool
 	pipelines sync.Map // pipeKey -> *pipeline, of the sets in sets
-	// evictions counts the sets evicted, so that a Func left on the
-	// overflow set looks for room again once some was made.
+	// evictions counts the sets evicted, and the sweeps that found idle
+	// ones, so that a Func left on the overflow set looks for a set of
+	// its own again once there may be room.
 	evictions atomic.Uint64
 
 	mu         sync.Mutex

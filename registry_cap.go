@@ -356,6 +356,11 @@ func (r *Registry) ageLocked() {
 			return
 		}
 		r.sweepLocked()
+		if len(r.bound.cands) > 0 {
+			// Idle sets to evict: Funcs left on the overflow set look
+			// for a set of their own again.
+			r.evictions.Add(1)
+		}
 		r.aging.Reset(r.cfg.agingPeriod())
 	})
 }

@@ -1,0 +1,300 @@
+package resilience
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"strconv"
+	"strings"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
+)
+
+// boundedRegistry is a registry with the given cap and idle period,
+// breakers that open on one failure for an hour, and no retries.
+func boundedRegistry(t testing.TB, maxServices int, idle time.Duration, env map[string]string) *Registry {
+	t.Helper()
+	e := map[string]string{
+		"RESILIENCE_MAX_SERVICES":          strconv.Itoa(maxServices),
+		"RESILIENCE_IDLE_EVICT":            idle.String(),
+		"CIRCUIT_BREAKER_DEFAULT_FAIL_MAX": "1",
+		"CIRCUIT_BREAKER_DEFAULT_TIMEOUT":  "1h",
+		"RETRY_MAX_ATTEMPTS":               "1",
+	}
+	for k, v := range env {
+		e[k] = v
+	}
+	r := mustRegistry(t, e)
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// setOf returns the registry's own set for name, nil if it has none.
+func setOf(r *Registry, name string) *svcSet {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.sets[EnvKey(name)]
+}
+
+func call(r *Registry, name string, fn Func[int]) error {
+	_, err := ForService(r, name, fn)(context.Background())
+	return err
+}
+
+func TestCapSendsNewNamesToOther(t *testing.T) {
+	var buf bytes.Buffer
+	old := slog.Default()
+	slog.SetDefault(slog.New(slog.NewTextHandler(&buf, nil)))
+	t.Cleanup(func() { slog.SetDefault(old) })
+	reader := withReader(t)
+	r := boundedRegistry(t, 3, time.Hour, nil)
+	names := []string{uniqueName("cap"), uniqueName("cap"), uniqueName("cap"), uniqueName("cap"), uniqueName("cap")}
+	for _, n := range names {
+		if err := call(r, n, okFunc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := r.Services(); got != 3 {
+		t.Fatalf("Services() = %d; want the cap, 3", got)
+	}
+	for _, n := range names[3:] {
+		if setOf(r, n) != nil {
+			t.Errorf("%s has a set of its own past the cap", n)
+		}
+	}
+	calls := collect(t, reader)["resilience.calls"].Data.(metricdata.Sum[int64])
+	byName := map[string]int64{}
+	for _, dp := range calls.DataPoints {
+		v, _ := dp.Attributes.Value(attrName)
+		byName[v.AsString()] += dp.Value
+	}
+	if byName[overflowName] < 2 {
+		t.Errorf("resilience.calls{name=other} = %d; want the 2 calls past the cap", byName[overflowName])
+	}
+	for _, n := range names[3:] {
+		if byName[n] != 0 {
+			t.Errorf("resilience.calls has a series for %s, past the cap", n)
+		}
+	}
+	if n := strings.Count(buf.String(), "RESILIENCE_MAX_SERVICES"); n != 1 {
+		t.Errorf("%d warnings about the cap; want 1:\n%s", n, buf.String())
+	}
+}
+
+func TestEvictionNeverDropsOpenBreakers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := boundedRegistry(t, 3, time.Minute, nil)
+		open := []string{"open-a", "open-b", "open-c"}
+		for _, n := range open {
+			if err := call(r, n, failFunc); !errors.Is(err, errBoom) {
+				t.Fatalf("%s: %v", n, err)
+			}
+		}
+		time.Sleep(10 * time.Minute) // idle many times over, but open
+		for _, n := range []string{"new-d", "new-e"} {
+			if err := call(r, n, okFunc); err != nil {
+				t.Fatalf("%s: %v", n, err)
+			}
+			if setOf(r, n) != nil {
+				t.Errorf("%s got a set of its own: an open breaker was evicted", n)
+			}
+		}
+		if got := r.Services(); got != 3 {
+			t.Errorf("Services() = %d; want 3", got)
+		}
+		for _, n := range open {
+			called := false
+			err := call(r, n, func(context.Context) (int, error) { called = true; return 1, nil })
+			if !errors.Is(err, ErrCircuitOpen) || called {
+				t.Errorf("%s after the new names: err %v, called %v; want its open breaker to reject", n, err, called)
+			}
+		}
+	})
+}
+
+func TestEvictionNeverDropsBulkheadWithCallsInside(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := boundedRegistry(t, 2, time.Minute, nil)
+		release := make(chan struct{})
+		done := make(chan error)
+		go func() {
+			done <- call(r, "busy", func(context.Context) (int, error) { <-release; return 1, nil })
+		}()
+		synctest.Wait()
+		if err := call(r, "quiet", okFunc); err != nil {
+			t.Fatal(err)
+		}
+		busy := setOf(r, "busy")
+		time.Sleep(10 * time.Minute)
+		if err := call(r, "newcomer", okFunc); err != nil {
+			t.Fatal(err)
+		}
+		if setOf(r, "busy") != busy || busy.evicted.Load() {
+			t.Error("the set with a call inside its bulkhead was evicted")
+		}
+		if setOf(r, "quiet") != nil || setOf(r, "newcomer") == nil {
+			t.Error("the idle set was not evicted for the new name")
+		}
+		if s := busy.bh.Stats(); s.Active != 1 {
+			t.Errorf("busy bulkhead Active = %d; want 1", s.Active)
+		}
+		close(release)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if s := busy.bh.Stats(); s.Active != 0 {
+			t.Errorf("busy bulkhead Active = %d after the call; want 0: a slot leaked", s.Active)
+		}
+	})
+}
+
+func TestIdleSetsAreEvictedLeastRecentlyUsedFirst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		reader := withReader(t)
+		before := evictionCount(t, reader, "service")
+		r := boundedRegistry(t, 2, time.Minute, nil)
+		call(r, "first", okFunc)
+		time.Sleep(30 * time.Second)
+		call(r, "second", okFunc)
+		time.Sleep(2 * time.Minute) // both idle now; first for longer
+		call(r, "third", okFunc)
+		if setOf(r, "first") != nil || setOf(r, "second") == nil || setOf(r, "third") == nil {
+			t.Fatalf("after third: first %v, second %v, third %v; want first evicted",
+				setOf(r, "first") != nil, setOf(r, "second") != nil, setOf(r, "third") != nil)
+		}
+		call(r, "second", okFunc) // used again: not idle any more
+		call(r, "fourth", okFunc)
+		if setOf(r, "fourth") != nil {
+			t.Error("fourth got a set although no set was idle")
+		}
+		if setOf(r, "second") == nil || setOf(r, "third") == nil {
+			t.Error("a set in use was evicted")
+		}
+		if got := evictionCount(t, reader, "service") - before; got != 1 {
+			t.Errorf("resilience.registry.evictions{kind=service} grew by %d; want 1", got)
+		}
+	})
+}
+
+func evictionCount(t *testing.T, reader interface {
+	Collect(context.Context, *metricdata.ResourceMetrics) error
+}, kind string) int64 {
+	t.Helper()
+	var rm metricdata.ResourceMetrics
+	if err := reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			if m.Name != "resilience.registry.evictions" {
+				continue
+			}
+			var n int64
+			for _, dp := range m.Data.(metricdata.Sum[int64]).DataPoints {
+				if v, _ := dp.Attributes.Value("kind"); v.AsString() == kind {
+					n += dp.Value
+				}
+			}
+			return n
+		}
+	}
+	return 0
+}
+
+func TestForServiceFuncOutlivesTheEvictionOfItsSet(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := boundedRegistry(t, 2, time.Minute, nil)
+		calls := 0
+		f := ForService(r, "kept", func(context.Context) (int, error) { calls++; return 1, nil })
+		if _, err := f(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		old := setOf(r, "kept")
+		time.Sleep(30 * time.Second)
+		call(r, "other-1", okFunc)
+		time.Sleep(2 * time.Minute)
+		call(r, "other-2", okFunc) // evicts kept, the least recently used
+		if !old.evicted.Load() || setOf(r, "kept") != nil {
+			t.Fatal("kept was not evicted")
+		}
+		if _, err := f(context.Background()); err != nil || calls != 2 {
+			t.Fatalf("f after eviction: %v, %d calls", err, calls)
+		}
+		cur := setOf(r, "kept")
+		if cur == nil || cur == old {
+			t.Fatal("f did not find a set of its own again: other-1 was idle and could make room")
+		}
+		if c := cur.cb.Counts(); c.Requests != 1 {
+			t.Errorf("the new breaker counted %d requests; want f's call", c.Requests)
+		}
+		if !old.cb.gone() || !old.bh.gone() {
+			t.Error("the evicted breaker or bulkhead is still observed by the metrics")
+		}
+	})
+}
+
+func TestOverflowFuncFindsASetOnceThereIsRoom(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := boundedRegistry(t, 1, time.Minute, nil)
+		if err := call(r, "open", failFunc); !errors.Is(err, errBoom) {
+			t.Fatal(err)
+		}
+		f := ForService(r, "late", okFunc)
+		f(context.Background())
+		if setOf(r, "late") != nil {
+			t.Fatal("late has a set while the only one is open")
+		}
+		r.CircuitBreaker("open").Reset() // pins it: never evicted
+		r.Reload(r.Config())             // no change
+		time.Sleep(5 * time.Minute)
+		f(context.Background())
+		if setOf(r, "late") != nil {
+			t.Fatal("late evicted a pinned set")
+		}
+		r2 := boundedRegistry(t, 1, time.Minute, nil)
+		call(r2, "idle", okFunc)
+		g := ForService(r2, "late", okFunc)
+		if setOf(r2, "late") != nil {
+			t.Fatal("late has a set while idle was not idle yet")
+		}
+		time.Sleep(5 * time.Minute)
+		g(context.Background())
+		if setOf(r2, "late") == nil {
+			t.Error("a Func left on the overflow set kept it after the only set went idle")
+		}
+	})
+}
+
+func TestBoundsConfigErrors(t *testing.T) {
+	for env, want := range map[string]string{
+		"RESILIENCE_MAX_SERVICES=0":        `RESILIENCE_MAX_SERVICES="0": must be at least 1`,
+		"RESILIENCE_MAX_SERVICES=many":     `RESILIENCE_MAX_SERVICES="many"`,
+		"RESILIENCE_IDLE_EVICT=-1s":        `RESILIENCE_IDLE_EVICT="-1s": must be positive`,
+		"CIRCUIT_BREAKER_LLM_MAX_KEYS=-1":  `CIRCUIT_BREAKER_LLM_MAX_KEYS="-1": must not be negative`,
+		"CIRCUIT_BREAKER_LLM_MAX_KEYS=lot": `CIRCUIT_BREAKER_LLM_MAX_KEYS="lot"`,
+	} {
+		k, v, _ := strings.Cut(env, "=")
+		_, err := LoadConfigWith(LoadOptions{Environment: map[string]string{k: v}})
+		if err == nil || !strings.Contains(err.Error(), want) || !errors.Is(err, ErrInvalidConfig) {
+			t.Errorf("%s: %v; want an error containing %s", env, err, want)
+		}
+	}
+	cfg := DefaultConfig()
+	cfg.MaxServices, cfg.IdleEvict = -1, -time.Second
+	err := cfg.Validate()
+	for _, want := range []string{"Config.MaxServices", "Config.IdleEvict"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Validate() = %v; want it to name %s", err, want)
+		}
+	}
+	c, err := LoadConfigWith(LoadOptions{Environment: map[string]string{
+		"RESILIENCE_MAX_SERVICES": "50", "RESILIENCE_IDLE_EVICT": "90s", "CIRCUIT_BREAKER_LLM_MAX_KEYS": "20",
+	}})
+	if err != nil || c.MaxServices != 50 || c.IdleEvict != 90*time.Second || c.CircuitBreakers["LLM"].MaxKeys != 20 {
+		t.Errorf("LoadConfigWith = %v, %d, %v, %d", err, c.MaxServices, c.IdleEvict, c.CircuitBreakers["LLM"].MaxKeys)
+	}
+}
