@@ -29,10 +29,12 @@ import (
 // Every write is published on <prefix>breakers as
 // "epoch gen state until at origin KEY". The half-open probe lock is
 // <prefix>cb:{KEY}:probe, holding the id of the replica that probes.
-
-// stateTTL is how long a breaker's shared state outlives its last change,
-// so that breakers no longer in use leave nothing behind.
-const stateTTL = 24 * time.Hour
+//
+// The hash expires the idle period (SetIdle) after its last write, or when
+// the open it holds ends if that is later: a breaker no longer in use
+// leaves nothing behind, and a shared open is never lost before its end,
+// however short the idle period. A hash gone is a closed breaker to every
+// replica, as it is to one that never saw it.
 
 // expectWindow is how long a transition caused by applying a remote state
 // is waited for, so that it is not published back as a new one. It is
@@ -285,7 +287,7 @@ func (s *Store) publish(b *breaker, to resilience.State, leftHalfOpen bool, at t
 	defer cancel()
 	res, err := publishScript.Run(ctx, s.client, []string{b.hkey, b.pkey},
 		state, period.Milliseconds(), atArg, s.id, newEpoch(), s.channel, b.key,
-		stateTTL.Milliseconds(), left, s.opts.SyncInterval.Milliseconds()).Slice()
+		s.idleTTL().Milliseconds(), left, s.opts.SyncInterval.Milliseconds()).Slice()
 	if err != nil {
 		b.dirty.Store(true)
 		s.markDown(err)

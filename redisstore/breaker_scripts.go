@@ -22,9 +22,14 @@ import "github.com/redis/go-redis/v9"
 // clock ahead of Redis's must not push an open's end, and with it every
 // replica's half-open round, into the future.
 //
+// The hash it writes expires after the idle period, or when the open it
+// writes ends if that is later: an open must outlive a short idle period,
+// or a replica that asks for the probe after the hash expired would find
+// no open and probe before the fleet's end.
+//
 // KEYS: state hash, probe lock. ARGV: state, open period ms (0: not
 // known), transition time ms ("" for Redis's clock), origin, epoch for a new
-// hash, channel, breaker key, hash ttl ms, "1" if the breaker left
+// hash, channel, breaker key, idle period ms, "1" if the breaker left
 // half-open (a failed probe: a new open, to be written even over an open),
 // how much later an open must end to be written over one in force, ms.
 var publishScript = redis.NewScript(`
@@ -52,7 +57,7 @@ end
 local epoch = cur[4] or ARGV[5]
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 redis.call('HSET', KEYS[1], 'state', ARGV[1], 'until', ends, 'at', at, 'origin', ARGV[4], 'epoch', epoch)
-redis.call('PEXPIRE', KEYS[1], ARGV[8])
+redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[8]), ends - now))
 redis.call('PUBLISH', ARGV[6], epoch .. ' ' .. gen .. ' ' .. ARGV[1] .. ' ' .. ends .. ' ' .. at .. ' ' .. ARGV[4] .. ' ' .. ARGV[7])
 return {1, epoch, gen}
 `)

@@ -403,7 +403,7 @@ func TestLongerSharedOpenKeepsAnOpenReplicaOpen(t *testing.T) {
 	const longer = 1500 * time.Millisecond
 	res, err := publishScript.Run(context.Background(), newClient(t, true), []string{b.hkey, b.pkey},
 		"open", longer.Milliseconds(), "", "other-replica", newEpoch(), sb.channel, b.key,
-		stateTTL.Milliseconds(), "0", syncInterval.Milliseconds()).Slice()
+		defaultIdle.Milliseconds(), "0", syncInterval.Milliseconds()).Slice()
 	if err != nil || len(res) != 3 || res[0] != int64(1) {
 		t.Fatalf("the longer open over B's: %v, %v; want it written", res, err)
 	}

@@ -21,6 +21,20 @@ import (
 // cap, scored by when its heartbeat expires: the live replicas, whose
 // number sets each replica's fair share of the limit when a slot cannot be
 // confirmed.
+//
+// Each set expires when the last of its members does, which each script
+// sets again after it writes: a lease is never lost before its own expiry,
+// whatever LeaseTTL each replica has, and a resource no replica uses any
+// more leaves nothing behind once its last lease and heartbeat are over.
+
+// expireWithLast is the Lua function the lease scripts share: it makes a
+// sorted set scored by expiry, unix ms, expire with its last member.
+const expireWithLast = `
+local function expireWithLast(key, now)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if last[2] then redis.call('PEXPIRE', key, math.max(tonumber(last[2]) - now, 1)) end
+end
+`
 
 // acquireScript drops the expired leases, renews the replica's heartbeat,
 // then adds the leases asked for, in order, while fewer than the limit are
@@ -32,14 +46,14 @@ import (
 // the lease ids.
 var acquireScript = redis.NewScript(acquireSource)
 
-const acquireSource = `
+const acquireSource = expireWithLast + `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('PEXPIRE', KEYS[2], 2 * ttl)
+expireWithLast(KEYS[2], now)
 local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
 local n = 0
 for i = 4, #ARGV do
@@ -47,7 +61,7 @@ for i = 4, #ARGV do
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
   n = n + 1
 end
-if n > 0 then redis.call('PEXPIRE', KEYS[1], 2 * ttl) end
+if n > 0 then expireWithLast(KEYS[1], now) end
 return {n, redis.call('ZCARD', KEYS[2])}
 `
 
@@ -58,15 +72,15 @@ return {n, redis.call('ZCARD', KEYS[2])}
 //
 // KEYS: the set, the replicas. ARGV: lease ttl ms, replica id, then the
 // lease ids.
-var renewScript = redis.NewScript(`
+var renewScript = redis.NewScript(expireWithLast + `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local exp = now + tonumber(ARGV[1])
 for i = 3, #ARGV do redis.call('ZADD', KEYS[1], 'XX', exp, ARGV[i]) end
-redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
+if #ARGV > 2 then expireWithLast(KEYS[1], now) end
 redis.call('ZADD', KEYS[2], exp, ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[1]))
+expireWithLast(KEYS[2], now)
 return redis.call('ZCARD', KEYS[2])
 `)
 
@@ -76,6 +90,7 @@ const maxBatch = 256
 // limiter is a cluster-wide cap for one resource.
 type limiter struct {
 	s       *Store
+	envKey  string // of the resource: the limiter's key in Store.limiters
 	key     string // the leases
 	rkey    string // the replicas' heartbeats
 	limit   atomic.Int64
@@ -95,6 +110,10 @@ type limiter struct {
 	// slowAt is when a caller's wait last counted as a failed round trip
 	// (unix ns): one per OpTimeout, not one per waiting caller.
 	slowAt atomic.Int64
+	// evicted is set when the registry evicted the resource: a lease
+	// granted from then on puts the limiter in Store.draining, so that it
+	// is renewed until given back.
+	evicted atomic.Bool
 
 	mu      sync.Mutex
 	live    map[string]struct{} // the leases of this replica's calls in flight
@@ -136,6 +155,7 @@ func (s *Store) Limiter(resource string, limit int) resilience.Limiter {
 		k := s.opts.KeyPrefix + "bh:{" + key + "}"
 		l = &limiter{
 			s:       s,
+			envKey:  key,
 			key:     k,
 			rkey:    k + ":replicas",
 			errFull: &resilience.Error{Err: resilience.ErrBulkheadFull, Name: resource},
@@ -339,6 +359,14 @@ func (l *limiter) send() {
 				l.live[r.id] = struct{}{}
 				l.mu.Unlock()
 				l.inside.Add(1)
+				if l.evicted.Load() {
+					// Read after the lease is in live: Evicted, or a
+					// renewal that drops a drained limiter, either saw
+					// it there or is seen here.
+					s.mu.Lock()
+					s.draining[l] = struct{}{}
+					s.mu.Unlock()
+				}
 			}
 			if r.claim.CompareAndSwap(0, 1) {
 				r.done <- a
@@ -408,6 +436,10 @@ func (s *Store) leaseKeeper() {
 			ctx, cancel := s.bg()
 			s.removeLeases(ctx, nil, false)
 			cancel()
+		case <-s.flush:
+			ctx, cancel := s.bg()
+			s.removeLeases(ctx, nil, false)
+			cancel()
 		case <-renew.C:
 			s.renewLeases()
 			// Releases kept while Redis was down, if it is back.
@@ -431,8 +463,9 @@ func drain(ch chan leaseRef, batch []leaseRef) []leaseRef {
 	return batch
 }
 
-// removeLeases gives back a batch of leases in one pipeline; leaving, it
-// also removes this replica's heartbeats.
+// removeLeases gives back a batch of leases in one pipeline, with the
+// heartbeats of the limiters evicted since (unless the resource is in use
+// again); leaving, it also removes this replica's other heartbeats.
 func (s *Store) removeLeases(ctx context.Context, batch []leaseRef, leaving bool) {
 	if s.down.Load() {
 		s.keepUnsent(batch) // sent once Redis is back; else they expire after LeaseTTL
@@ -441,8 +474,10 @@ func (s *Store) removeLeases(ctx context.Context, batch []leaseRef, leaving bool
 	s.unsentMu.Lock()
 	batch = append(batch, s.unsent...)
 	s.unsent = nil
+	gone := s.gone
+	s.gone = nil
 	s.unsentMu.Unlock()
-	if len(batch) == 0 && !leaving {
+	if len(batch) == 0 && len(gone) == 0 && !leaving {
 		return
 	}
 	byKey := map[string][]any{}
@@ -450,13 +485,21 @@ func (s *Store) removeLeases(ctx context.Context, batch []leaseRef, leaving bool
 		byKey[r.l.key] = append(byKey[r.l.key], r.id)
 	}
 	var rkeys []string
+	s.mu.Lock()
+	for _, g := range gone {
+		if s.limiters[g.key] == nil && !s.drainingKey(g.rkey) {
+			rkeys = append(rkeys, g.rkey)
+		}
+	}
 	if leaving {
-		s.mu.Lock()
 		for _, l := range s.limiters {
 			rkeys = append(rkeys, l.rkey)
 		}
-		s.mu.Unlock()
+		for l := range s.draining {
+			rkeys = append(rkeys, l.rkey)
+		}
 	}
+	s.mu.Unlock()
 	if len(byKey) == 0 && len(rkeys) == 0 {
 		return
 	}
@@ -472,6 +515,7 @@ func (s *Store) removeLeases(ctx context.Context, batch []leaseRef, leaving bool
 	if err != nil && s.ctx.Err() == nil {
 		s.markDown(err)
 		s.keepUnsent(batch)
+		s.keepGone(gone)
 	}
 }
 
@@ -490,17 +534,32 @@ func (s *Store) keepUnsent(batch []leaseRef) {
 }
 
 // renewLeases renews, for each limiter, the leases of this replica's calls
-// in flight and its heartbeat, and learns how many replicas are alive.
+// in flight and its heartbeat, and learns how many replicas are alive. An
+// evicted limiter whose calls have all given their leases back is dropped
+// here, and its heartbeat queued for removal.
 func (s *Store) renewLeases() {
-	if !s.usable() {
-		return
-	}
 	s.mu.Lock()
-	ls := make([]*limiter, 0, len(s.limiters))
+	ls := make([]*limiter, 0, len(s.limiters)+len(s.draining))
 	for _, l := range s.limiters {
 		ls = append(ls, l)
 	}
+	var drained []goneRef
+	for l := range s.draining {
+		l.mu.Lock()
+		held := len(l.live) > 0
+		l.mu.Unlock()
+		if held {
+			ls = append(ls, l)
+			continue
+		}
+		delete(s.draining, l)
+		drained = append(drained, goneRef{l.envKey, l.rkey})
+	}
 	s.mu.Unlock()
+	s.keepGone(drained) // removed by the removeLeases that follows
+	if !s.usable() {
+		return
+	}
 	for _, l := range ls {
 		l.mu.Lock()
 		args := make([]any, 0, len(l.live)+2)

@@ -120,10 +120,20 @@ func (o Options) withDefaults() Options {
 }
 
 // Store shares breaker state, global bulkhead slots and fleet-wide rate
-// limits through Redis. It implements [resilience.Store] and
-// [resilience.RateStore]. It is safe for concurrent use by multiple
-// goroutines. Build it with [New], or let a registry open it from
-// RESILIENCE_REDIS_URL; the zero value is not usable.
+// limits through Redis. It implements [resilience.Store],
+// [resilience.RateStore] and [resilience.ExpiringStore]. It is safe for
+// concurrent use by multiple goroutines. Build it with [New], or let a
+// registry open it from RESILIENCE_REDIS_URL; the zero value is not usable.
+//
+// Every key it writes expires, and each write pushes the expiry back, so
+// that Redis holds only the names the fleet used lately, not every host or
+// tenant it ever saw: a breaker's state the idle period ([Store.SetIdle],
+// 10 minutes unless the registry says otherwise) after its last change, or
+// when its open ends if that is later; a probe lock after ProbeTTL; a
+// resource's leases and heartbeats when the last of them expires (LeaseTTL
+// after its last renewal); a rate limit when it is back to full. What it
+// holds in memory for a name goes when the registry evicts the name
+// ([Store.Evicted]). README.md lists the keys.
 type Store struct {
 	client    redis.UniversalClient
 	ownClient bool // opened from a URL: Close closes it
@@ -152,13 +162,24 @@ type Store struct {
 	// its slot of the global cap until LeaseTTL, with nothing in flight.
 	unsentMu sync.Mutex
 	unsent   []leaseRef
+	// gone holds the heartbeats of evicted limiters, for the lease keeper
+	// to remove, so that the other replicas' fair shares grow at once.
+	gone     []goneRef
 	beat     chan struct{} // asks the lease keeper to renew now: a limiter is new
+	flush    chan struct{} // asks the lease keeper to remove the heartbeats gone now
 	leaseSeq atomic.Uint64 // makes lease ids unique
+
+	// idle is how long a name may go unused before the registry evicts
+	// it (SetIdle): what the keys the store writes expire after.
+	idle atomic.Int64
 
 	mu       sync.Mutex
 	breakers map[*resilience.CircuitBreaker]*breaker
 	byKey    map[string][]*breaker // by EnvKey of the breaker's name
 	limiters map[string]*limiter   // by EnvKey of the resource
+	// draining holds the limiters evicted while their calls held leases:
+	// those are renewed until given back, and then the limiter is dropped.
+	draining map[*limiter]struct{}
 }
 
 var _ resilience.Store = (*Store)(nil)
@@ -188,10 +209,13 @@ func New(client redis.UniversalClient, opts Options) *Store {
 		resync:    make(chan struct{}, 1),
 		releases:  make(chan leaseRef, 1024),
 		beat:      make(chan struct{}, 1),
+		flush:     make(chan struct{}, 1),
 		breakers:  map[*resilience.CircuitBreaker]*breaker{},
 		byKey:     map[string][]*breaker{},
 		limiters:  map[string]*limiter{},
+		draining:  map[*limiter]struct{}{},
 	}
+	s.idle.Store(int64(defaultIdle))
 	// Subscribing with no channel does no I/O: the subscriber goroutine
 	// subscribes, so that New never waits for Redis.
 	s.ps = client.Subscribe(ctx)
