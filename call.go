@@ -90,6 +90,15 @@ func (p *pipeline) setSite(s *site) {
 	}
 }
 
+// leave counts a call entered by Registry.current or regRef.current out
+// of a registry pipeline's policies: its key's and its service's.
+func (p *pipeline) leave() {
+	p.use.leave()
+	if p.base != nil {
+		p.set.leave()
+	}
+}
+
 // fixedTimeout returns a timeout cell holding d.
 func fixedTimeout(d time.Duration) *atomic.Int64 {
 	c := new(atomic.Int64)

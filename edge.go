@@ -60,7 +60,9 @@ func newEdgeUsed[T any](p *pipeline, name, operation string, fn Func[T], fb Fall
 // ForStream's.
 func newRegistryEdge[T any](r *Registry, service string, kind pipeKind, fn Func[T]) Func[T] {
 	g := &regRef{r: r, name: service, kind: kind}
-	e := buildEdge(g.refresh(), service, service, fn, nil, 0, nil)
+	p := g.refresh()
+	p.leave() // found, not called yet
+	e := buildEdge(p, service, service, fn, nil, 0, nil)
 	e.ref = g
 	return e.register()
 }
@@ -90,10 +92,16 @@ func (e *edge[T]) register() Func[T] {
 }
 
 func (e *edge[T]) call(ctx context.Context) (T, error) {
-	p := e.p
 	if e.ref != nil {
-		p = e.ref.current(ctx)
+		p := e.ref.current(ctx)
+		defer p.leave()
+		return e.callOn(ctx, p)
 	}
+	return e.callOn(ctx, e.p)
+}
+
+// callOn runs a call through p.
+func (e *edge[T]) callOn(ctx context.Context, p *pipeline) (T, error) {
 	wrapped := e.self.nested.Load() && ctx.Value(nestKey{}) == e.self
 	if !p.on() {
 		// Straight through, recording nothing: the Func this edge wraps

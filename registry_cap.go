@@ -33,10 +33,13 @@ const (
 // reads the clock for this: reading it costs about 28 ns here, a tenth of
 // a call. Once a table is half full, a timer sweeps it every quarter of
 // the idle period, so that an entry idle since its last call for 1.25
-// idle periods at most is known to be.
+// idle periods at most is known to be. inflight counts the calls inside,
+// from the entry point to its return, waits for permits and between
+// attempts included, which hold no bulkhead slot.
 type usage struct {
 	used      atomic.Bool
 	evicted   atomic.Bool
+	inflight  atomic.Int64
 	clearedAt time.Duration // on the monotonic clock; guarded by the registry's lock
 	pinned    bool          // handed out by a getter, so held by code: never evicted; r.mu
 }
@@ -49,17 +52,29 @@ func (u *usage) touch() {
 	}
 }
 
-// tryEvict marks u evicted unless a call touched it meanwhile. A call
-// touches before it checks evicted, and tryEvict marks before it checks
-// used: one of the two sees the other (Go's atomics are sequentially
-// consistent), so a call either finds the policies evicted, and looks them
-// up again under the registry's lock, or keeps them from being evicted.
-// (A call that skipped its store because the bit was still set from before
-// the sweep would have to stall for a whole idle period between its touch
-// and its check to be missed.) r.mu is held.
+// enter counts a call in and reports whether the policies are still
+// live; a call that finds them evicted leaves and looks them up again.
+func (u *usage) enter() bool {
+	u.touch()
+	u.inflight.Add(1)
+	if u.evicted.Load() {
+		u.inflight.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (u *usage) leave() { u.inflight.Add(-1) }
+
+// tryEvict marks u evicted unless a call is inside or touched it
+// meanwhile. A call counts itself in before it checks evicted, and
+// tryEvict marks before it checks the count: one of the two sees the
+// other (Go's atomics are sequentially consistent), so a call either
+// finds the policies evicted, and looks them up again under the
+// registry's lock, or keeps them from being evicted. r.mu is held.
 func (u *usage) tryEvict() bool {
 	u.evicted.Store(true)
-	if u.used.Load() {
+	if u.used.Load() || u.inflight.Load() != 0 {
 		u.evicted.Store(false)
 		return false
 	}
@@ -98,7 +113,7 @@ func (b *bound[E]) room(n, limit int, idle time.Duration, all iter.Seq[E], evict
 			e := b.cands[0]
 			b.cands = b.cands[1:]
 			u := e.use()
-			if u.evicted.Load() || u.used.Load() || now-u.clearedAt < idle || e.busy() {
+			if u.evicted.Load() || u.used.Load() || u.inflight.Load() != 0 || now-u.clearedAt < idle || e.busy() {
 				continue
 			}
 			if evict(e) {
@@ -130,7 +145,7 @@ func (b *bound[E]) sweep(now, idle time.Duration, all iter.Seq[E]) {
 		case u.used.Load():
 			u.used.Store(false)
 			u.clearedAt = now
-		case now-u.clearedAt >= idle && !e.busy():
+		case now-u.clearedAt >= idle && u.inflight.Load() == 0 && !e.busy():
 			b.cands = append(b.cands, e)
 		}
 	}

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
+	"net/http"
 	"strconv"
 	"strings"
 	"testing"
@@ -296,5 +298,95 @@ func TestBoundsConfigErrors(t *testing.T) {
 	}})
 	if err != nil || c.MaxServices != 50 || c.IdleEvict != 90*time.Second || c.CircuitBreakers["LLM"].MaxKeys != 20 {
 		t.Errorf("LoadConfigWith = %v, %d, %v, %d", err, c.MaxServices, c.IdleEvict, c.CircuitBreakers["LLM"].MaxKeys)
+	}
+}
+
+func TestEvictionNeverDropsASetWaitingBetweenAttempts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		cfg, err := LoadConfigWith(LoadOptions{Environment: map[string]string{
+			"RESILIENCE_MAX_SERVICES": "1", "RESILIENCE_IDLE_EVICT": "1m", "RETRY_MAX_ATTEMPTS": "2",
+			"CIRCUIT_BREAKER_DEFAULT_FAIL_MAX": "5",
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Retry.Delay = func(int, error) (time.Duration, bool) { return 5 * time.Minute, true }
+		cfg.Retry.MaxDelay = 10 * time.Minute
+		r, err := NewRegistry(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		fail := true
+		done := make(chan error)
+		go func() {
+			done <- call(r, "patient", func(context.Context) (int, error) {
+				if fail {
+					fail = false
+					return 0, errBoom
+				}
+				return 1, nil
+			})
+		}()
+		synctest.Wait() // waiting between attempts, holding no slot
+		patient := setOf(r, "patient")
+		time.Sleep(3 * time.Minute)
+		call(r, "newcomer", okFunc)
+		if setOf(r, "patient") != patient || patient.evicted.Load() {
+			t.Error("the set of a call waiting between its attempts was evicted")
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// TestCallsLeaveNothingInside checks that no path leaves a call counted
+// inside a set or a key, which would keep it from eviction for ever.
+func TestCallsLeaveNothingInside(t *testing.T) {
+	r := boundedRegistry(t, 3, time.Hour, map[string]string{"HEDGE_HEDGED_DELAY": "0"})
+	ctx := context.Background()
+	kctx := WithKey(ctx, "tenant")
+	for _, c := range []context.Context{ctx, kctx} {
+		call(r, "ok", okFunc)
+		ForService(r, "ok", okFunc)(c)
+		ForService(r, "fails", failFunc)(c)
+		ForService(r, "fails", failFunc)(c) // rejected by the open breaker
+		ForServiceNoHedge(r, "ok", okFunc)(c)
+		ForService(r, "hedged", okFunc)(c)
+		ForService(r, "overflow-1", okFunc)(c)
+		func() {
+			defer func() { recover() }()
+			ForService(r, "ok", func(context.Context) (int, error) { panic("boom") })(c)
+		}()
+		tr := &Transport{Registry: r, Base: roundTripFunc(func(req *http.Request) (*http.Response, error) {
+			return &http.Response{StatusCode: http.StatusOK, Body: io.NopCloser(strings.NewReader("x")), Request: req}, nil
+		})}
+		req, _ := http.NewRequestWithContext(c, http.MethodGet, "http://ok/", nil)
+		if resp, err := tr.RoundTrip(req); err == nil {
+			resp.Body.Close()
+		}
+	}
+	cfg := r.Config()
+	cfg.Enabled = false
+	r.Reload(cfg)
+	ForService(r, "ok", okFunc)(kctx)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	sets := []*svcSet{r.other}
+	for _, s := range r.sets {
+		sets = append(sets, s)
+	}
+	for _, s := range sets {
+		if n := s.inflight.Load(); n != 0 {
+			t.Errorf("set %s: %d calls inside after every call returned", s.name, n)
+		}
+		if tb := s.keys.Load(); tb != nil {
+			for _, e := range tb.entries() {
+				if n := e.inflight.Load(); n != 0 {
+					t.Errorf("set %s key %s: %d calls inside", s.name, e.key, n)
+				}
+			}
+		}
 	}
 }

@@ -106,17 +106,19 @@ type keyEntry struct {
 func (e *keyEntry) use() *usage { return &e.usage }
 func (e *keyEntry) busy() bool  { return breakerBusy(e.cb) || bulkheadBusy(e.bh) }
 
-// keyed returns the pipeline of p's service for key, p being the
-// service's pipeline for the call's entry point.
+// keyed returns the pipeline of p's service for key, the call entered in
+// its key's policies as it is in its service's, p being the service's
+// pipeline for the call's entry point, which the call has entered: the
+// service's set cannot be evicted meanwhile.
 func (r *Registry) keyed(p *pipeline, key string) *pipeline {
 	if t := p.set.keys.Load(); t != nil {
 		if v, ok := t.m.Load(key); ok {
 			e := v.(*keyEntry)
-			e.touch()
-			if !e.evicted.Load() {
+			if e.enter() {
 				if kp := e.pipes[p.kind].Load(); kp != nil && kp.base == p {
 					return kp
 				}
+				e.leave()
 			}
 		}
 	}
@@ -126,10 +128,6 @@ func (r *Registry) keyed(p *pipeline, key string) *pipeline {
 func (r *Registry) keyedSlow(p *pipeline, key string) *pipeline {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if p.use.evicted.Load() {
-		// Evicted since the caller looked: only an own set can be.
-		p = r.pipelineLocked(p.site.name, p.kind)
-	}
 	s := p.set
 	t := s.keys.Load()
 	if t == nil {
@@ -155,7 +153,7 @@ func (r *Registry) keyedSlow(p *pipeline, key string) *pipeline {
 			t.other.Store(e)
 		}
 	}
-	e.touch()
+	e.enter() // true: eviction takes this lock
 	kp := e.pipes[p.kind].Load()
 	if kp == nil || kp.base != p {
 		c := *p
@@ -350,10 +348,14 @@ type regRef struct {
 	gen atomic.Uint64
 }
 
+// current returns the pipeline a call runs now, the call entered in its
+// policies: the caller calls its leave when the call returns.
 func (g *regRef) current(ctx context.Context) *pipeline {
 	p := g.p.Load()
-	p.use.touch()
-	if p.use.evicted.Load() || p.set.other && g.r.evictions.Load() != g.gen.Load() {
+	if !p.use.enter() {
+		p = g.refresh()
+	} else if p.set.other && g.r.evictions.Load() != g.gen.Load() {
+		p.use.leave()
 		p = g.refresh()
 	}
 	if k := keyOf(ctx); k != "" {
@@ -362,7 +364,7 @@ func (g *regRef) current(ctx context.Context) *pipeline {
 	return p
 }
 
-// refresh finds the pipeline of g's service anew.
+// refresh finds the pipeline of g's service anew, and enters it.
 func (g *regRef) refresh() *pipeline {
 	gen := g.r.evictions.Load()
 	p := g.r.current(g.name, g.kind, "")
@@ -372,13 +374,13 @@ func (g *regRef) refresh() *pipeline {
 }
 
 // current returns the pipeline a call of service through an entry point
-// runs now, marked used: the service's, or its key's.
+// runs now, the service's or its key's, the call entered in its policies:
+// the caller calls its leave when the call returns.
 func (r *Registry) current(service string, kind pipeKind, key string) *pipeline {
 	for {
 		p := r.pipeline(service, kind)
-		p.use.touch()
-		if p.use.evicted.Load() {
-			continue // evicted between the lookup and the touch
+		if !p.use.enter() {
+			continue // evicted between the lookup and the entry
 		}
 		if key != "" {
 			return r.keyed(p, key)

@@ -114,6 +114,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	service := t.serviceOf(req)
 	p := reg.current(service, kindHandoff, t.keyOf(req))
+	defer p.leave()
 	if !p.on() {
 		return base.RoundTrip(req)
 	}
