@@ -18,7 +18,7 @@ import (
 // Compose, the With... wrappers and ForService all return an edge's call.
 type edge[T any] struct {
 	p      *pipeline
-	ref    *regRef // a registry's Func: finds its pipeline at each call
+	ref    regRef // a registry's Func (ref.r set): finds its pipeline at each call
 	fn     Func[T]
 	fb     Fallback[T]
 	fbKind int
@@ -59,11 +59,11 @@ func newEdgeUsed[T any](p *pipeline, name, operation string, fn Func[T], fb Fall
 // service for an entry point: ForService's, ForServiceNoHedge's,
 // ForStream's.
 func newRegistryEdge[T any](r *Registry, service string, kind pipeKind, fn Func[T]) Func[T] {
-	g := &regRef{r: r, name: service, kind: kind}
-	p := g.refresh()
-	p.leave() // found, not called yet
-	e := buildEdge(p, service, service, fn, nil, 0, nil)
-	e.ref = g
+	e := buildEdge(r.pipeline(service, kind), service, service, fn, nil, 0, nil)
+	// In the edge, not beside it: wrapping per request allocates no more
+	// than before the cap.
+	e.ref.r, e.ref.name, e.ref.kind = r, service, kind
+	e.ref.refresh().leave() // found, not called yet
 	return e.register()
 }
 
@@ -92,7 +92,7 @@ func (e *edge[T]) register() Func[T] {
 }
 
 func (e *edge[T]) call(ctx context.Context) (T, error) {
-	if e.ref != nil {
+	if e.ref.r != nil {
 		p := e.ref.current(ctx)
 		defer p.leave()
 		return e.callOn(ctx, p)
