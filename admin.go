@@ -167,6 +167,15 @@ func (r *Registry) lookupBreaker(name string) *CircuitBreaker {
 //	POST /breakers/{name}/reset    back to closed, counts zeroed, any forced state cleared
 //	POST /breakers/{name}/open     forced open until reset
 //	POST /breakers/{name}/close    forced closed until reset
+//	GET  /breakers/{name}/keys     the keys of the service (WithKey) whose breakers are
+//	                               not closed, sorted, a page at a time:
+//	                               {"service", "open_keys": [KeyStatus...], "next"};
+//	                               ?limit=N (1 to 1000, default 100) and ?after=K, the
+//	                               page's "next", empty after the last page
+//	POST /breakers/{name}/keys/reset?key=K
+//	                               the key's breaker back to closed (Registry.ResetKey);
+//	                               404 for a key without one. Keys go URL-encoded in the
+//	                               query string: they may hold any character
 //	GET  /chaos                    every service's fault injection
 //	POST /chaos/{service}/on       start injecting faults (Registry.StartChaos), as an
 //	                               optional JSON body says: {"error_rate": 1,
@@ -174,8 +183,9 @@ func (r *Registry) lookupBreaker(name string) *CircuitBreaker {
 //	                               RESILIENCE_CHAOS=true
 //	POST /chaos/{service}/off      stop injecting faults (Registry.StopChaos)
 //
-// Errors are JSON too, {"error": "..."}, with 404 for an unknown breaker
-// or path and 405 (and an Allow header) for a wrong method.
+// Errors are JSON too, {"error": "..."}, with 404 for an unknown breaker,
+// key or path, 400 for a bad query parameter, and 405 (and an Allow
+// header) for a wrong method.
 //
 // AdminHandler is [NewAdminHandler] with r, the token of the
 // RESILIENCE_ADMIN_TOKEN environment variable (empty or unset: no token),
@@ -239,6 +249,8 @@ func (a *admin) serve(w http.ResponseWriter, req *http.Request) {
 		if allow(w, req, http.MethodGet) {
 			writeJSON(w, http.StatusOK, r.Status().Bulkheads)
 		}
+	case parts[0] == "breakers" && len(parts) >= 3 && parts[2] == "keys":
+		a.serveKeys(w, req, r, parts[1], parts[3:])
 	case parts[0] == "breakers" && (len(parts) == 2 || len(parts) == 3):
 		cb := r.lookupBreaker(parts[1])
 		if cb == nil {
