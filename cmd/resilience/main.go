@@ -4,10 +4,11 @@
 //
 //	resilience [-addr http://127.0.0.1:9090] [-json] [-timeout 5s] <command>
 //
-// The commands are breakers, bulkheads, reset NAME, open NAME and close
-// NAME. The address comes from -addr, else from the RESILIENCE_ADMIN_ADDR
-// environment variable, else http://127.0.0.1:9090. Output is a table, or the
-// endpoint's own JSON with -json.
+// The commands are breakers, bulkheads, reset NAME, open NAME, close NAME,
+// keys SERVICE and reset-key SERVICE KEY. The address comes from -addr,
+// else from the RESILIENCE_ADMIN_ADDR environment variable, else
+// http://127.0.0.1:9090. Output is a table, or the endpoint's own JSON with
+// -json.
 //
 // The breakers table has a row per breaker: its NAME, STATE, whether an
 // operator FORCED it, SINCE when, and the counts since its last transition
@@ -19,6 +20,16 @@
 // ("30%/50%": 30% now, opening at 50%), or just now without a ratio
 // trigger; the open period reads now/longest ("16s/1m0s") when it doubles
 // after failed probes. "-" means not applicable.
+//
+// The keys table has a row per key of a service (resilience.WithKey)
+// whose breaker is not closed, sorted: the KEY, its STATE, SINCE when, its
+// MODE, OPEN_PERIOD and PROBE_IN, as for breakers. A key that is not one
+// word (it has a space, say) is printed as a Go string literal, its
+// spaces as \x20, so that every cell stays one word. The table is one
+// page, of at most -limit keys (the endpoint's default is 100); when more
+// follow, a line on stderr gives the command for the next page, with
+// -after. Keys are per process, as breakers are: a replica's open keys are
+// its own.
 //
 // With the RESILIENCE_ADMIN_TOKEN environment variable set, every request
 // carries it as "Authorization: Bearer <token>", for an endpoint that
@@ -50,6 +61,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/resilience-go/resilience"
 )
@@ -86,11 +98,20 @@ Commands:
   open NAME    force breaker NAME open, rejecting every call, until reset
   close NAME   force breaker NAME closed, letting every call through
                uncounted, until reset
+  keys SERVICE [-after KEY] [-limit N]
+               list the keys of SERVICE (resilience.WithKey) whose breakers
+               are not closed, sorted, a page of at most N (1 to 1000,
+               default 100) after KEY
+  reset-key SERVICE KEY
+               return the breaker of SERVICE's key KEY to closed; put --
+               before a KEY that starts with a dash
 
 Flags:
   -addr URL          the admin endpoint (default $RESILIENCE_ADMIN_ADDR,
                      else http://127.0.0.1:9090)
   -json              print the endpoint's JSON instead of a table
+  -after KEY         keys: start after this key, the last of the page before
+  -limit N           keys: at most N keys (1 to 1000)
   -timeout DURATION  give up on the endpoint after this long (default 5s)
 
 Environment:
@@ -114,6 +135,8 @@ func run(args []string, env func(string) string, stdout, stderr io.Writer) int {
 	addr := fs.String("addr", "", "")
 	asJSON := fs.Bool("json", false, "")
 	timeout := fs.Duration("timeout", 5*time.Second, "")
+	after := fs.String("after", "", "")
+	limit := fs.Int("limit", 0, "")
 
 	// Flags may come before or after the command: `resilience breakers
 	// -json` is as good as `resilience -json breakers`.
@@ -139,6 +162,18 @@ func run(args []string, env func(string) string, stdout, stderr io.Writer) int {
 	if len(words) == 0 {
 		return usageError(stderr, "no command")
 	}
+	paged := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == "after" || f.Name == "limit" {
+			paged[f.Name] = true
+		}
+	})
+	if len(paged) > 0 && words[0] != "keys" {
+		return usageError(stderr, "-after and -limit go with keys only")
+	}
+	if paged["limit"] && *limit < 1 {
+		return usageError(stderr, "-limit must be at least 1, not "+strconv.Itoa(*limit))
+	}
 
 	var (
 		method, path string
@@ -162,6 +197,33 @@ func run(args []string, env func(string) string, stdout, stderr io.Writer) int {
 		}
 		method, path = http.MethodPost, "/breakers/"+url.PathEscape(operands[0])+"/"+cmd
 		print = printBreaker
+	case "keys":
+		if len(operands) != 1 || operands[0] == "" {
+			return usageError(stderr, "keys takes one service name")
+		}
+		q := url.Values{}
+		if *after != "" {
+			q.Set("after", *after)
+		}
+		if paged["limit"] {
+			q.Set("limit", strconv.Itoa(*limit))
+		}
+		method, path = http.MethodGet, "/breakers/"+url.PathEscape(operands[0])+"/keys"
+		if len(q) > 0 {
+			path += "?" + q.Encode()
+		}
+		next := "resilience keys " + shellQuote(operands[0])
+		if paged["limit"] {
+			next += " -limit " + strconv.Itoa(*limit)
+		}
+		print = func(w io.Writer, body []byte) error { return printKeys(w, stderr, next, body) }
+	case "reset-key":
+		if len(operands) != 2 || operands[0] == "" || operands[1] == "" {
+			return usageError(stderr, "reset-key takes a service name and a key")
+		}
+		method = http.MethodPost
+		path = "/breakers/" + url.PathEscape(operands[0]) + "/keys/reset?key=" + url.QueryEscape(operands[1])
+		print = printKey
 	default:
 		return usageError(stderr, "unknown command "+strconv.Quote(cmd))
 	}
@@ -381,4 +443,70 @@ func decode(body []byte, v any) error {
 		return fmt.Errorf("not the admin endpoint's JSON: %v", err)
 	}
 	return nil
+}
+
+// keysPage is the answer of GET /breakers/{name}/keys.
+type keysPage struct {
+	Service  string                 `json:"service"`
+	OpenKeys []resilience.KeyStatus `json:"open_keys"`
+	Next     string                 `json:"next"`
+}
+
+// printKeys prints a page of open keys, and, when another page follows,
+// the command that prints it to stderr, so that stdout stays the table:
+// next is that command without its -after.
+func printKeys(w, stderr io.Writer, next string, body []byte) error {
+	var page keysPage
+	if err := decode(body, &page); err != nil {
+		return err
+	}
+	if err := keyTable(w, page.OpenKeys); err != nil {
+		return err
+	}
+	if page.Next != "" {
+		fmt.Fprintf(stderr, "resilience: more open keys follow: %s -after %s\n", next, shellQuote(page.Next))
+	}
+	return nil
+}
+
+func printKey(w io.Writer, body []byte) error {
+	var k resilience.KeyStatus
+	if err := decode(body, &k); err != nil {
+		return err
+	}
+	return keyTable(w, []resilience.KeyStatus{k})
+}
+
+// keyTable prints keys as a table, with the columns of breakerTable that
+// tell a key's breaker from another's.
+func keyTable(w io.Writer, keys []resilience.KeyStatus) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "KEY\tSTATE\tSINCE\tMODE\tOPEN_PERIOD\tPROBE_IN")
+	for _, k := range keys {
+		openPeriod := orDash(k.OpenPeriod)
+		if k.OpenPeriod != "" && k.Thresholds.MaxOpenTimeout != "" {
+			openPeriod += "/" + k.Thresholds.MaxOpenTimeout
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", keyCell(k.Key), k.State, k.Since.UTC().Format(time.RFC3339),
+			orDash(k.Mode), openPeriod, orDash(k.RetryAfter))
+	}
+	return tw.Flush()
+}
+
+// keyCell prints a key as one word: as it is, or, when it has a space, a
+// character that does not print, or a leading quote, or is empty, as a Go
+// string literal (strconv.Unquote reads it back) with its spaces as \x20.
+func keyCell(k string) string {
+	if k == "" || strings.HasPrefix(k, `"`) || strings.ContainsFunc(k, func(r rune) bool { return unicode.IsSpace(r) || !unicode.IsPrint(r) }) {
+		return strings.ReplaceAll(strconv.Quote(k), " ", `\x20`)
+	}
+	return k
+}
+
+// shellQuote quotes s for a POSIX shell, unless it needs none.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@+=,") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
