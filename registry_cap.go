@@ -25,6 +25,7 @@ const (
 	// overflowName names the set that names and keys without one of their
 	// own share, in metrics too.
 	overflowName = "other"
+	overflowKey  = "OTHER" // EnvKey(overflowName)
 )
 
 // usage is what eviction knows of a service's or a key's policies. Calls
@@ -214,6 +215,11 @@ func (c *Config) idleEvict() time.Duration {
 // held.
 func (r *Registry) setLocked(service string, pin bool) *svcSet {
 	key := EnvKey(service)
+	if key == overflowKey {
+		// A service named other is the overflow set: one breaker, one
+		// series, whichever way a call came to it.
+		return r.overflowLocked()
+	}
 	s := r.sets[key]
 	if s == nil {
 		if !r.bound.room(len(r.sets), r.cfg.maxServices(), r.cfg.idleEvict(), r.allSetsLocked, r.evictSetLocked) {
@@ -238,7 +244,7 @@ func (r *Registry) setLocked(service string, pin bool) *svcSet {
 // held.
 func (r *Registry) overflowLocked() *svcSet {
 	if r.other == nil {
-		r.other = &svcSet{key: EnvKey(overflowName), name: overflowName, other: true, pipes: map[pipeKey]*pipeline{}}
+		r.other = &svcSet{key: overflowKey, name: overflowName, other: true, pipes: map[pipeKey]*pipeline{}}
 		r.other.pinned = true
 	}
 	return r.other

@@ -390,3 +390,20 @@ func TestCallsLeaveNothingInside(t *testing.T) {
 		}
 	}
 }
+
+func TestServiceNamedOtherIsTheOverflowSet(t *testing.T) {
+	r := boundedRegistry(t, 1, time.Hour, nil)
+	call(r, "first", okFunc)
+	call(r, "past-the-cap", failFunc) // opens the overflow set's breaker
+	for _, name := range []string{"other", "OTHER"} {
+		if err := call(r, name, okFunc); !errors.Is(err, ErrCircuitOpen) {
+			t.Errorf("%s: %v; want the overflow set's open breaker", name, err)
+		}
+	}
+	if r.Services() != 1 || r.CircuitBreaker("other") != r.other.cb {
+		t.Error("a service named other got a set of its own beside the overflow set")
+	}
+	if keys := r.OpenKeys("OTHER", "", 0); keys == nil {
+		t.Error("OpenKeys(OTHER) = nil")
+	}
+}

@@ -327,7 +327,7 @@ func (r *Registry) keyTable(service string) *keyTable {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	s := r.sets[EnvKey(service)]
-	if s == nil && service == overflowName {
+	if EnvKey(service) == overflowKey {
 		s = r.other
 	}
 	if s == nil {
