@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"runtime"
 	"strconv"
 	"sync/atomic"
 	"testing"
@@ -16,7 +17,9 @@ import (
 
 // benchKeys is how many keys the keyed-10k-keys runs rotate over: past
 // CIRCUIT_BREAKER_<SERVICE>_MAX_KEYS (1000 by default), 9000 of them share
-// the key "other", as a service with more tenants than its cap would.
+// the key "other", as a service with more tenants than its cap would. The
+// keyed-10k-keys-cap-10k runs raise the cap to 10 000, so that every key
+// has a breaker of its own.
 const benchKeys = 10_000
 
 // keyedContexts returns n contexts, each with a key of its own, built
@@ -35,7 +38,7 @@ func benchKeyContexts(key string) []context.Context {
 	switch key {
 	case "keyed":
 		return keyedContexts(1)
-	case "keyed-10k-keys":
+	case "keyed-10k-keys", "keyed-10k-keys-cap-10k":
 		return keyedContexts(benchKeys)
 	}
 	return []context.Context{context.Background()}
@@ -43,8 +46,9 @@ func benchKeyContexts(key string) []context.Context {
 
 // BenchmarkRegistryCall runs the success path of ForService and of
 // Transport (over a base that answers 200 at once, with no network) on a
-// known name, without a key, with one key, and rotating over 10 000 keys,
-// serial and in parallel. The last element of each name is key=..., so
+// known name, without a key, with one key, and rotating over 10 000 keys
+// (with the default cap of 1000 keys, and with a cap of 10 000), serial
+// and in parallel. The last element of each name is key=..., so
 // that
 //
 //	benchstat -col /key
@@ -59,10 +63,17 @@ func BenchmarkRegistryCall(b *testing.B) {
 			if parallel {
 				mode = "parallel"
 			}
-			for _, key := range []string{"unkeyed", "keyed", "keyed-10k-keys"} {
+			for _, key := range []string{"unkeyed", "keyed", "keyed-10k-keys", "keyed-10k-keys-cap-10k"} {
 				b.Run(entry+"/"+mode+"/key="+key, func(b *testing.B) {
 					reg := benchRegistry(b)
 					defer reg.Close()
+					if key == "keyed-10k-keys-cap-10k" {
+						cfg := reg.Config()
+						cfg.DefaultCircuitBreaker.MaxKeys = benchKeys
+						if err := reg.Reload(cfg); err != nil {
+							b.Fatal(err)
+						}
+					}
 					ctxs := benchKeyContexts(key)
 					if entry == "ForService" {
 						fn := ForService(reg, service, checksCtx)
@@ -155,12 +166,24 @@ func roundTripOK(rt http.RoundTripper, req *http.Request) bool {
 }
 
 // rotate calls call with each of items() in turn, b.N times in all:
-// serially, or with b.RunParallel, each goroutine with items of its own
-// and starting at a different one.
+// serially, or with b.RunParallel, each goroutine with items of its own,
+// built before the timer starts, and starting at a different one. A
+// first pass, untimed, gives every key its place, so that the runs
+// measure calls on known keys.
 func rotate[T any](b *testing.B, parallel bool, items func() []T, call func(T) bool) {
+	sets := make([][]T, runtime.GOMAXPROCS(0)) // RunParallel's goroutines
+	for i := range sets {
+		sets[i] = items()
+	}
+	for _, it := range sets[0] {
+		if !call(it) {
+			b.Fatal("failed call")
+		}
+	}
 	b.ReportAllocs()
+	b.ResetTimer()
 	if !parallel {
-		its, i := items(), 0
+		its, i := sets[0], 0
 		for b.Loop() {
 			if !call(its[i]) {
 				b.Fatal("failed call")
@@ -173,8 +196,9 @@ func rotate[T any](b *testing.B, parallel bool, items func() []T, call func(T) b
 	}
 	var g atomic.Int64
 	b.RunParallel(func(pb *testing.PB) {
-		its := items()
-		i := int(g.Add(7919)) % len(its)
+		k := int(g.Add(1)) - 1
+		its := sets[k%len(sets)]
+		i := k * 7919 % len(its)
 		for pb.Next() {
 			if !call(its[i]) {
 				b.Error("failed call")
