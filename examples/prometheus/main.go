@@ -33,6 +33,16 @@
 // 1), which wait briefly for a slot ahead of them, now and then
 // (resilience.shed.rejections, by priority).
 //
+// A ledger and a webhook sender are called through a registry
+// (ForService) capped at four policy sets (bounds.go): the ledger keys its
+// breaker by tenant, and one tenant's broken integration keeps its key's
+// breaker open (resilience.circuit_breaker.open_keys) while the others'
+// calls go through; the sender delivers to four receivers at a time, named
+// after their hosts, one more than the cap leaves room for, so that one
+// delivers through the overflow set "other", and every 2s a receiver
+// leaves for a new one, whose set evicts the idle one's
+// (resilience.registry.evictions).
+//
 // dashboards/resilience.json at the root of the repository is a Grafana
 // dashboard for these metrics; the test in this directory evaluates each of
 // its queries against a real Prometheus scraping this program.
@@ -255,9 +265,9 @@ func (s *searchIndex) search(ctx context.Context) (string, error) {
 	}
 }
 
-// traffic calls the downstreams through seven protected functions, and
-// the storefront as its shoppers, until ctx is done, then waits for every
-// call to end.
+// traffic calls the downstreams through eight protected functions, the
+// ledger and the webhook receivers through a registry, and the storefront
+// as its shoppers, until ctx is done, then waits for every call to end.
 func traffic(ctx context.Context) error {
 	d := &downstream{start: time.Now()}
 
@@ -490,6 +500,22 @@ func traffic(ctx context.Context) error {
 		return err
 	}
 
+	// The ledger and the webhooks, through a registry capped at
+	// regMaxServices policy sets (bounds.go): a tenant's breaker of its
+	// own, names past the cap sharing the set "other", and idle ones
+	// evicted. The ledger posts one entry first, so that it has its set
+	// before the receivers fill the registry.
+	reg, err := boundedRegistry()
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+	var ledger []resilience.Func[string]
+	for _, tenant := range []string{"acme", "globex", brokenTenant} {
+		ledger = append(ledger, ledgerEntry(reg, d, tenant))
+	}
+	_, _ = ledger[0](ctx)
+
 	var wg sync.WaitGroup
 	worker := func(call resilience.Func[string]) {
 		wg.Go(func() {
@@ -522,6 +548,12 @@ func traffic(ctx context.Context) error {
 	worker(getReviews)
 	for range searchCallers {
 		worker(search)
+	}
+	for _, post := range ledger {
+		worker(post)
+	}
+	for slot := range hookActive {
+		worker(webhook(reg, d.start, slot))
 	}
 	for range 3 {
 		worker(shop.visit("/"))
