@@ -153,6 +153,11 @@ func (p *pipeline) runTotal(ctx context.Context, d time.Duration, attempt attemp
 // carries the total timeout, if any.
 func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, between func()) error {
 	cb := p.cb
+	if p.base != nil && p.base.cb.mode.Load() != 0 {
+		// An operator's ForceOpen or ForceClose of the service's breaker
+		// holds for its keys too.
+		cb = p.base.cb
+	}
 	if cb == nil {
 		return p.retried(ctx, attempt, between)
 	}
@@ -543,8 +548,13 @@ func (p *pipeline) take(ctx context.Context) (b *Bulkhead, grel func(), err erro
 		return nil, noop, err
 	}
 	grel = noop
-	if b.global.Load() != nil {
-		g, err := b.acquireGlobal(ctx)
+	gb := b
+	if p.base != nil {
+		// A key's bulkhead caps the key; the fleet's cap is the service's.
+		gb = p.base.bulkhead
+	}
+	if gb.global.Load() != nil {
+		g, err := gb.acquireGlobal(ctx)
 		if err != nil {
 			b.giveBack()
 			if errors.Is(err, ErrBulkheadFull) {

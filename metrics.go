@@ -226,19 +226,19 @@ func prune[T any, PT interface {
 
 func observeBreaker(cb *CircuitBreaker) {
 	observed.mu.Lock()
-	observed.breakers = append(observed.breakers, weak.Make(cb))
+	observed.breakers = appendWeak(observed.breakers, cb)
 	observed.mu.Unlock()
 }
 
 func observeRateLimiter(l *RateLimiter) {
 	observed.mu.Lock()
-	observed.limiters = append(observed.limiters, weak.Make(l))
+	observed.limiters = appendWeak(observed.limiters, l)
 	observed.mu.Unlock()
 }
 
 func observeBulkhead(b *Bulkhead) {
 	observed.mu.Lock()
-	observed.bulkheads = append(observed.bulkheads, weak.Make(b))
+	observed.bulkheads = appendWeak(observed.bulkheads, b)
 	observed.mu.Unlock()
 }
 

@@ -2,6 +2,7 @@ package resilience
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"weak"
@@ -73,7 +74,7 @@ func (l *RateLimiter) gone() bool     { return false }
 // observeKeys makes t's breakers count in resilience.circuit_breaker.open_keys.
 func observeKeys(t *keyTable) {
 	observed.mu.Lock()
-	observed.keys = append(observed.keys, weak.Make(t))
+	observed.keys = appendWeak(observed.keys, t)
 	observed.mu.Unlock()
 }
 
@@ -100,4 +101,30 @@ func recordEviction(key bool) {
 		i = 1
 	}
 	meter().regEvictions.Add(context.Background(), 1, evictionAttrs[i]...)
+}
+
+// appendWeak adds v to ws. Before the slice grows, it drops the entries
+// collected or retired since: without an SDK no collection prunes them,
+// and a registry that evicts names would otherwise leave one per name.
+// observed.mu is held.
+func appendWeak[T any, PT interface {
+	*T
+	gone() bool
+}](ws []weak.Pointer[T], v PT) []weak.Pointer[T] {
+	if len(ws) == cap(ws) {
+		ws = prune[T, PT](ws, func(*T) {})
+	}
+	return append(ws, weak.Make((*T)(v)))
+}
+
+// forgetSites takes an evicted set's sites out of the metrics at once.
+// The observer would drop them at its next collection, but without an SDK
+// there is none, and a registry that evicts names would keep one per name.
+func forgetSites(ss []*site) {
+	observed.mu.Lock()
+	defer observed.mu.Unlock()
+	for _, s := range ss {
+		s.retired.Store(true)
+	}
+	observed.sites = slices.DeleteFunc(observed.sites, func(s *site) bool { return s.retired.Load() })
 }

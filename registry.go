@@ -23,6 +23,12 @@ type Registry struct {
 	// ones, so that a Func left on the overflow set looks for a set of
 	// its own again once there may be room.
 	evictions atomic.Uint64
+	// While the sets are full, fullAt is evictions+1 as of the last name
+	// that found no room (0: not full): until the next eviction, names
+	// with no set go to the overflow set without taking the lock.
+	fullAt     atomic.Uint64
+	known      sync.Map // EnvKey -> *svcSet: the sets, for that check
+	otherPipes [numKinds]atomic.Pointer[pipeline]
 
 	mu         sync.Mutex
 	cfg        Config
@@ -244,6 +250,7 @@ func (r *Registry) Reload(cfg Config) error {
 	r.reloadHedgesLocked()
 	r.reloadChaosLocked()
 	r.tellStoreIdleLocked()
+	r.fullAt.Store(0) // the cap may have grown
 	wasOn := r.enabled.Swap(cfg.Enabled)
 	if wasOn && !cfg.Enabled {
 		// Callers queued for a slot pass through too, as every later
@@ -361,6 +368,13 @@ func (r *Registry) pipeline(service string, kind pipeKind) *pipeline {
 			return p
 		}
 	}
+	if f := r.fullAt.Load(); f != 0 && f-1 == r.evictions.Load() {
+		if p := r.otherPipes[kind].Load(); p != nil {
+			if _, known := r.known.Load(EnvKey(service)); !known {
+				return p
+			}
+		}
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.pipelineLocked(service, kind)
@@ -412,7 +426,9 @@ func (r *Registry) setPipelineLocked(s *svcSet, service string, kind pipeKind) *
 	}
 	p.set, p.use, p.kind = s, &s.usage, kind
 	s.pipes[k] = p
-	if !s.other {
+	if s.other {
+		r.otherPipes[kind].Store(p)
+	} else {
 		r.pipelines.Store(k, p)
 	}
 	return p

@@ -46,7 +46,7 @@ type usage struct {
 }
 
 // touch marks the policies used. It stores only on the first call after a
-// sweep, so that the cache line stays shared between cores.
+// sweep: a store per call would be one more write to the line.
 func (u *usage) touch() {
 	if !u.used.Load() {
 		u.used.Store(true)
@@ -74,6 +74,9 @@ func (u *usage) leave() { u.inflight.Add(-1) }
 // finds the policies evicted, and looks them up again under the
 // registry's lock, or keeps them from being evicted. r.mu is held.
 func (u *usage) tryEvict() bool {
+	if u.pinned {
+		return false
+	}
 	u.evicted.Store(true)
 	if u.used.Load() || u.inflight.Load() != 0 {
 		u.evicted.Store(false)
@@ -223,6 +226,7 @@ func (r *Registry) setLocked(service string, pin bool) *svcSet {
 	s := r.sets[key]
 	if s == nil {
 		if !r.bound.room(len(r.sets), r.cfg.maxServices(), r.cfg.idleEvict(), r.allSetsLocked, r.evictSetLocked) {
+			r.fullAt.Store(r.evictions.Load() + 1)
 			r.warnFullLocked()
 			return r.overflowLocked()
 		}
@@ -232,6 +236,7 @@ func (r *Registry) setLocked(service string, pin bool) *svcSet {
 			r.sets = map[string]*svcSet{}
 		}
 		r.sets[key] = s
+		r.known.Store(key, s)
 		if len(r.sets) >= r.cfg.maxServices()/2 {
 			r.ageLocked()
 		}
@@ -305,10 +310,13 @@ func (r *Registry) evictSetLocked(s *svcSet) bool {
 		return false
 	}
 	delete(r.sets, s.key)
+	r.known.Delete(s.key)
+	sites := make([]*site, 0, len(s.pipes))
 	for k, p := range s.pipes {
 		r.pipelines.CompareAndDelete(k, p)
-		p.site.retired.Store(true)
+		sites = append(sites, p.site)
 	}
+	forgetSites(sites)
 	if t := s.keys.Load(); t != nil {
 		r.dropKeysLocked(t)
 	}

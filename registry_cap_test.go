@@ -407,3 +407,91 @@ func TestServiceNamedOtherIsTheOverflowSet(t *testing.T) {
 		t.Error("OpenKeys(OTHER) = nil")
 	}
 }
+
+// A set swept as idle by the aging timer, then pinned by CircuitBreaker or
+// Bulkhead (code now holds its breaker), is still evicted by the next new
+// name: bound.room and usage.tryEvict never look at pinned, and setLocked
+// pins without touching the use bit. The breaker the code holds is
+// retired (no metrics, no store sync) and calls of the name run through
+// a new breaker: "an evicted policy in use".
+func TestPinnedSetIsNeverEvictedAfterASweep(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := boundedRegistry(t, 2, time.Minute, nil)
+		call(r, "a", okFunc)
+		call(r, "b", okFunc)
+		// The aging timer (armed at half the cap, every 15s) clears the
+		// use bits, then lists a and b as idle candidates.
+		time.Sleep(3 * time.Minute)
+		cbA := r.CircuitBreaker("a") // pinned from now on: never evicted, says the CHANGELOG
+		bhB := r.Bulkhead("b")
+		call(r, "c", okFunc) // needs room
+		if got := r.CircuitBreaker("a"); got != cbA || cbA.gone() {
+			t.Errorf("the breaker held by code was evicted: CircuitBreaker(a) now returns another one (retired: %v)", cbA.gone())
+		}
+		if got := r.Bulkhead("b"); got != bhB || bhB.gone() {
+			t.Errorf("the bulkhead held by code was evicted: Bulkhead(b) now returns another one (retired: %v)", bhB.gone())
+		}
+	})
+}
+
+// Every evicted set leaves its *site in observed.sites (and weak pointers
+// in observed.breakers/bulkheads) until a metric collection prunes them.
+// With no OpenTelemetry SDK installed (the default: a no-op provider never
+// calls the callback) nothing ever prunes them: memory grows with every
+// name the registry has seen, the very thing the cap is for.
+func TestEvictedSitesDoNotLeakWithoutCollection(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := boundedRegistry(t, 1, time.Minute, nil)
+		countRetired := func() int {
+			observed.mu.Lock()
+			defer observed.mu.Unlock()
+			n := 0
+			for _, s := range observed.sites {
+				if s.retired.Load() {
+					n++
+				}
+			}
+			return n
+		}
+		before := countRetired()
+		const names = 300
+		for i := range names {
+			call(r, "churn-"+string(rune('a'+i%26))+string(rune('a'+i/26)), okFunc)
+			time.Sleep(2 * time.Minute) // idle: the next name evicts it
+		}
+		if n := r.Services(); n != 1 {
+			t.Fatalf("registry holds %d sets; want 1", n)
+		}
+		if got := countRetired() - before; got > 10 {
+			t.Errorf("%d retired sites of evicted names still held by observed.sites after %d evictions; want them dropped (bounded)", got, names)
+		}
+	})
+}
+
+// While the sets are full, names with no set go to the overflow set
+// without the registry's lock; a name that has a set, asked for by an
+// entry point that has not built its pipeline yet, must still get its own.
+func TestFullRegistryStillFindsAKnownNamesOtherEntryPoints(t *testing.T) {
+	r := boundedRegistry(t, 1, time.Hour, nil)
+	call(r, "api", okFunc)
+	call(r, "stranger", okFunc) // finds the registry full
+	tr := &Transport{Registry: r, Base: roundTripFunc(func(req *http.Request) (*http.Response, error) {
+		code := http.StatusOK
+		if req.URL.Hostname() == "api" {
+			code = http.StatusServiceUnavailable
+		}
+		return &http.Response{StatusCode: code, Body: io.NopCloser(strings.NewReader("x")), Request: req}, nil
+	})}
+	for _, host := range []string{"stranger", "api"} { // the overflow set's Transport pipeline first
+		req, _ := http.NewRequest(http.MethodGet, "http://"+host+"/", nil)
+		if resp, err := tr.RoundTrip(req); err == nil {
+			resp.Body.Close()
+		}
+	}
+	if st := setOf(r, "api").cb.State(); st != StateOpen {
+		t.Errorf("api's breaker is %v; want open by the 503 sent through Transport", st)
+	}
+	if st := r.other.cb.State(); st != StateClosed {
+		t.Errorf("the overflow breaker is %v: it counted api's 503", st)
+	}
+}

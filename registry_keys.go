@@ -22,9 +22,14 @@ var keysUsed atomic.Bool
 // key: a tenant, a model, an endpoint. [ForService], [Transport] and the
 // registry's other entry points then run such a call through a circuit
 // breaker and a bulkhead of its own (service, key), configured like the
-// service's, so that failures under one key open that key's breaker only.
-// The rest of the pipeline (retry, timeouts, rate limits, hedge) is the
-// service's.
+// service's, so that failures under one key open that key's breaker only,
+// and a key's calls wait for its own slots: each key may have the
+// service's limit inside at once. The rest of the pipeline (retry,
+// timeouts, rate limits, hedge) is the service's, and so are the fleet's
+// global cap on slots (BULKHEAD_<SERVICE>_GLOBAL_LIMIT) and an operator's
+// ForceOpen or ForceClose of the service's breaker, which hold for every
+// key. The service's breaker otherwise counts the calls made without a
+// key, and a Store shares its state, not its keys'.
 //
 // Each service keeps at most CIRCUIT_BREAKER_<SERVICE>_MAX_KEYS keys (1000
 // by default), evicting those idle for RESILIENCE_IDLE_EVICT, never one
@@ -32,9 +37,8 @@ var keysUsed atomic.Bool
 // that find no room share the key "other". Keys are not metric
 // attributes, so that they cannot multiply the series: the service's
 // metrics count the calls, and resilience.circuit_breaker.open_keys how
-// many of its keys are not closed. Keyed breakers are local to the
-// process: a Store shares the service's breaker, not its keys'. An empty
-// key marks the call as the service's own.
+// many of its keys are not closed. An empty key marks the call as the
+// service's own.
 func WithKey(ctx context.Context, key string) context.Context {
 	if !keysUsed.Load() {
 		keysUsed.Store(true)
@@ -101,6 +105,9 @@ type keyEntry struct {
 	cb    *CircuitBreaker
 	bh    *Bulkhead
 	pipes [numKinds]atomic.Pointer[pipeline]
+	// aliases holds the pipelines made from another spelling's (a
+	// *pipeline of the service to the key's).
+	aliases sync.Map
 }
 
 func (e *keyEntry) use() *usage { return &e.usage }
@@ -118,6 +125,9 @@ func (r *Registry) keyed(p *pipeline, key string) *pipeline {
 				if kp := e.pipes[p.kind].Load(); kp != nil && kp.base == p {
 					return kp
 				}
+				if v, ok := e.aliases.Load(p); ok {
+					return v.(*pipeline)
+				}
 				e.leave()
 			}
 		}
@@ -125,9 +135,16 @@ func (r *Registry) keyed(p *pipeline, key string) *pipeline {
 	return r.keyedSlow(p, key)
 }
 
-func (r *Registry) keyedSlow(p *pipeline, key string) *pipeline {
+func (r *Registry) keyedSlow(p *pipeline, key string) (kp *pipeline) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	defer func() {
+		if kp == nil {
+			// Building the key's policies panicked (a logger's
+			// handler, say): the call never reaches its deferred leave.
+			p.use.leave()
+		}
+	}()
 	s := p.set
 	t := s.keys.Load()
 	if t == nil {
@@ -154,14 +171,22 @@ func (r *Registry) keyedSlow(p *pipeline, key string) *pipeline {
 		}
 	}
 	e.enter() // true: eviction takes this lock
-	kp := e.pipes[p.kind].Load()
-	if kp == nil || kp.base != p {
-		c := *p
-		c.cb, c.bulkhead, c.use, c.base = e.cb, e.bh, &e.usage, p
-		kp = &c
-		e.pipes[p.kind].Store(kp)
+	if k := e.pipes[p.kind].Load(); k != nil && k.base == p {
+		return k
 	}
-	return kp
+	if v, ok := e.aliases.Load(p); ok {
+		return v.(*pipeline)
+	}
+	c := *p
+	c.cb, c.bulkhead, c.use, c.base = e.cb, e.bh, &e.usage, p
+	if k := e.pipes[p.kind].Load(); k == nil {
+		e.pipes[p.kind].Store(&c)
+	} else {
+		// Another spelling of the service ("payments-eu", "PAYMENTS_EU"),
+		// whose pipeline is its own.
+		e.aliases.Store(p, &c)
+	}
+	return &c
 }
 
 // maxKeys is CIRCUIT_BREAKER_<SERVICE>_MAX_KEYS, its default for 0.
@@ -351,6 +376,7 @@ type regRef struct {
 // current returns the pipeline a call runs now, the call entered in its
 // policies: the caller calls its leave when the call returns.
 func (g *regRef) current(ctx context.Context) *pipeline {
+	k := keyOf(ctx) // before the call is counted in: ctx.Value may panic
 	p := g.p.Load()
 	if !p.use.enter() {
 		p = g.refresh()
@@ -358,7 +384,7 @@ func (g *regRef) current(ctx context.Context) *pipeline {
 		p.use.leave()
 		p = g.refresh()
 	}
-	if k := keyOf(ctx); k != "" {
+	if k != "" {
 		return g.r.keyed(p, k)
 	}
 	return p

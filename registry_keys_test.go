@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -207,5 +208,125 @@ func TestEmptyKeyIsTheServices(t *testing.T) {
 	}
 	if setOf(r, "svc").keys.Load() != nil {
 		t.Error("an empty key made a key table")
+	}
+}
+
+// A service's breaker forced open by an operator (admin POST
+// /breakers/{name}/open, CircuitBreaker.ForceOpen) no longer stops the
+// calls made with a key: the keyed pipeline replaces the service's
+// breaker by the key's, so the kill switch and the fleet's shared open
+// state (Store) of the service are ignored by all WithKey/Transport.Key
+// traffic. Not in the CHANGELOG nor WithKey's doc.
+func TestForcedServiceBreakerHoldsForItsKeys(t *testing.T) {
+	r := mustRegistry(t, nil)
+	r.CircuitBreaker("svc").ForceOpen()
+	f := ForService(r, "svc", okFunc)
+	if _, err := f(context.Background()); !errors.Is(err, ErrCircuitOpen) {
+		t.Fatalf("unkeyed call: %v; want ErrCircuitOpen", err)
+	}
+	if _, err := f(WithKey(context.Background(), "tenant-1")); !errors.Is(err, ErrCircuitOpen) {
+		t.Errorf("keyed call through a force-opened service breaker: err = %v; want ErrCircuitOpen", err)
+	}
+}
+
+// BULKHEAD_<SVC>_GLOBAL_LIMIT caps a service's calls across the fleet. A
+// keyed call runs through its key's bulkhead only, built with
+// GlobalLimit 0 and never attached to the store, so keyed calls are not
+// capped by the service's global limit at all ("without its global cap,
+// which is the service's as a whole" says keyBulkheadConfigLocked, but
+// nothing applies the service's).
+func TestKeyedCallsTakeTheServicesGlobalSlot(t *testing.T) {
+	r := mustRegistry(t, map[string]string{"BULKHEAD_SVC_GLOBAL_LIMIT": "1", "RETRY_MAX_ATTEMPTS": "1"})
+	m := &memStore{}
+	r.UseStore(m)
+	var maxInside, inside int32
+	var mu sync.Mutex
+	enter := make(chan struct{})
+	release := make(chan struct{})
+	fn := func(ctx context.Context) (int, error) {
+		mu.Lock()
+		inside++
+		maxInside = max(maxInside, inside)
+		mu.Unlock()
+		enter <- struct{}{}
+		<-release
+		mu.Lock()
+		inside--
+		mu.Unlock()
+		return 1, nil
+	}
+	f := ForService(r, "svc", fn)
+	errs := make(chan error, 2)
+	for _, k := range []string{"t1", "t2"} {
+		go func() {
+			_, err := f(WithKey(context.Background(), k))
+			errs <- err
+		}()
+	}
+	<-enter
+	// The second either enters (the bug) or is rejected by the global cap.
+	select {
+	case <-enter:
+	case err := <-errs:
+		if !errors.Is(err, ErrBulkheadFull) {
+			t.Errorf("second keyed call: %v; want ErrBulkheadFull", err)
+		}
+		close(release)
+		<-errs
+		return
+	case <-time.After(2 * time.Second):
+	}
+	close(release)
+	<-errs
+	<-errs
+	if maxInside > 1 {
+		t.Errorf("%d keyed calls of svc inside at once with BULKHEAD_SVC_GLOBAL_LIMIT=1 (store saw %d acquires); want 1", maxInside, m.inside.Load())
+	}
+}
+
+// regRef.current counts the call into its set's usage and only then reads
+// the key from ctx; a ctx whose Value panics (nil ctx here, once any code
+// in the process used WithKey) leaves inflight at 1 for ever: the set is
+// never evicted again, and once the cap is reached every new name goes to
+// "other" for good. The project rule: nothing leaked on any path, panics
+// included.
+func TestPanicBeforeTheDeferLeavesNothingInside(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		_ = WithKey(context.Background(), "k") // keysUsed, as any use in the process does
+		r := boundedRegistry(t, 1, time.Minute, nil)
+		f := ForService(r, "a", okFunc)
+		func() {
+			defer func() { recover() }()
+			var ctx context.Context // nil
+			f(ctx)
+		}()
+		s := setOf(r, "a")
+		if n := s.inflight.Load(); n != 0 {
+			t.Errorf("set a has inflight = %d after the call panicked and returned; want 0", n)
+		}
+		time.Sleep(5 * time.Minute)
+		call(r, "b", okFunc)
+		if setOf(r, "b") == nil {
+			t.Error("b never gets a set: a, idle for 5 idle periods, is pinned by a leaked inflight count")
+		}
+	})
+}
+
+// Two spellings of one service ("payments-eu", "PAYMENTS_EU") share a set
+// but have a pipeline each; a key entry caches one keyed pipeline per entry
+// point, checked by kp.base == p, so alternating spellings rebuild it on
+// every call: r.mu taken and a pipeline copied (allocated) per call on a
+// known name and key.
+func TestKeyedAliasesDoNotAllocatePerCall(t *testing.T) {
+	r := mustRegistry(t, nil)
+	f1 := ForService(r, "payments-eu", okFunc)
+	f2 := ForService(r, "PAYMENTS_EU", okFunc)
+	ctx := WithKey(context.Background(), "tenant")
+	f1(ctx)
+	f2(ctx)
+	one := testing.AllocsPerRun(200, func() { f1(ctx); f1(ctx) })
+	alt := testing.AllocsPerRun(200, func() { f1(ctx); f2(ctx) })
+	if alt > one {
+		t.Errorf("alternating spellings of one service: %.1f allocs per pair of keyed calls against %.1f for one spelling; want no more", alt, one)
 	}
 }
