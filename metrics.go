@@ -205,6 +205,9 @@ var observed struct {
 	limiters  []weak.Pointer[RateLimiter]
 	sites     []*site // one per name and operation: see newSite
 	keys      []weak.Pointer[keyTable]
+	// ownSites are the registries' sites, weak: a registry nobody holds
+	// takes its sites with it, and an evicted set's are retired.
+	ownSites []weak.Pointer[site]
 }
 
 // prune keeps the live entries of ws, calling f on each: those neither
@@ -286,12 +289,7 @@ func observe(in *instruments, o metric.Observer) error {
 		o.ObserveInt64(in.bhQueue, int64(s.Waiting), attrs)
 		o.ObserveInt64(in.bhLimit, int64(b.Limit()), attrs)
 	})
-	sites := observed.sites[:0]
-	for _, s := range observed.sites {
-		if s.retired.Load() {
-			continue
-		}
-		sites = append(sites, s)
+	observeSite := func(s *site) {
 		for oc := range numOutcomes {
 			if n := s.counts[oc].Load(); n > 0 {
 				calls[callKey{s.name, oc}] += n
@@ -302,8 +300,10 @@ func observe(in *instruments, o metric.Observer) error {
 		}
 		s.fbHits.each(func(et string, n int64) { hits[fbKey{s.name, et, ""}] += n })
 	}
-	clear(observed.sites[len(sites):])
-	observed.sites = sites
+	for _, s := range observed.sites {
+		observeSite(s)
+	}
+	observed.ownSites = prune(observed.ownSites, observeSite)
 	observeOpenKeys(in, o)
 	observed.mu.Unlock()
 
@@ -449,7 +449,9 @@ func newSite(name, operation string) *site {
 // registry's, which the registry retires when it evicts the name.
 func newOwnSite(name, operation string) *site {
 	s := makeSite(name, operation)
-	observeSite(s)
+	observed.mu.Lock()
+	observed.ownSites = appendWeak(observed.ownSites, s)
+	observed.mu.Unlock()
 	return s
 }
 

@@ -2,7 +2,6 @@ package resilience
 
 import (
 	"context"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"weak"
@@ -117,14 +116,12 @@ func appendWeak[T any, PT interface {
 	return append(ws, weak.Make((*T)(v)))
 }
 
-// forgetSites takes an evicted set's sites out of the metrics at once.
-// The observer would drop them at its next collection, but without an SDK
-// there is none, and a registry that evicts names would keep one per name.
+// forgetSites takes an evicted set's sites out of the metrics at once;
+// appendWeak or the observer drops their entries.
 func forgetSites(ss []*site) {
-	observed.mu.Lock()
-	defer observed.mu.Unlock()
 	for _, s := range ss {
 		s.retired.Store(true)
 	}
-	observed.sites = slices.DeleteFunc(observed.sites, func(s *site) bool { return s.retired.Load() })
 }
+
+func (s *site) gone() bool { return s.retired.Load() }

@@ -404,6 +404,9 @@ func (r *Registry) sweepLocked() {
 	r.bound.sweep(now, idle, r.allSetsLocked)
 	each := func(t *keyTable) {
 		t.bound.sweep(now, idle, t.all)
+		if len(t.bound.cands) > 0 {
+			t.evictions.Add(1) // keys may find room: past the full table's fast path
+		}
 	}
 	for _, s := range r.sets {
 		if t := s.keys.Load(); t != nil {

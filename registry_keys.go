@@ -64,6 +64,12 @@ type keyTable struct {
 	n       int                      // entries in m; r.mu
 	bound   bound[*keyEntry]
 	retired atomic.Bool // its set was evicted
+	// evictions counts the keys evicted and the sweeps that found idle
+	// ones; while the table is full, fullAt is evictions+1 as of the last
+	// key that found no room (0: not full): until the next eviction, keys
+	// not in m go to the overflow key without the registry's lock.
+	evictions atomic.Uint64
+	fullAt    atomic.Uint64
 }
 
 func (t *keyTable) gone() bool { return t.retired.Load() }
@@ -119,17 +125,20 @@ func (e *keyEntry) busy() bool  { return breakerBusy(e.cb) || bulkheadBusy(e.bh)
 // service's set cannot be evicted meanwhile.
 func (r *Registry) keyed(p *pipeline, key string) *pipeline {
 	if t := p.set.keys.Load(); t != nil {
+		e := t.other.Load()
 		if v, ok := t.m.Load(key); ok {
-			e := v.(*keyEntry)
-			if e.enter() {
-				if kp := e.pipes[p.kind].Load(); kp != nil && kp.base == p {
-					return kp
-				}
-				if v, ok := e.aliases.Load(p); ok {
-					return v.(*pipeline)
-				}
-				e.leave()
+			e = v.(*keyEntry)
+		} else if f := t.fullAt.Load(); f == 0 || f-1 != t.evictions.Load() {
+			e = nil
+		}
+		if e != nil && e.enter() {
+			if kp := e.pipes[p.kind].Load(); kp != nil && kp.base == p {
+				return kp
 			}
+			if v, ok := e.aliases.Load(p); ok {
+				return v.(*pipeline)
+			}
+			e.leave()
 		}
 	}
 	return r.keyedSlow(p, key)
@@ -164,10 +173,13 @@ func (r *Registry) keyedSlow(p *pipeline, key string) (kp *pipeline) {
 			if t.n++; t.n >= maxKeys/2 {
 				r.ageLocked()
 			}
-		} else if e = t.other.Load(); e == nil {
-			e = r.newKeyLocked(s, overflowName)
-			e.pinned = true
-			t.other.Store(e)
+		} else {
+			t.fullAt.Store(t.evictions.Load() + 1)
+			if e = t.other.Load(); e == nil {
+				e = r.newKeyLocked(s, overflowName)
+				e.pinned = true
+				t.other.Store(e)
+			}
 		}
 	}
 	e.enter() // true: eviction takes this lock
@@ -246,6 +258,7 @@ func (r *Registry) evictKeyLocked(t *keyTable, e *keyEntry) bool {
 	}
 	t.m.Delete(e.key)
 	t.n--
+	t.evictions.Add(1)
 	retireBreaker(e.cb)
 	e.bh.retired.Store(true)
 	recordEviction(true)
@@ -284,6 +297,14 @@ func (r *Registry) eachKeyLocked(f func(s *svcSet, e *keyEntry)) {
 // reloadKeysLocked applies the configuration to every keyed breaker and
 // bulkhead. r.mu is held.
 func (r *Registry) reloadKeysLocked() []*CircuitBreaker {
+	for _, s := range r.sets {
+		if t := s.keys.Load(); t != nil {
+			t.fullAt.Store(0) // MaxKeys may have grown
+		}
+	}
+	if t := r.overflowLocked().keys.Load(); t != nil {
+		t.fullAt.Store(0)
+	}
 	var cbs []*CircuitBreaker
 	r.eachKeyLocked(func(s *svcSet, e *keyEntry) {
 		e.cb.reconfigure(r.keyBreakerConfigLocked(s.name, e.key))

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -328,5 +329,39 @@ func TestKeyedAliasesDoNotAllocatePerCall(t *testing.T) {
 	alt := testing.AllocsPerRun(200, func() { f1(ctx); f2(ctx) })
 	if alt > one {
 		t.Errorf("alternating spellings of one service: %.1f allocs per pair of keyed calls against %.1f for one spelling; want no more", alt, one)
+	}
+}
+
+// A key past CIRCUIT_BREAKER_<SVC>_MAX_KEYS shares the key "other": every
+// call with it took the registry's lock and re-read the configuration,
+// allocating more than a call under a key in the table.
+func TestOverflowKeyCallAllocatesNothing(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.DefaultCircuitBreaker.MaxKeys = 10
+	reg, err := NewRegistry(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reg.Close()
+	fn := ForService(reg, "overflow-keys", okFunc)
+	var ctxs []context.Context
+	for i := range 20 {
+		ctxs = append(ctxs, WithKey(context.Background(), "k"+strconv.Itoa(i)))
+		fn(ctxs[i])
+	}
+	known := testing.AllocsPerRun(1000, func() { fn(ctxs[0]) })
+	over := testing.AllocsPerRun(1000, func() { fn(ctxs[15]) })
+	if over != known {
+		t.Errorf("a call under a key past the cap allocates %v times; want %v, a key in the table's", over, known)
+	}
+	// Raising the cap lets new keys in again.
+	cfg = reg.Config()
+	cfg.DefaultCircuitBreaker.MaxKeys = 100
+	if err := reg.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	fn(ctxs[15])
+	if _, ok := setOf(reg, "overflow-keys").keys.Load().m.Load("k15"); !ok {
+		t.Error("k15 found no room after the cap grew")
 	}
 }
