@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -89,7 +90,13 @@ func callsRecorded(name string) map[string]int64 {
 	out := map[string]int64{}
 	observed.mu.Lock()
 	defer observed.mu.Unlock()
-	for _, s := range observed.sites {
+	sites := slices.Clone(observed.sites)
+	for _, w := range observed.ownSites { // the registries'
+		if s := w.Value(); s != nil && !s.gone() {
+			sites = append(sites, s)
+		}
+	}
+	for _, s := range sites {
 		if s.name != name {
 			continue
 		}

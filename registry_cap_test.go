@@ -435,11 +435,11 @@ func TestPinnedSetIsNeverEvictedAfterASweep(t *testing.T) {
 	})
 }
 
-// Every evicted set leaves its *site in observed.sites (and weak pointers
-// in observed.breakers/bulkheads) until a metric collection prunes them.
-// With no OpenTelemetry SDK installed (the default: a no-op provider never
-// calls the callback) nothing ever prunes them: memory grows with every
-// name the registry has seen, the very thing the cap is for.
+// Every evicted set left its *site in the observer's list (and weak
+// pointers in observed.breakers/bulkheads) until a metric collection
+// pruned them. With no OpenTelemetry SDK installed (the default: a no-op
+// provider never calls the callback) nothing ever pruned them: memory grew
+// with every name the registry had seen, the very thing the cap is for.
 func TestEvictedSitesDoNotLeakWithoutCollection(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		r := boundedRegistry(t, 1, time.Minute, nil)
@@ -449,6 +449,16 @@ func TestEvictedSitesDoNotLeakWithoutCollection(t *testing.T) {
 			n := 0
 			for _, s := range observed.sites {
 				if s.retired.Load() {
+					n++
+				}
+			}
+			for _, w := range observed.ownSites {
+				if s := w.Value(); s == nil || s.gone() {
+					n++ // an entry kept for a site gone
+				}
+			}
+			for _, w := range observed.breakers {
+				if cb := w.Value(); cb == nil || cb.gone() {
 					n++
 				}
 			}
