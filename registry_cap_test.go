@@ -443,38 +443,35 @@ func TestPinnedSetIsNeverEvictedAfterASweep(t *testing.T) {
 func TestEvictedSitesDoNotLeakWithoutCollection(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		r := boundedRegistry(t, 1, time.Minute, nil)
-		countRetired := func() int {
+		// room is the most entries the observer's lists hold without
+		// growing; live, those of sites and breakers still in use.
+		lists := func() (n, room, live int) {
 			observed.mu.Lock()
 			defer observed.mu.Unlock()
-			n := 0
-			for _, s := range observed.sites {
-				if s.retired.Load() {
-					n++
-				}
-			}
+			n, room = len(observed.ownSites)+len(observed.breakers), cap(observed.ownSites)+cap(observed.breakers)
 			for _, w := range observed.ownSites {
-				if s := w.Value(); s == nil || s.gone() {
-					n++ // an entry kept for a site gone
+				if s := w.Value(); s != nil && !s.gone() {
+					live++
 				}
 			}
 			for _, w := range observed.breakers {
-				if cb := w.Value(); cb == nil || cb.gone() {
-					n++
+				if cb := w.Value(); cb != nil && !cb.gone() {
+					live++
 				}
 			}
-			return n
+			return n, room, live
 		}
-		before := countRetired()
-		const names = 300
+		_, room, _ := lists()
+		names := room + 300 // more evictions than the lists have room for: a leak grows them
 		for i := range names {
-			call(r, "churn-"+string(rune('a'+i%26))+string(rune('a'+i/26)), okFunc)
+			call(r, "churn-"+strconv.Itoa(i), okFunc)
 			time.Sleep(2 * time.Minute) // idle: the next name evicts it
 		}
 		if n := r.Services(); n != 1 {
 			t.Fatalf("registry holds %d sets; want 1", n)
 		}
-		if got := countRetired() - before; got > 10 {
-			t.Errorf("%d retired sites of evicted names still held by observed.sites after %d evictions; want them dropped (bounded)", got, names)
+		if n, _, live := lists(); n > max(room, 2*live+64) {
+			t.Errorf("the observer keeps %d entries for %d live sites and breakers after %d evictions (room for %d before); want the evicted ones dropped", n, live, names, room)
 		}
 	})
 }
