@@ -2,6 +2,7 @@ package resilience
 
 // The invariants FuzzRegistryBounds checks (fuzz_bounds_test.go).
 
+// walkLocked notes every set, key, breaker and bulkhead the registry
 // holds now. w.mu and r.mu are held.
 func (w *boundsWorld) walkLocked() {
 	note := func(s *svcSet) {

@@ -540,5 +540,3 @@ func (w *boundsWorld) release(how byte) {
 		b.Close()
 	}
 }
-
-// walkLocked notes every set, key, breaker and bulkhead the registry
