@@ -93,6 +93,7 @@ fleet:
 # A short fuzz of the whole stack's invariants.
 chaos-fuzz:
 	cd internal/chaos && $(GO) test -run='^$$' -fuzz='^FuzzCompose$$' -fuzztime=10s .
+	$(GO) test -run='^$$' -fuzz='^FuzzRegistryBounds$$' -fuzztime=15s .
 
 demo:
 	$(GO) run ./examples/llm
