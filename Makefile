@@ -90,7 +90,7 @@ load:
 fleet:
 	cd redisstore && $(GO) test -race -count=5 -run '^(TestFleetOneProbePerFailedRound|TestLateTripEndsWithTheSharedOpen|TestFleetDoublesTheOpenPeriod)$$' -v .
 
-# A short fuzz of the whole stack's invariants.
+# Short fuzzes of the whole stack's invariants and of the registry's bounds.
 chaos-fuzz:
 	cd internal/chaos && $(GO) test -run='^$$' -fuzz='^FuzzCompose$$' -fuzztime=10s .
 	$(GO) test -run='^$$' -fuzz='^FuzzRegistryBounds$$' -fuzztime=15s .
