@@ -100,7 +100,6 @@ type bound[E bounded] struct {
 	cands   []E
 	sweptAt time.Duration
 	swept   bool
-	full    bool // the cap was reached at least once
 }
 
 // room reports whether a table of n entries may add one under limit,
@@ -111,7 +110,6 @@ func (b *bound[E]) room(n, limit int, idle time.Duration, all iter.Seq[E], evict
 		return true
 	}
 	now := monotonic()
-	b.full = true
 	for {
 		for len(b.cands) > 0 {
 			e := b.cands[0]
