@@ -152,7 +152,7 @@ func UnaryClientInterceptor(reg *resilience.Registry, opts ...Option) grpc.Unary
 		if m.err != nil {
 			return m.err
 		}
-		call := &unaryCall{Context: ctx, m: m, req: req, reply: reply, cc: cc, invoker: invoker, opts: opts}
+		call := &unaryCall{Context: c.cfg.keyed(ctx, full), m: m, req: req, reply: reply, cc: cc, invoker: invoker, opts: opts}
 		call.scanOptions()
 		if m.idempotent {
 			if pm, ok := reply.(proto.Message); ok {

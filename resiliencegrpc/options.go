@@ -19,6 +19,7 @@ type Option func(*clientConfig)
 
 type clientConfig struct {
 	service    string
+	key        func(ctx context.Context, fullMethod string) string
 	idempotent map[string]bool
 	files      *protoregistry.Files // where idempotency_level is looked up
 	err        error
@@ -34,6 +35,31 @@ func WithService(name string) Option {
 		}
 		c.service = name
 	}
+}
+
+// WithKey names each call's key within its service, as
+// [resilience.WithKey] does: a tenant, a model. The call then runs through
+// the breaker and the bulkhead of its (service, key), so that one tenant's
+// failures open that tenant's breaker only; see resilience.WithKey for the
+// bounds. f returns "" for a call without one, which keeps the key its
+// context may already carry. A nil f is an error every call reports.
+func WithKey(f func(ctx context.Context, fullMethod string) string) Option {
+	return func(c *clientConfig) {
+		if f == nil {
+			c.fail("WithKey f", "nil", "must not be nil")
+		}
+		c.key = f
+	}
+}
+
+// keyed returns ctx marked with the call's key, if WithKey names one.
+func (c *clientConfig) keyed(ctx context.Context, full string) context.Context {
+	if c.key != nil {
+		if k := c.key(ctx, full); k != "" {
+			return resilience.WithKey(ctx, k)
+		}
+	}
+	return ctx
 }
 
 // WithIdempotent declares methods idempotent, by full name

@@ -59,7 +59,7 @@ func StreamClientInterceptor(reg *resilience.Registry, opts ...Option) grpc.Stre
 			return nil, m.err
 		}
 		s := &clientStream{
-			ctx: ctx, m: m, desc: desc, cc: cc, streamer: streamer, opts: opts,
+			ctx: c.cfg.keyed(ctx, full), m: m, desc: desc, cc: cc, streamer: streamer, opts: opts,
 			replayable: true, changed: make(chan struct{}),
 		}
 		go s.run()
