@@ -112,6 +112,10 @@ type Status struct {
 	// Chaos lists every service whose fault injection is configured,
 	// started or stopped.
 	Chaos []ChaosStatus `json:"chaos"`
+	// Services is how many policy sets the registry holds, the overflow
+	// set not counted, and MaxServices its cap (RESILIENCE_MAX_SERVICES).
+	Services    int `json:"services"`
+	MaxServices int `json:"max_services"`
 }
 
 // Status reports every breaker and bulkhead the registry has built, sorted
@@ -138,7 +142,9 @@ func (r *Registry) Status() Status {
 			Name: b.Name(), Limit: b.Limit(), Active: s.Active, Waiting: s.Waiting, Rejected: s.Rejected, Completed: s.Completed,
 		})
 	}
-	st.ChaosEnabled = r.Config().ChaosEnabled
+	cfg := r.Config()
+	st.ChaosEnabled = cfg.ChaosEnabled
+	st.Services, st.MaxServices = r.Services(), cfg.maxServices()
 	st.Chaos = r.chaosStatus()
 	slices.SortFunc(st.Breakers, func(a, b BreakerStatus) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(st.Bulkheads, func(a, b BulkheadStatus) int { return strings.Compare(a.Name, b.Name) })

@@ -53,6 +53,9 @@ func TestAdminStatus(t *testing.T) {
 	if len(st.Bulkheads) != 1 || st.Bulkheads[0] != (BulkheadStatus{Name: "llm", Limit: 4}) {
 		t.Errorf("bulkheads %+v", st.Bulkheads)
 	}
+	if st.Services != 2 || st.MaxServices != 1000 {
+		t.Errorf("services %d of %d; want 2 (llm, openfga) of 1000", st.Services, st.MaxServices)
+	}
 	for _, path := range []string{"/breakers", "/bulkheads", "/breakers/llm", "/breakers/LLM"} {
 		if code, _, body := do(t, "GET", srv.URL+path); code != 200 || !strings.Contains(body, `"llm"`) {
 			t.Errorf("GET %s = %d %s", path, code, body)
