@@ -153,10 +153,14 @@ func (p *pipeline) runTotal(ctx context.Context, d time.Duration, attempt attemp
 // carries the total timeout, if any.
 func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, between func()) error {
 	cb := p.cb
-	if p.base != nil && p.base.cb.mode.Load() != 0 {
-		// An operator's ForceOpen or ForceClose of the service's breaker
-		// holds for its keys too.
-		cb = p.base.cb
+	var forced int32 // the service's breaker's mode, for a key's call
+	if p.base != nil {
+		if forced = p.base.cb.mode.Load(); forced != 0 {
+			// An operator's ForceOpen or ForceClose of the service's
+			// breaker holds for its keys too. Read once: a Reset
+			// meanwhile must not have the key's call counted by it.
+			cb = p.base.cb
+		}
 	}
 	if cb == nil {
 		return p.retried(ctx, attempt, between)
@@ -197,7 +201,7 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 			return err
 		}
 	}
-	counted, rej := cb.guard(ctx, r, func(counted bool) error {
+	run := func(counted bool) error {
 		if r.slow > 0 {
 			admitted = monotonic() // the bucket gobreaker counts the call in
 		}
@@ -215,7 +219,14 @@ func (p *pipeline) guarded(outer, ctx context.Context, attempt attemptFunc, betw
 			cb.noteHint(err)
 		}
 		return o
-	})
+	}
+	var counted bool
+	var rej error
+	if forced != 0 {
+		counted, rej = cb.guardForced(forced, run)
+	} else {
+		counted, rej = cb.guard(ctx, r, run)
+	}
 	if rej != nil {
 		traceBreakerRejected(ctx, cb, rej)
 		return rej

@@ -27,15 +27,21 @@ const (
 // rejection, or nil once call has run, with counted false when the breaker
 // is disabled, forced closed or in shadow mode and call ran uncounted. A
 // panic in call counts as a failure and propagates, and a runtime.Goexit,
+// guardForced is guard for a breaker in mode m, forced open or closed, or
+// switched off.
+func (cb *CircuitBreaker) guardForced(m int32, call func(counted bool) error) (counted bool, rejected error) {
+	if m&modeForcedOpen != 0 && cb.on() {
+		cb.counts.rejections.Add(1)
+		return false, cb.errOpen
+	}
+	call(false) // disabled, or forced closed: not counted
+	return false, nil
+}
+
 // which gobreaker does not see, is repaired so that no probe is lost.
 func (cb *CircuitBreaker) guard(ctx context.Context, r *breakerRule, call func(counted bool) error) (counted bool, rejected error) {
 	if m := cb.mode.Load(); m != 0 || !cb.on() {
-		if m&modeForcedOpen != 0 && cb.on() {
-			cb.counts.rejections.Add(1)
-			return false, cb.errOpen
-		}
-		call(false) // disabled, or forced closed: not counted
-		return false, nil
+		return cb.guardForced(m, call)
 	}
 	if h := cb.hold.Load(); h != 0 {
 		if int64(monotonic()) <= h {

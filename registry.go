@@ -250,7 +250,9 @@ func (r *Registry) Reload(cfg Config) error {
 	r.reloadHedgesLocked()
 	r.reloadChaosLocked()
 	r.tellStoreIdleLocked()
-	r.fullAt.Store(0) // the cap may have grown
+	// The caps may have grown: past the full registry's fast path, and
+	// Funcs left on the overflow set look for room again.
+	r.evictions.Add(1)
 	wasOn := r.enabled.Swap(cfg.Enabled)
 	if wasOn && !cfg.Enabled {
 		// Callers queued for a slot pass through too, as every later

@@ -224,7 +224,13 @@ func (r *Registry) setLocked(service string, pin bool) *svcSet {
 	s := r.sets[key]
 	if s == nil {
 		if !r.bound.room(len(r.sets), r.cfg.maxServices(), r.cfg.idleEvict(), r.allSetsLocked, r.evictSetLocked) {
-			r.fullAt.Store(r.evictions.Load() + 1)
+			if !r.closed {
+				// Its timer ages the sets (a Reload may have lowered the
+				// cap under a registry that never armed it), so that an
+				// eviction ends the fast path once a set is idle.
+				r.ageLocked()
+				r.fullAt.Store(r.evictions.Load() + 1)
+			}
 			r.warnFullLocked()
 			return r.overflowLocked()
 		}

@@ -534,3 +534,58 @@ func TestDroppedRegistryReleasesItsSites(t *testing.T) {
 		t.Errorf("1000 registries closed and dropped left %d metric sites observed; want at most 10", n)
 	}
 }
+
+// Regression (fixed): A Func made while the registry was full holds the overflow set's
+// pipeline; regRef.current refreshes it only when r.evictions moves.
+// Reload raising RESILIENCE_MAX_SERVICES clears r.fullAt but does not move
+// r.evictions: the Func stays on the overflow set for good, though its name
+// would get a set of its own at once (a Transport call for it does).
+func TestReloadRaisingTheCapFreesOverflowFuncs(t *testing.T) {
+	r := boundedRegistry(t, 1, time.Hour, nil)
+	if err := call(r, "first", okFunc); err != nil {
+		t.Fatal(err)
+	}
+	f := ForService(r, "late", okFunc)
+	f(context.Background())
+	if setOf(r, "late") != nil {
+		t.Fatal("late has a set of its own past the cap")
+	}
+	cfg := r.Config()
+	cfg.MaxServices = 10
+	if err := r.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		f(context.Background())
+	}
+	if setOf(r, "late") == nil {
+		t.Error("after a Reload raised the cap to 10 (1 set held), a Func made while full still runs on the overflow set")
+	}
+}
+
+// Regression (fixed): A Reload that lowers the cap under the sets held leaves the registry
+// full with no aging timer (it is armed only when a set is added at half
+// the cap). The first new name sets r.fullAt; from then on every new name
+// takes the lock-free path to the overflow set, and nothing moves
+// r.evictions: no name ever gets a set again, however long the old sets
+// stay idle. Before the fast path, each new name reached bound.room, whose
+// own sweep (at most every idle/8) found the idle sets.
+func TestFullAfterReloadWithoutTimerFindsRoomOnceIdle(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := boundedRegistry(t, 100, time.Minute, nil)
+		for i := range 4 {
+			call(r, "old-"+strconv.Itoa(i), okFunc)
+		}
+		cfg := r.Config()
+		cfg.MaxServices = 2
+		if err := r.Reload(cfg); err != nil {
+			t.Fatal(err)
+		}
+		call(r, "new-1", okFunc)     // the four were used just now: overflow
+		time.Sleep(10 * time.Minute) // every old set idle for 10 idle periods
+		call(r, "new-2", okFunc)
+		if setOf(r, "new-2") == nil {
+			t.Errorf("new-2 has no set of its own although %d sets sat idle for 10 idle periods (cap 2)", r.Services())
+		}
+	})
+}

@@ -174,7 +174,10 @@ func (r *Registry) keyedSlow(p *pipeline, key string) (kp *pipeline) {
 				r.ageLocked()
 			}
 		} else {
-			t.fullAt.Store(t.evictions.Load() + 1)
+			if !r.closed {
+				r.ageLocked() // as for the sets: see setLocked
+				t.fullAt.Store(t.evictions.Load() + 1)
+			}
 			if e = t.other.Load(); e == nil {
 				e = r.newKeyLocked(s, overflowName)
 				e.pinned = true
@@ -299,11 +302,11 @@ func (r *Registry) eachKeyLocked(f func(s *svcSet, e *keyEntry)) {
 func (r *Registry) reloadKeysLocked() []*CircuitBreaker {
 	for _, s := range r.sets {
 		if t := s.keys.Load(); t != nil {
-			t.fullAt.Store(0) // MaxKeys may have grown
+			t.evictions.Add(1) // MaxKeys may have grown
 		}
 	}
 	if t := r.overflowLocked().keys.Load(); t != nil {
-		t.fullAt.Store(0)
+		t.evictions.Add(1)
 	}
 	var cbs []*CircuitBreaker
 	r.eachKeyLocked(func(s *svcSet, e *keyEntry) {

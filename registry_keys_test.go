@@ -365,3 +365,28 @@ func TestOverflowKeyCallAllocatesNothing(t *testing.T) {
 		t.Error("k15 found no room after the cap grew")
 	}
 }
+
+// Regression (fixed): The same for keys: MAX_KEYS lowered by Reload under the keys held, no
+// aging timer (no table ever reached half its cap), keyTable.fullAt set by
+// the first key past it: no key ever gets an entry again.
+func TestFullKeyTableAfterReloadWithoutTimerFindsRoomOnceIdle(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := boundedRegistry(t, 100, time.Minute, nil)
+		f := ForService(r, "svc", okFunc)
+		for i := range 4 {
+			f(WithKey(context.Background(), "k"+strconv.Itoa(i)))
+		}
+		cfg := r.Config()
+		cfg.DefaultCircuitBreaker.MaxKeys = 2
+		if err := r.Reload(cfg); err != nil {
+			t.Fatal(err)
+		}
+		f(WithKey(context.Background(), "new-1")) // overflow key
+		time.Sleep(10 * time.Minute)
+		f(WithKey(context.Background(), "new-2"))
+		tb := setOf(r, "svc").keys.Load()
+		if _, ok := tb.m.Load("new-2"); !ok {
+			t.Error("new-2 has no key of its own although the four old keys sat idle for 10 idle periods (cap 2)")
+		}
+	})
+}
