@@ -375,8 +375,9 @@ func (r *Registry) ResetKey(service, key string) bool {
 func (r *Registry) keyTable(service string) *keyTable {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	s := r.sets[EnvKey(service)]
-	if EnvKey(service) == overflowKey {
+	key := EnvKey(service)
+	s := r.sets[key]
+	if key == overflowKey {
 		s = r.other
 	}
 	if s == nil {
